@@ -1,0 +1,35 @@
+"""The one protocol every CLIP backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@runtime_checkable
+class ClipEncoder(Protocol):
+    """A frozen two-tower encoder. Outputs are float32 on CPU, un-normalized unless asked."""
+
+    name: str
+    embed_dim: int
+
+    def encode_images(
+        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
+    ) -> torch.Tensor:
+        """[N, embed_dim] projected image embeddings."""
+        ...
+
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
+    ) -> torch.Tensor:
+        """[N, embed_dim] projected text embeddings."""
+        ...
+
+    def encode_image_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor:
+        """[N, L, width] patch (grid) features of the image tower, for cross-attending decoders."""
+        ...

@@ -1,0 +1,54 @@
+"""Pick a CLIP backend by name.
+
+A spec is ``"<backend>:<model>"``, e.g. ``hf:openai/clip-vit-base-patch32``,
+``hf:/path/to/saved/clip``, ``open_clip:RN50x4/openai`` or ``open_clip:ViT-B-32@/ckpt.pt``.
+Built-in backends are imported only when named, so `import pairfree` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from pairfree.clip.base import ClipEncoder
+from pairfree.errors import PairfreeError
+
+ClipFactory = Callable[..., ClipEncoder]
+
+# prefix -> "module:function"; each function takes (model, *, device, dtype).
+_BUILTIN: dict[str, str] = {
+    "hf": "pairfree.clip.hf:load_hf_clip",
+    "open_clip": "pairfree.clip.openclip:load_open_clip",
+}
+_USER: dict[str, ClipFactory] = {}
+
+
+def register_clip_backend(prefix: str, factory: ClipFactory) -> None:
+    """Add a backend (or override a built-in one) under ``prefix``."""
+    _USER[prefix] = factory
+
+
+def clip_backends() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_USER))
+
+
+def _factory(prefix: str) -> ClipFactory:
+    if prefix in _USER:
+        return _USER[prefix]
+    module, _, func = _BUILTIN[prefix].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_clip(
+    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ClipEncoder:
+    """Build the frozen encoder named by ``spec`` (see module docstring)."""
+    prefix, sep, model = spec.partition(":")
+    if not sep or prefix not in clip_backends():
+        raise PairfreeError(
+            f"unknown CLIP spec {spec!r}: expected '<backend>:<model>' with backend one of "
+            f"{clip_backends()}"
+        )
+    return _factory(prefix)(model, device=device, dtype=dtype)

@@ -1,0 +1,72 @@
+"""User-facing errors and the skip log that batch commands keep.
+
+A batch job must never lose good work because one item is bad: it records the bad item
+(file, line or id, reason) in a :class:`SkipLog` and goes on, unless the user asked for
+``--strict``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pairfree.io import atomic_write_text
+
+
+class PairfreeError(Exception):
+    """An error whose message is meant for the user; the CLI prints it without a traceback."""
+
+
+class BadInputError(PairfreeError):
+    """A bad input item; the message names the file and the line or id."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        message: str,
+        *,
+        line: int | None = None,
+        item_id: str | int | None = None,
+    ) -> None:
+        self.source = str(source)
+        self.reason = message
+        self.line = line
+        self.item_id = item_id
+        where = self.source
+        if line is not None:
+            where += f":{line}"
+        if item_id is not None:
+            where += f" (id {item_id})"
+        super().__init__(f"{where}: {message}")
+
+    def to_record(self) -> dict:
+        return {"source": self.source, "line": self.line, "id": self.item_id, "reason": self.reason}
+
+
+@dataclass
+class SkipLog:
+    """Collects skipped items; with ``strict=True`` the first bad item is raised instead."""
+
+    strict: bool = False
+    items: list[BadInputError] = field(default_factory=list)
+
+    def skip(self, error: BadInputError) -> None:
+        if self.strict:
+            raise error
+        self.items.append(error)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def write(self, path: str | Path) -> None:
+        """Write one JSON object per skipped item (JSONL), atomically."""
+        lines = [json.dumps(e.to_record(), ensure_ascii=False) for e in self.items]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    def summary(self) -> str:
+        if not self.items:
+            return "skipped 0 items"
+        first = "; ".join(str(e) for e in self.items[:3])
+        more = f" (+{len(self.items) - 3} more)" if len(self.items) > 3 else ""
+        return f"skipped {len(self.items)} items: {first}{more}"

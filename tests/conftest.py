@@ -1,0 +1,50 @@
+"""Tiny randomly initialized models of the real classes, saved to disk and loaded back through
+the same ``from_pretrained`` paths users take with hub checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 2-layer GPT-2 with the real 50257-token BPE vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pairfree.tokenizers import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    gpt2_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A 2-layer ViT CLIP (32x32 input, patch 8) with CLIP's real BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from pairfree.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-clip")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(out)
+    tokenizer = clip_tokenizer()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
