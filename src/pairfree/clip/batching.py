@@ -1,0 +1,40 @@
+"""Batched, gradient-free encoding shared by the CLIP backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+T = TypeVar("T")
+
+
+def encode_batched(
+    items: Sequence[T],
+    encode: Callable[[Sequence[T]], torch.Tensor],
+    *,
+    batch_size: int,
+    empty_shape: tuple[int, ...],
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Run ``encode`` over slices of ``items`` and concatenate, as float32 on CPU.
+
+    ``torch.no_grad`` rather than ``inference_mode``, so no inference tensor (which cannot be
+    saved for backward) reaches callers that feed these embeddings to trainable mappers.
+    Normalization happens
+    after the cast so fp16/bf16 towers still give unit vectors in float32. An empty input gives
+    an empty ``[0, *empty_shape]`` tensor.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(items) == 0:
+        return torch.zeros(0, *empty_shape)
+    with torch.no_grad():
+        parts = [
+            encode(items[start : start + batch_size]).float().cpu()
+            for start in range(0, len(items), batch_size)
+        ]
+    out = torch.cat(parts)
+    return F.normalize(out, dim=-1) if normalize else out

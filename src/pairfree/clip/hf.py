@@ -1,0 +1,91 @@
+"""Hugging Face ``transformers`` CLIP backend (OpenAI ViT-B/32, B/16, L/14 and compatible)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel, ProcessorMixin
+
+from pairfree.clip.batching import encode_batched
+
+
+class HFClip:
+    """A frozen ``CLIPModel`` with the checkpoint's own processor.
+
+    Grid features are the vision tower's last-layer patch tokens (CLS dropped) after its
+    ``post_layernorm``, the norm CLIP applies to the pooled token, so they live on the same
+    scale as the tokens open_clip's ViTs return.
+    """
+
+    def __init__(self, model: CLIPModel, processor: ProcessorMixin, *, name: str) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.name = name
+        self.embed_dim: int = model.config.projection_dim
+        self.max_length: int = model.config.text_config.max_position_embeddings
+        vision = model.config.vision_config
+        self.grid_shape = ((vision.image_size // vision.patch_size) ** 2, vision.hidden_size)
+
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return pixels["pixel_values"].to(self.model.device, self.model.dtype)
+
+    def _image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=self._pixels(images)).pooler_output
+
+    def _text_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.processor.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.model.device)
+        return self.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).pooler_output
+
+    def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        vision = self.model.vision_model
+        hidden = vision(pixel_values=self._pixels(images)).last_hidden_state
+        return vision.post_layernorm(hidden[:, 1:])
+
+    def encode_images(
+        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images,
+            self._image_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
+    ) -> torch.Tensor:
+        return encode_batched(
+            texts,
+            self._text_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_image_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
+        )
+
+
+def load_hf_clip(
+    model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> HFClip:
+    """Load ``model`` (a hub id or a local directory) with ``from_pretrained``."""
+    clip = CLIPModel.from_pretrained(model, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(model)
+    return HFClip(clip, processor, name=f"hf:{model}")

@@ -1,0 +1,178 @@
+"""open_clip backend: ResNet CLIPs (CapDec's RN50x4), LAION and other open_clip models.
+
+Model forms (after the ``open_clip:`` prefix):
+
+- ``RN50x4/openai``, ``ViT-B-32/laion2b_s34b_b79k``: architecture / pretrained tag;
+- ``RN50x4@/path/to/checkpoint.pt``: architecture + a local state dict (``.pt``/``.bin`` loaded
+  with ``weights_only=True``, or ``.safetensors``);
+- ``hf-hub:org/repo``, ``local-dir:/path``: open_clip's own schemas;
+- ``RN50x4``: random initialization.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pairfree.clip.batching import encode_batched
+from pairfree.errors import PairfreeError
+
+try:
+    import open_clip
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+except ImportError as error:
+    raise PairfreeError(
+        "the open_clip CLIP backend needs open_clip_torch: pip install 'pairfree[open_clip]'"
+    ) from error
+
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+class OpenClip:
+    """A frozen open_clip model with its eval preprocessing and tokenizer.
+
+    Grid features come from the image tower's last block: for a ViT, its patch tokens after
+    ``ln_post`` (what ``output_tokens=True`` returns); for a ModifiedResNet, the ``layer4``
+    feature map before the attention pool, flattened to ``[N, H*W, C]``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        *,
+        name: str,
+        embed_dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.embed_dim = embed_dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(tokens, width) of :meth:`encode_image_grid`."""
+        visual = self.model.visual
+        if isinstance(visual, VisionTransformer):
+            return visual.grid_size[0] * visual.grid_size[1], visual.transformer.width
+        if isinstance(visual, ModifiedResNet):
+            return (visual.image_size // 32) ** 2, visual.attnpool.k_proj.in_features
+        raise PairfreeError(
+            f"{self.name}: grid features need a ViT or ModifiedResNet image tower, "
+            f"not {type(visual).__name__}"
+        )
+
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in images])
+        return pixels.to(self.device, self.dtype)
+
+    def _image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.model.encode_image(self._pixels(images))
+
+    def _text_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+
+    def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = self.model.visual.forward_intermediates(
+            self._pixels(images),
+            indices=1,
+            normalize_intermediates=True,
+            intermediates_only=True,
+            output_fmt="NCHW",
+        )
+        return out["image_intermediates"][0].flatten(2).transpose(1, 2)
+
+    def encode_images(
+        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images,
+            self._image_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
+    ) -> torch.Tensor:
+        return encode_batched(
+            texts,
+            self._text_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_image_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
+        )
+
+
+def _parse(model: str) -> tuple[str, str | None, bool]:
+    """Split a model form into open_clip's (model_name, pretrained) and whether that is a file."""
+    if model.startswith(_SCHEMAS):
+        return model, None, False
+    from_file = "@" in model
+    name, _, pretrained = model.partition("@" if from_file else "/")
+    if open_clip.get_model_config(name) is None:
+        raise PairfreeError(
+            f"unknown open_clip model {name!r} (open_clip.list_models() names the known ones)"
+        )
+    if from_file and not Path(pretrained).is_file():
+        raise PairfreeError(f"open_clip checkpoint not found: {pretrained}")
+    if not from_file and pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise PairfreeError(
+                f"unknown pretrained tag {pretrained!r} for open_clip model {name!r}; "
+                f"known tags: {', '.join(tags) or 'none'}"
+            )
+    return name, pretrained or None, from_file
+
+
+def load_open_clip(
+    model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> OpenClip:
+    """Build ``model`` (see the module docstring) with open_clip's own factory."""
+    if dtype not in _PRECISION:
+        raise PairfreeError(f"open_clip backend supports dtypes {list(_PRECISION)}, not {dtype}")
+    name, pretrained, from_file = _parse(model)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            precision=_PRECISION[dtype],
+            device=device,
+            weights_only=True,
+        )
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        if from_file:
+            raise PairfreeError(
+                f"{pretrained}: not loadable as open_clip {name!r} weights: {error}"
+            ) from error
+        raise
+    return OpenClip(
+        clip,
+        preprocess,
+        open_clip.get_tokenizer(name),
+        name=f"open_clip:{model}",
+        embed_dim=open_clip.get_model_config(name)["embed_dim"],
+        device=device,
+        dtype=dtype,
+    )

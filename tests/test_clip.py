@@ -1,0 +1,263 @@
+"""CLIP backends on tiny random models loaded through the same paths as real checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pairfree.clip import ClipEncoder, load_clip
+from pairfree.errors import PairfreeError
+
+TEXTS = ["a red square", "two blue circles next to a small green triangle", "a cat"]
+
+
+def _image(seed: int) -> Image.Image:
+    """Coarse color blocks, so images differ at the scale tiny towers see (not just noise)."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((60, 48), Image.Resampling.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [_image(seed) for seed in range(3)]
+
+
+# --- Hugging Face backend -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_clip_dir):
+    return load_clip("hf:" + str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(
+        tiny_clip_dir
+    )
+
+
+def test_hf_loads_through_registry(hf, tiny_clip_dir):
+    assert isinstance(hf, ClipEncoder)
+    assert hf.name == f"hf:{tiny_clip_dir}"
+    assert hf.embed_dim == 16
+
+
+def test_hf_embeddings_match_clip_forward(hf, hf_reference, images):
+    model, processor = hf_reference
+    inputs = processor(text=TEXTS, images=images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+        image_proj = model.visual_projection(
+            model.vision_model(inputs["pixel_values"]).pooler_output
+        )
+    torch.testing.assert_close(hf.encode_images(images, normalize=True), out.image_embeds)
+    torch.testing.assert_close(hf.encode_texts(TEXTS, normalize=True), out.text_embeds)
+    torch.testing.assert_close(hf.encode_images(images), image_proj)
+
+
+def test_hf_batched_equals_one_at_a_time(hf, images):
+    for encode in (hf.encode_images, hf.encode_image_grid):
+        batched = encode(images, batch_size=2)
+        single = torch.cat([encode([image]) for image in images])
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    single_texts = torch.cat([hf.encode_texts([text]) for text in TEXTS])
+    torch.testing.assert_close(
+        hf.encode_texts(TEXTS, batch_size=3), single_texts, atol=1e-5, rtol=0
+    )
+
+
+def test_hf_normalize_gives_unit_vectors(hf, images):
+    for emb in (hf.encode_images(images, normalize=True), hf.encode_texts(TEXTS, normalize=True)):
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb)))
+    assert not torch.allclose(hf.encode_images(images).norm(dim=-1), torch.ones(len(images)))
+
+
+def test_hf_different_inputs_give_different_embeddings(hf, images):
+    image_emb = hf.encode_images(images[:2])
+    text_emb = hf.encode_texts(TEXTS[:2])
+    assert (image_emb[0] - image_emb[1]).abs().max() > 1e-3
+    assert (text_emb[0] - text_emb[1]).abs().max() > 1e-3
+
+
+def test_hf_grid_is_post_layernorm_patch_tokens(hf, hf_reference, images):
+    model, processor = hf_reference
+    grid = hf.encode_image_grid(images)
+    assert grid.shape == (3, (32 // 8) ** 2, 32)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.vision_model(pixels).last_hidden_state
+        expected = model.vision_model.post_layernorm(hidden[:, 1:])
+    torch.testing.assert_close(grid, expected)
+
+
+def test_hf_truncates_long_texts_to_77_tokens(hf):
+    short, long = hf.encode_texts(["a dog " * 60, "a dog " * 200])
+    torch.testing.assert_close(short, long)
+
+
+def test_hf_empty_inputs_and_output_type(hf, images):
+    assert hf.encode_images([]).shape == (0, 16)
+    assert hf.encode_texts([]).shape == (0, 16)
+    assert hf.encode_image_grid([]).shape == (0, 16, 32)
+    emb = hf.encode_images(images)
+    assert emb.dtype == torch.float32 and emb.device.type == "cpu" and not emb.requires_grad
+    # Not an inference-mode tensor: it can feed a trainable layer.
+    torch.nn.Linear(16, 2)(emb).sum().backward()
+    with pytest.raises(ValueError, match="batch_size"):
+        hf.encode_texts(TEXTS, batch_size=0)
+
+
+# --- open_clip backend ----------------------------------------------------------------------
+
+_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+TINY_CONFIGS = {
+    "pairfree-test-TinyRN": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
+        "text_cfg": _TEXT_CFG,
+    },
+    "pairfree-test-TinyViT": {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": _TEXT_CFG,
+    },
+}
+
+
+@dataclass
+class Payload:
+    """An arbitrary object: a weights-only load must refuse to unpickle it."""
+
+    value: int
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """Register the tiny configs; build each model once and save its state dict."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("open-clip")
+    for name, config in TINY_CONFIGS.items():
+        (root / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root)
+    built = {}
+    for name in TINY_CONFIGS:
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    # Stand-in for trained batch norms: non-default statistics and scales.
+                    module.weight.uniform_(0.5, 1.5)
+                    module.running_mean.normal_(0.0, 0.1)
+                    module.running_var.uniform_(0.5, 1.5)
+        model.eval()
+        path = root / f"{name}.pt"
+        torch.save(model.state_dict(), path)
+        built[name] = (model, preprocess, path)
+    return built
+
+
+def _reference(model, preprocess, images, texts, name):
+    import open_clip
+
+    with torch.no_grad():
+        image_emb = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        text_emb = model.encode_text(open_clip.get_tokenizer(name)(texts))
+    return image_emb, text_emb
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_open_clip_checkpoint_loads_saved_weights(tiny_open_clip, images, name):
+    model, preprocess, path = tiny_open_clip[name]
+    enc = load_clip(f"open_clip:{name}@{path}")
+    assert isinstance(enc, ClipEncoder)
+    assert enc.name == f"open_clip:{name}@{path}"
+    assert enc.embed_dim == 16
+    saved = torch.load(path, weights_only=True)
+    loaded = enc.model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+    image_ref, text_ref = _reference(model, preprocess, images, TEXTS, name)
+    torch.testing.assert_close(enc.encode_images(images), image_ref)
+    torch.testing.assert_close(enc.encode_texts(TEXTS), text_ref)
+    # Random towers barely separate images, but far more than assert_close's tolerance.
+    assert (image_ref[0] - image_ref[1]).abs().max() > 1e-4
+
+
+def test_open_clip_resnet_grid_is_feature_map_before_attnpool(tiny_open_clip, images):
+    model, preprocess, path = tiny_open_clip["pairfree-test-TinyRN"]
+    enc = load_clip(f"open_clip:pairfree-test-TinyRN@{path}")
+    grid = enc.encode_image_grid(images, batch_size=2)
+    assert grid.shape == (3, (64 // 32) ** 2, 8 * 32)
+    visual = model.visual
+    with torch.no_grad():
+        x = visual.stem(torch.stack([preprocess(im) for im in images]))
+        fmap = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    torch.testing.assert_close(grid, fmap.flatten(2).transpose(1, 2))
+    assert enc.encode_image_grid([]).shape == (0, 4, 256)
+
+
+def test_open_clip_vit_grid_is_output_tokens(tiny_open_clip, images):
+    model, preprocess, path = tiny_open_clip["pairfree-test-TinyViT"]
+    enc = load_clip(f"open_clip:pairfree-test-TinyViT@{path}")
+    grid = enc.encode_image_grid(images)
+    assert grid.shape == (3, (32 // 8) ** 2, 32)
+    model.visual.output_tokens = True
+    try:
+        with torch.no_grad():
+            _, tokens = model.visual(torch.stack([preprocess(im) for im in images]))
+    finally:
+        model.visual.output_tokens = False
+    torch.testing.assert_close(grid, tokens)
+
+
+def test_open_clip_bare_name_is_random_init_and_batching_is_exact(tiny_open_clip, images):
+    enc = load_clip("open_clip:pairfree-test-TinyRN")
+    assert enc.name == "open_clip:pairfree-test-TinyRN"
+    assert not enc.model.training
+    batched = enc.encode_images(images, batch_size=2, normalize=True)
+    single = torch.cat([enc.encode_images([im], normalize=True) for im in images])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(3))
+    texts = enc.encode_texts(TEXTS, batch_size=2)
+    assert texts.shape == (3, 16) and texts.dtype == torch.float32
+    assert enc.encode_images([]).shape == (0, 16)
+    assert enc.encode_texts([]).shape == (0, 16)
+
+
+def test_open_clip_bad_specs_give_clear_errors(tiny_open_clip, tmp_path):
+    with pytest.raises(PairfreeError, match="unknown open_clip model 'NoSuchModel'"):
+        load_clip("open_clip:NoSuchModel")
+    with pytest.raises(PairfreeError, match="unknown pretrained tag 'nosuchtag'"):
+        load_clip("open_clip:pairfree-test-TinyRN/nosuchtag")
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(PairfreeError, match="checkpoint not found"):
+        load_clip(f"open_clip:pairfree-test-TinyRN@{missing}")
+    _, _, vit_path = tiny_open_clip["pairfree-test-TinyViT"]
+    with pytest.raises(PairfreeError, match=str(vit_path)):
+        load_clip(f"open_clip:pairfree-test-TinyRN@{vit_path}")
+    with pytest.raises(PairfreeError, match="open_clip backend supports dtypes"):
+        load_clip("open_clip:pairfree-test-TinyRN", dtype=torch.float64)
+
+
+def test_open_clip_checkpoint_is_loaded_weights_only(tiny_open_clip, tmp_path):
+    _, _, path = tiny_open_clip["pairfree-test-TinyRN"]
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": torch.load(path, weights_only=True), "extra": Payload(1)}, unsafe)
+    with pytest.raises(PairfreeError, match="unsafe.pt"):
+        load_clip(f"open_clip:pairfree-test-TinyRN@{unsafe}")
