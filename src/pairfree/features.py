@@ -1,0 +1,227 @@
+"""The on-disk feature store: CLIP embeddings computed once, read memory-mapped by every recipe.
+
+Layout of a store directory::
+
+    manifest.json          encoder, kind, dim, dtype, normalized, shard plan, complete flag
+    shard-00000.npy        [n, dim] (or [n, L, width] for grid features), memory-mappable
+    shard-00000.json       ids (and texts for text stores) of the rows, items skipped there
+
+A shard counts as done when its ``.npy`` exists; both files are written atomically, the
+``.json`` first, so a killed run resumes at the first missing shard and never trusts half a
+file. Under ``accelerate launch`` process r writes shards r, r + world, ... and rank 0 marks
+the store complete once every shard exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.io import atomic_path, atomic_write_json
+
+FORMAT = "pairfree-features/1"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store holds; two runs may share a store only if these agree."""
+
+    encoder: str
+    kind: str  # "text" | "image" | "image_grid"
+    normalized: bool
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Item(Generic[T]):
+    id: str
+    value: T  # a caption (text stores) or an image path (image stores)
+
+
+def _plan_digest(items: Sequence[Item], info: StoreInfo, shard_size: int) -> str:
+    """Identifies what a store holds, so a changed corpus never reuses stale shards."""
+    h = hashlib.sha256(json.dumps([info.__dict__, shard_size]).encode())
+    for it in items:
+        h.update(f"{it.id}\0{it.value!r}\0".encode())
+    return h.hexdigest()
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def write_store(
+    out_dir: str | Path,
+    items: Sequence[Item[T]],
+    encode: Callable[[list[Any]], torch.Tensor],
+    info: StoreInfo,
+    *,
+    load: Callable[[Item[T]], Any] | None = None,
+    shard_size: int = 4096,
+    batch_size: int = 256,
+    skip_log: SkipLog | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> FeatureStore | None:
+    """Encode ``items`` into a store at ``out_dir``, resuming whatever an earlier run finished.
+
+    Items are loaded and encoded ``batch_size`` at a time (only one batch of images is ever
+    decoded in memory). ``load`` turns an item into what ``encode`` takes (an image path into a
+    PIL image) and may raise :class:`BadInputError`; such items are skipped (recorded in the shard and in
+    ``skip_log``) unless the skip log is strict. Returns the opened store on rank 0.
+    """
+    out = Path(out_dir)
+    skip_log = skip_log if skip_log is not None else SkipLog()
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PairfreeError(f"duplicate id {dup!r} among the items to encode into {out}")
+    n_shards = max(1, -(-len(items) // shard_size))
+    digest = _plan_digest(items, info, shard_size)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("plan_digest") != digest:
+            raise PairfreeError(
+                f"{out} already holds a different store (encoder, items or shard size differ); "
+                "choose another --out or delete it"
+            )
+    elif process_index == 0:
+        manifest = {
+            "format": FORMAT,
+            **info.__dict__,
+            "shard_size": shard_size,
+            "num_items": len(items),
+            "num_shards": n_shards,
+            "plan_digest": digest,
+            "complete": False,
+        }
+        atomic_write_json(manifest_path, manifest)
+    if barrier is not None:
+        barrier()
+
+    mine = [s for s in range(n_shards) if s % num_processes == process_index]
+    todo = [s for s in mine if not (out / f"{_shard_name(s)}.npy").exists()]
+    bar = tqdm(
+        total=sum(len(items[s * shard_size : (s + 1) * shard_size]) for s in todo),
+        desc=f"encode {info.kind}",
+        disable=not progress or process_index != 0,
+        unit="item",
+    )
+    for s in todo:
+        shard_items = items[s * shard_size : (s + 1) * shard_size]
+        kept, arrays, skipped = [], [], []
+        for b in range(0, len(shard_items), batch_size):
+            values = []
+            for it in shard_items[b : b + batch_size]:
+                try:
+                    values.append(load(it) if load is not None else it.value)
+                    kept.append(it)
+                except BadInputError as err:
+                    skip_log.skip(err)
+                    skipped.append(err.to_record())
+            if values:
+                arrays.append(encode(values).to(torch.float32).numpy().astype(info.dtype))
+            bar.update(len(shard_items[b : b + batch_size]))
+        array = np.concatenate(arrays) if arrays else np.empty((0, 0), dtype=info.dtype)
+        meta: dict[str, Any] = {"ids": [it.id for it in kept], "skipped": skipped}
+        if info.kind == "text":
+            meta["texts"] = [it.value for it in kept]
+        atomic_write_json(out / f"{_shard_name(s)}.json", meta, indent=None)
+        with atomic_path(out / f"{_shard_name(s)}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
+    bar.close()
+
+    if barrier is not None:
+        barrier()
+    if process_index != 0:
+        return None
+    missing = [s for s in range(n_shards) if not (out / f"{_shard_name(s)}.npy").exists()]
+    if missing:
+        raise PairfreeError(f"{out}: shards {missing[:5]} were not written by any process")
+    shapes = [np.load(out / f"{_shard_name(s)}.npy", mmap_mode="r").shape for s in range(n_shards)]
+    manifest = json.loads(manifest_path.read_text())
+    manifest["count"] = sum(shape[0] for shape in shapes)
+    manifest["dim"] = next((int(shape[-1]) for shape in shapes if shape[0]), 0)
+    manifest["complete"] = True
+    atomic_write_json(manifest_path, manifest)
+    return FeatureStore(out)
+
+
+class FeatureStore:
+    """A finished store, opened read-only. Shards are memory-mapped, not read into RAM."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.exists():
+            raise PairfreeError(f"{self.path} is not a feature store (no manifest.json)")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise PairfreeError(f"{manifest_path}: unknown format {self.manifest.get('format')!r}")
+        if not self.manifest.get("complete"):
+            raise PairfreeError(
+                f"{self.path} is incomplete (an encode run stopped early); rerun the same "
+                "`pairfree encode` command to finish it"
+            )
+        self._shards = [
+            np.load(self.path / f"{_shard_name(s)}.npy", mmap_mode="r")
+            for s in range(self.manifest["num_shards"])
+        ]
+        metas = [
+            json.loads((self.path / f"{_shard_name(s)}.json").read_text())
+            for s in range(self.manifest["num_shards"])
+        ]
+        self.ids: list[str] = [i for m in metas for i in m["ids"]]
+        self.texts: list[str] | None = (
+            [t for m in metas for t in m["texts"]] if self.kind == "text" else None
+        )
+        self.skipped: list[dict] = [r for m in metas for r in m["skipped"]]
+        self._offsets = np.cumsum([0] + [len(a) for a in self._shards])
+
+    @property
+    def encoder(self) -> str:
+        return self.manifest["encoder"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def normalized(self) -> bool:
+        return self.manifest["normalized"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return np.asarray(self._shards[s][index - self._offsets[s]], dtype=np.float32)
+
+    def iter_shards(self) -> Iterator[np.ndarray]:
+        yield from self._shards
+
+    def tensor(self) -> torch.Tensor:
+        """All rows as one float32 tensor (a copy; use :meth:`iter_shards` for huge stores)."""
+        nonempty = [np.asarray(a, dtype=np.float32) for a in self._shards if len(a)]
+        if not nonempty:
+            return torch.empty(0, self.dim)
+        return torch.from_numpy(np.concatenate(nonempty))

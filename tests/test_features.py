@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.features import FeatureStore, Item, StoreInfo, write_store
+
+INFO = StoreInfo(encoder="fake:1", kind="text", normalized=False)
+
+
+def fake_encode(texts):
+    """Deterministic 'embedding' so equality across runs is exact."""
+    return torch.tensor(
+        [[len(t), sum(map(ord, t)) % 97, t.count("a")] for t in texts], dtype=torch.float32
+    )
+
+
+def items(n):
+    return [Item(id=str(i), value=f"caption number {i} about a cat") for i in range(n)]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_one_shot_store_reads_back(tmp_path):
+    store = write_store(tmp_path / "s", items(10), fake_encode, INFO, shard_size=4, progress=False)
+    assert len(store) == 10 and store.dim == 3 and store.ids == [str(i) for i in range(10)]
+    assert store.texts[3] == "caption number 3 about a cat"
+    np.testing.assert_array_equal(
+        store.tensor().numpy(), fake_encode([it.value for it in items(10)]).numpy()
+    )
+    assert store[7].tolist() == fake_encode([items(10)[7].value])[0].tolist()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert (
+        manifest["count"] == 10 and manifest["num_shards"] == 3 and manifest["encoder"] == "fake:1"
+    )
+
+
+def test_resume_skips_finished_shards_and_equals_one_shot(tmp_path):
+    calls = []
+
+    def flaky(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise Interrupt
+        return fake_encode(texts)
+
+    with pytest.raises(Interrupt):
+        write_store(tmp_path / "s", items(10), flaky, INFO, shard_size=4, progress=False)
+    with pytest.raises(PairfreeError, match="incomplete"):
+        FeatureStore(tmp_path / "s")
+    calls.clear()
+    counted = []
+
+    def counting(texts):
+        counted.append(len(texts))
+        return fake_encode(texts)
+
+    resumed = write_store(tmp_path / "s", items(10), counting, INFO, shard_size=4, progress=False)
+    assert counted == [4, 2]  # shard 0 was finished before the interruption
+    once = write_store(tmp_path / "o", items(10), fake_encode, INFO, shard_size=4, progress=False)
+    assert torch.equal(resumed.tensor(), once.tensor()) and resumed.ids == once.ids
+
+
+def test_store_refuses_a_different_plan(tmp_path):
+    write_store(tmp_path / "s", items(5), fake_encode, INFO, shard_size=4, progress=False)
+    with pytest.raises(PairfreeError, match="different store"):
+        write_store(tmp_path / "s", items(6), fake_encode, INFO, shard_size=4, progress=False)
+
+
+def test_two_processes_cover_every_item_once(tmp_path):
+    assert (
+        write_store(
+            tmp_path / "s",
+            items(9),
+            fake_encode,
+            INFO,
+            shard_size=2,
+            process_index=1,
+            num_processes=2,
+            progress=False,
+        )
+        is None
+    )
+    store = write_store(
+        tmp_path / "s",
+        items(9),
+        fake_encode,
+        INFO,
+        shard_size=2,
+        process_index=0,
+        num_processes=2,
+        progress=False,
+    )
+    assert store.ids == [str(i) for i in range(9)]
+    once = write_store(tmp_path / "o", items(9), fake_encode, INFO, shard_size=2, progress=False)
+    assert torch.equal(store.tensor(), once.tensor())
+
+
+def test_bad_items_are_skipped_and_recorded(tmp_path):
+    def load(it):
+        if it.id == "3":
+            raise BadInputError("corpus.txt", "empty caption", line=4)
+        return it.value
+
+    log = SkipLog()
+    store = write_store(
+        tmp_path / "s",
+        items(6),
+        fake_encode,
+        INFO,
+        load=load,
+        shard_size=4,
+        skip_log=log,
+        progress=False,
+    )
+    assert store.ids == ["0", "1", "2", "4", "5"] and len(log) == 1
+    assert store.skipped[0]["line"] == 4
+    with pytest.raises(BadInputError, match="corpus.txt:4"):
+        write_store(
+            tmp_path / "t",
+            items(6),
+            fake_encode,
+            INFO,
+            load=load,
+            skip_log=SkipLog(strict=True),
+            progress=False,
+        )
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    with pytest.raises(PairfreeError, match="duplicate id '1'"):
+        write_store(
+            tmp_path / "s", [Item("1", "a"), Item("1", "b")], fake_encode, INFO, progress=False
+        )
