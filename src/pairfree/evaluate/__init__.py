@@ -1,0 +1,17 @@
+"""Paper-style caption evaluation: COCO metrics, SPICE, CLIPScore, NoCaps domains, reports."""
+
+from pairfree.evaluate.clipscore import clip_scores, clip_scores_per_image
+from pairfree.evaluate.coco import METRICS, caption_metrics, nocaps_metrics
+from pairfree.evaluate.report import EvaluationReport, evaluate
+from pairfree.evaluate.spice import spice_status
+
+__all__ = [
+    "METRICS",
+    "EvaluationReport",
+    "caption_metrics",
+    "clip_scores",
+    "clip_scores_per_image",
+    "evaluate",
+    "nocaps_metrics",
+    "spice_status",
+]
