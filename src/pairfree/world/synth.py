@@ -1,0 +1,255 @@
+"""The world's stand-ins for a text-to-image model and an LLM, used by SaCap and ICSD.
+
+- :class:`WorldTextToImage` parses a prompt back into a scene, fills in what the prompt
+  leaves open from the world's distribution and draws it in the synthetic style, so its
+  images carry a domain gap as Stable Diffusion images do.
+- :class:`WorldParaphraser` rewrites a caption into other captions stating the same facts.
+- :class:`WorldSummarizer` picks mutually consistent captions from a group and writes one
+  caption of a scene that makes them all true (the LLM step of ICSD).
+
+Like a diffusion model with a fixed seed, every output depends only on (seed, input text),
+not on the batch it came in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image
+
+from pairfree.world.language import ParsedObject, ParsedScene, Relation, parse_caption, realize
+from pairfree.world.render import RenderStyle, render_scene
+from pairfree.world.scene import (
+    GRID,
+    Position,
+    Scene,
+    SceneObject,
+    relation_holds,
+    weighted_choice,
+)
+from pairfree.world.variants import WorldConfig
+
+_SEARCH_BUDGET = 20_000  # layout search steps before a prompt's constraints are given up
+
+
+def _rng(seed: int, text: str) -> np.random.Generator:
+    digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def layout(
+    objects: Sequence[ParsedObject], relations: Sequence[Relation], rng: np.random.Generator
+) -> list[Position] | None:
+    """Distinct cells for ``objects`` keeping every stated cell and relation, or None when
+    there are none (or the search runs out of budget)."""
+    cells: list[Position | None] = [o.position for o in objects]
+    stated = [c for c in cells if c is not None]
+    if len(objects) > GRID * GRID or len(set(stated)) != len(stated):
+        return None
+    free = [divmod(k, GRID) for k in range(GRID * GRID) if divmod(k, GRID) not in stated]
+    open_objects = [i for i, c in enumerate(cells) if c is None]
+    steps = 0
+
+    def consistent(i: int) -> bool:
+        return all(
+            relation_holds(cells[a], rel, cells[b])
+            for a, rel, b in relations
+            if i in (a, b) and cells[a] is not None and cells[b] is not None
+        )
+
+    def search(k: int) -> bool:
+        nonlocal steps
+        if k == len(open_objects):
+            return True
+        i = open_objects[k]
+        for j in rng.permutation(len(free)):
+            steps += 1
+            if steps > _SEARCH_BUDGET:
+                return False
+            if free[j] in cells:
+                continue
+            cells[i] = free[j]
+            if consistent(i) and search(k + 1):
+                return True
+            cells[i] = None
+        return False
+
+    if not all(consistent(i) for i in range(len(objects))) or not search(0):
+        return None
+    return cells
+
+
+def scene_from_caption(text: str, config: WorldConfig, rng: np.random.Generator) -> Scene:
+    """The scene a caption describes, with unstated attributes drawn from ``config``.
+
+    Repeated objects are dropped; stated cells and relations are kept when they can all
+    hold, otherwise relations and then stated cells are given up. Text that names no object
+    gives an empty scene.
+    """
+    parsed = parse_caption(text)
+    keep: dict[tuple, int] = {}
+    for i, o in enumerate(parsed.objects):
+        if o.color is not None and o.key not in keep:
+            keep[o.key] = i
+    seen_colors = config.seen(config.colors)
+    for i, o in enumerate(parsed.objects):
+        if o.color is None:
+            options = {c: w for c, w in seen_colors.items() if (o.shape, c) not in keep}
+            if options:
+                keep[(o.shape, weighted_choice(rng, options))] = i
+    chosen = sorted(keep.items(), key=lambda item: item[1])[: GRID * GRID]
+    new_index = {old: new for new, (_, old) in enumerate(chosen)}
+    objects = [replace(parsed.objects[old], color=key[1]) for key, old in chosen]
+    relations = [
+        (new_index[a], rel, new_index[b])
+        for a, rel, b in parsed.relations
+        if a in new_index and b in new_index
+    ]
+    cells = (
+        layout(objects, relations, rng)
+        or layout(objects, (), rng)
+        or layout([replace(o, position=None) for o in objects], (), rng)
+    )
+    return Scene(
+        tuple(
+            SceneObject(o.shape, o.color, o.size or weighted_choice(rng, config.sizes), cell)
+            for o, cell in zip(objects, cells, strict=True)
+        )
+    )
+
+
+class WorldTextToImage:
+    """Text to image for the world: parse, complete, draw in the synthetic style."""
+
+    def __init__(self, config: WorldConfig | None = None, *, style: RenderStyle | None = None):
+        self.config = config or WorldConfig()
+        self.style = style or self.config.synthetic
+
+    def scene_for(self, prompt: str, seed: int = 0) -> Scene:
+        """The scene :meth:`generate` draws for ``prompt``."""
+        return scene_from_caption(prompt, self.config, _rng(seed, prompt))
+
+    def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Image.Image]:
+        images = []
+        for prompt in prompts:
+            rng = _rng(seed, prompt)
+            scene = scene_from_caption(prompt, self.config, rng)
+            images.append(render_scene(scene, rng, size=self.config.image_size, style=self.style))
+        return images
+
+
+class WorldParaphraser:
+    """Rephrases a caption with the world's templates and synonyms, keeping its facts."""
+
+    def __init__(self, config: WorldConfig | None = None):
+        self.config = config or WorldConfig()
+
+    def rephrase(self, caption: str, n: int, seed: int = 0) -> list[str]:
+        """Up to ``n`` different rewrites; none when the caption names no object (as an LLM
+        answer that does not parse is dropped)."""
+        parsed = parse_caption(caption)
+        if not parsed.objects:
+            return []
+        rng = _rng(seed, caption)
+        out: list[str] = []
+        for _ in range(20 * n):
+            if len(out) == n:
+                break
+            text = realize(parsed, rng, self.config.phrasing)
+            if text != caption and text not in out:
+                out.append(text)
+        return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A summarizer's answer: which captions of the group it kept, and their summary."""
+
+    selected: tuple[int, ...]  # indices of the chosen captions in the group
+    text: str
+
+
+def _merge(scene: ParsedScene, caption: ParsedScene) -> ParsedScene | None:
+    """``scene`` plus the facts of ``caption``, or None when they contradict each other
+    (a stated count included) or the caption names an object too vaguely (no color) to be
+    merged."""
+    keys = [o.key for o in caption.objects]
+    if not keys or any(o.color is None for o in caption.objects) or len(set(keys)) < len(keys):
+        return None
+    if None not in (scene.count, caption.count) and scene.count != caption.count:
+        return None
+    objects = list(scene.objects)
+    index = {o.key: i for i, o in enumerate(objects)}
+    remap = []
+    for o in caption.objects:
+        if o.key not in index:
+            index[o.key] = len(objects)
+            objects.append(o)
+        else:
+            old = objects[index[o.key]]
+            for new_value, old_value in ((o.size, old.size), (o.position, old.position)):
+                if None not in (new_value, old_value) and new_value != old_value:
+                    return None
+            objects[index[o.key]] = replace(
+                old, size=old.size or o.size, position=old.position or o.position
+            )
+        remap.append(index[o.key])
+    count = scene.count if scene.count is not None else caption.count
+    if count is not None and count != len(objects):
+        return None
+    relations = [(remap[a], rel, remap[b]) for a, rel, b in caption.relations]
+    return ParsedScene(tuple(objects), tuple(dict.fromkeys([*scene.relations, *relations])), count)
+
+
+class WorldSummarizer:
+    """Selects mutually consistent captions of a group and summarizes them as one scene.
+
+    Captions are taken in order (the group's anchor first); one is selected when its facts
+    can hold together with those already selected in a scene of at most ``max_objects``
+    objects. A group with fewer than ``min_selected`` consistent captions gets no summary,
+    as an LLM answer that does not parse is dropped.
+
+    ICSD asks its LLM for 5-10 captions. World captions describe whole scenes, so they
+    contradict each other more often than real ones: among groups of the 30 captions of a
+    corpus that share the most words with an anchor, about one in five holds 5 consistent
+    captions and three in four hold 2, hence ``min_selected=2`` by default.
+    """
+
+    def __init__(
+        self,
+        config: WorldConfig | None = None,
+        *,
+        min_selected: int = 2,
+        max_selected: int = 10,
+        max_objects: int = 4,
+    ):
+        if not 1 <= min_selected <= max_selected:
+            raise ValueError(
+                f"need 1 <= min_selected <= max_selected, got {min_selected}, {max_selected}"
+            )
+        if not 1 <= max_objects <= GRID * GRID:
+            raise ValueError(f"max_objects must be in 1..{GRID * GRID}, got {max_objects}")
+        self.config = config or WorldConfig()
+        self.min_selected = min_selected
+        self.max_selected = max_selected
+        self.max_objects = max_objects
+
+    def summarize(self, captions: Sequence[str], seed: int = 0) -> Summary | None:
+        rng = _rng(seed, "\n".join(captions))
+        scene, selected = ParsedScene(), []
+        for k, caption in enumerate(captions):
+            merged = _merge(scene, parse_caption(caption))
+            if merged is None or len(merged.objects) > self.max_objects:
+                continue
+            if layout(merged.objects, merged.relations, rng) is None:
+                continue
+            scene = merged
+            selected.append(k)
+            if len(selected) == self.max_selected:
+                break
+        if len(selected) < self.min_selected:
+            return None
+        return Summary(tuple(selected), realize(scene, rng, self.config.phrasing))

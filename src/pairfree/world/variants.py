@@ -1,0 +1,149 @@
+"""World configurations and the named presets.
+
+- ``default``: the reference world (8 shapes, 8 colors, 1-3 objects).
+- ``shifted``: its cross-domain partner, like COCO vs Flickr30k: the same words, other
+  shape/color/size frequencies, more objects per scene and another phrasing style.
+- ``novel``: a NoCaps-like split. Two shapes and two colors are held out: they never occur in
+  training or validation images nor in the corpus, only in test images. An object is novel
+  when its shape or its color is held out; a test image is ``in`` domain when it has no novel
+  object, ``out`` when every object is novel and ``near`` otherwise (NoCaps: in = only COCO
+  classes, near = COCO and novel classes, out = only novel classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pairfree.errors import PairfreeError
+from pairfree.world.language import Phrasing
+from pairfree.world.render import REAL_STYLE, SYNTHETIC_STYLE, RenderStyle
+from pairfree.world.scene import COLORS, GRID, SHAPES, SIZES, Scene, sample_scene
+
+BASE_SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
+BASE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "pink")
+NOVEL_WORDS = ("pentagon", "crescent", "cyan", "brown")
+
+
+@dataclass
+class WorldConfig:
+    """Everything that defines a world: what scenes contain, how they look, how they are told.
+
+    Weights are relative frequencies. ``held_out`` words (shapes or colors) are kept out of
+    training images and the corpus and appear only in test images.
+    """
+
+    name: str = "default"
+    shapes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BASE_SHAPES, 1.0))
+    colors: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BASE_COLORS, 1.0))
+    sizes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIZES, 1.0))
+    object_counts: dict[int, float] = field(default_factory=lambda: {1: 0.4, 2: 0.35, 3: 0.25})
+    held_out: tuple[str, ...] = ()
+    phrasing: Phrasing = Phrasing()
+    captions_per_image: int = 5
+    image_size: int = 64
+    render: RenderStyle = REAL_STYLE
+    synthetic: RenderStyle = SYNTHETIC_STYLE  # the style of the world's text-to-image model
+
+    def __post_init__(self) -> None:
+        for what, weights, known in (
+            ("shape", self.shapes, SHAPES),
+            ("color", self.colors, tuple(COLORS)),
+            ("size", self.sizes, SIZES),
+            ("object count", self.object_counts, tuple(range(1, GRID * GRID + 1))),
+        ):
+            if not weights:
+                raise ValueError(f"world {self.name!r}: no {what} weights given")
+            for key, weight in weights.items():
+                if key not in known:
+                    raise ValueError(f"world {self.name!r}: unknown {what} {key!r}; known: {known}")
+                if not weight > 0:
+                    raise ValueError(f"world {self.name!r}: {what} {key!r} has weight {weight}")
+        stray = set(self.held_out) - set(self.shapes) - set(self.colors)
+        if stray:
+            raise ValueError(f"world {self.name!r}: held-out words {sorted(stray)} are not in use")
+        seen_shapes, seen_colors = self.seen(self.shapes), self.seen(self.colors)
+        if len(seen_shapes) * len(seen_colors) < max(self.object_counts):
+            raise ValueError(
+                f"world {self.name!r}: {len(seen_shapes)} seen shapes x {len(seen_colors)} "
+                f"seen colors cannot fill a scene of {max(self.object_counts)} distinct objects"
+            )
+        if self.image_size < 4 * GRID:
+            raise ValueError(f"world {self.name!r}: image_size {self.image_size} is too small")
+        if self.captions_per_image < 1:
+            raise ValueError(f"world {self.name!r}: captions_per_image must be >= 1")
+
+    def seen(self, weights: dict[str, float]) -> dict[str, float]:
+        """``weights`` without the held-out words."""
+        return {k: w for k, w in weights.items() if k not in self.held_out}
+
+    def sample_scene(self, rng: np.random.Generator, *, include_held_out: bool = False) -> Scene:
+        """A scene of this world; held-out words are only drawn when asked (test images)."""
+        shapes, colors = self.shapes, self.colors
+        if not include_held_out:
+            shapes, colors = self.seen(shapes), self.seen(colors)
+        return sample_scene(
+            rng, shapes=shapes, colors=colors, sizes=self.sizes, counts=self.object_counts
+        )
+
+    def domain(self, scene: Scene) -> str:
+        """'in', 'near' or 'out' (see the module docstring)."""
+        novel = [o.shape in self.held_out or o.color in self.held_out for o in scene.objects]
+        if not any(novel):
+            return "in"
+        return "out" if all(novel) else "near"
+
+
+def _default() -> WorldConfig:
+    return WorldConfig()
+
+
+def _shifted() -> WorldConfig:
+    shape_weights = (3.0, 1.0, 1.0, 3.0, 0.5, 0.5, 0.5, 2.0)
+    color_weights = (0.5, 2.0, 0.5, 2.0, 1.0, 0.5, 2.0, 1.0)
+    return WorldConfig(
+        name="shifted",
+        shapes=dict(zip(BASE_SHAPES, shape_weights, strict=True)),
+        colors=dict(zip(BASE_COLORS, color_weights, strict=True)),
+        sizes={"small": 2.0, "medium": 1.0, "large": 1.0},
+        object_counts={1: 0.1, 2: 0.3, 3: 0.4, 4: 0.2},
+        phrasing=Phrasing(
+            p_size=0.5,
+            p_relational=0.6,
+            p_position_in_relational=0.4,
+            p_count=0.5,
+            p_clauses=0.5,
+            p_synonym=0.6,
+            reading_order=True,
+            intros=("an image containing ", "this picture has ", "a drawing of ", "a view of "),
+            count_intros=("a scene with {n} {noun}: ", "{n} {noun} are visible: "),
+            sentence_case=True,
+        ),
+    )
+
+
+def _novel() -> WorldConfig:
+    # Novel words are drawn twice as often as the others in test images, so that near- and
+    # out-of-domain test images are common.
+    return WorldConfig(
+        name="novel",
+        shapes={**dict.fromkeys(BASE_SHAPES, 1.0), "pentagon": 2.0, "crescent": 2.0},
+        colors={**dict.fromkeys(BASE_COLORS, 1.0), "cyan": 2.0, "brown": 2.0},
+        held_out=NOVEL_WORDS,
+    )
+
+
+PRESETS: dict[str, Callable[[], WorldConfig]] = {
+    "default": _default,
+    "shifted": _shifted,
+    "novel": _novel,
+}
+
+
+def world_preset(name: str) -> WorldConfig:
+    """A fresh :class:`WorldConfig` for a named preset."""
+    if name not in PRESETS:
+        raise PairfreeError(f"unknown world preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
