@@ -1,0 +1,116 @@
+"""Captioner checkpoints: a directory with ``model.safetensors``, ``config.json`` and the
+tokenizer files.
+
+``config.json`` holds the captioner config, the LM's own config and free-form ``extra`` data
+(recipe, metrics, ...). Loading rebuilds the LM from that config, so it needs neither the hub
+nor the training code, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from pairfree.captioner.config import CaptionerConfig
+from pairfree.captioner.model import PrefixCaptioner
+from pairfree.errors import BadInputError
+from pairfree.io import atomic_write_json
+
+FORMAT = "pairfree-captioner"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path`` that replaces ``path`` on success.
+
+    Replacing an existing directory takes two renames (old aside, new in); a crash between
+    them leaves the old checkpoint beside ``path`` as ``.<name>.*.old``, never a partial one.
+    """
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_captioner(
+    model: PrefixCaptioner,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    extra: dict | None = None,
+) -> None:
+    """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint)."""
+    meta = {
+        "format": FORMAT,
+        "captioner": model.config.to_dict(),
+        "lm_config": model.lm.config.to_dict(),
+        "extra": extra or {},
+    }
+    json.dumps(meta)  # fail before writing anything if `extra` is not JSON-serializable
+    with _atomic_dir(Path(out_dir)) as tmp:
+        save_model(model, str(tmp / WEIGHTS_NAME))
+        atomic_write_json(tmp / CONFIG_NAME, meta)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_captioner(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[PrefixCaptioner, PreTrainedTokenizerBase, dict]:
+    """Load a checkpoint written by :func:`save_captioner`; returns the model in eval mode,
+    its tokenizer and the ``extra`` dict."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise BadInputError(required, "missing: not a pairfree captioner checkpoint")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInputError(config_path, f"invalid JSON: {e}", line=e.lineno) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BadInputError(config_path, f'not a {FORMAT} config (no "format": "{FORMAT}")')
+    try:
+        config = CaptionerConfig.from_dict(meta["captioner"])
+        lm_config_dict = dict(meta["lm_config"])
+        lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInputError(config_path, f"bad captioner or LM config: {e!r}") from e
+
+    model = PrefixCaptioner(config, lm=AutoModelForCausalLM.from_config(lm_config))
+    try:
+        load_model(model, weights_path, strict=True)
+    except RuntimeError as e:
+        raise BadInputError(weights_path, f"weights do not match the config: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BadInputError(path, f"cannot load the tokenizer: {e}") from e
+    return model.to(device).eval(), tokenizer, meta.get("extra", {})

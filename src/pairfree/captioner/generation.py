@@ -1,0 +1,320 @@
+"""Batched decoding from a prefix of input embeddings, over any Hugging Face causal LM.
+
+The prefix is fed once as ``inputs_embeds``; after that the LM sees one token per row and step
+and reads the past from its KV cache. Rows that finish leave the batch (the cache is
+re-indexed with them), so a batch of images costs about as much as its longest caption.
+
+Beam search scores a finished hypothesis as Hugging Face does:
+``sum of token log-probs / length ** length_penalty``, the length counting the stop token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+EARLY_STOPPING = (False, True, "never")
+
+
+class _Stepper:
+    """Runs the LM one token per row per step and returns next-token logits.
+
+    With ``use_cache`` the past positions come from the KV cache; without it the whole sequence
+    is re-run every step, which is slower but needs nothing from the model's cache.
+    """
+
+    def __init__(self, lm: PreTrainedModel, prefix: torch.Tensor, use_cache: bool) -> None:
+        self.lm = lm
+        self.use_cache = use_cache
+        self.device = prefix.device
+        self.inputs = prefix
+        self.cache = None
+        accepts_keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self.extra = {"logits_to_keep": 1} if accepts_keep else {}
+
+    def start(self) -> torch.Tensor:
+        logits = self._run(inputs_embeds=self.inputs)
+        if self.use_cache and not hasattr(self.cache, "reorder_cache"):
+            raise TypeError(
+                f"{type(self.lm).__name__} returned a cache that cannot be re-indexed; "
+                "generate with use_cache=False"
+            )
+        return logits
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat or reorder) the given rows of the batch."""
+        rows = rows.to(self.device)
+        if self.use_cache:
+            self.cache.reorder_cache(rows)
+        else:
+            self.inputs = self.inputs[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)[:, None]
+        if self.use_cache:
+            return self._run(input_ids=tokens, past_key_values=self.cache)
+        embeds = self.lm.get_input_embeddings()(tokens).to(self.inputs.dtype)
+        self.inputs = torch.cat((self.inputs, embeds), dim=1)
+        return self._run(inputs_embeds=self.inputs)
+
+    def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.lm(**inputs, use_cache=self.use_cache, **self.extra)
+        if self.use_cache:
+            self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def generate(
+    lm: PreTrainedModel,
+    prefix: torch.Tensor,
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int = 67,
+    stop_token_ids: Sequence[int] = (),
+    eos_token_id: int | None = None,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prefix ``[B, k, h]`` with greedy decoding, beam search or sampling.
+
+    Returns the new token ids of ``B * num_return_sequences`` sequences, grouped by input (beam
+    hypotheses best first). A sequence ends at any of ``stop_token_ids`` (kept) or at
+    ``eos_token_id`` (dropped), or after ``max_new_tokens``. ``early_stopping`` ends a beam search
+    as Hugging Face's does: ``False`` once no running beam is likely to beat the finished ones,
+    ``True`` as soon as ``num_beams`` hypotheses finished, ``"never"`` only when none can.
+    """
+    _check_args(
+        prefix,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        early_stopping=early_stopping,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        num_return_sequences=num_return_sequences,
+    )
+    stop = set(stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
+    stepper = _Stepper(lm, prefix, use_cache)
+    logits = stepper.start()
+    if num_beams > 1:
+        sequences = _beam_search(
+            stepper,
+            logits,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+    else:
+        pick = _sampler(temperature, top_k, generator) if do_sample else _argmax
+        sequences = _decode(
+            stepper,
+            logits,
+            pick,
+            num_return_sequences=num_return_sequences,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+        )
+    if eos_token_id is not None:
+        for seq in sequences:
+            if seq and seq[-1] == eos_token_id:
+                seq.pop()
+    return sequences
+
+
+def _check_args(
+    prefix: torch.Tensor,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    early_stopping: bool | str,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    num_return_sequences: int,
+) -> None:
+    if prefix.dim() != 3:
+        raise ValueError(f"prefix must be [batch, length, hidden], got shape {tuple(prefix.shape)}")
+    if num_beams < 1 or max_new_tokens < 1 or num_return_sequences < 1:
+        raise ValueError("num_beams, max_new_tokens and num_return_sequences must be >= 1")
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(f"early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
+    if do_sample:
+        if num_beams > 1:
+            raise ValueError("sampling is supported with num_beams=1 only")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+    else:
+        if temperature != 1.0 or top_k is not None:
+            raise ValueError("temperature and top_k apply only with do_sample=True")
+        if num_return_sequences > num_beams:
+            raise ValueError(
+                f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})"
+            )
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def _sampler(
+    temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    return pick
+
+
+def _decode(
+    stepper: _Stepper,
+    logits: torch.Tensor,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+) -> list[list[int]]:
+    """Greedy decoding or sampling: one token per row and step; finished rows leave the batch."""
+    if num_return_sequences > 1:
+        rows = torch.arange(logits.shape[0]).repeat_interleave(num_return_sequences)
+        stepper.select(rows)
+        logits = logits[rows.to(logits.device)]
+    sequences: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    alive = torch.arange(logits.shape[0])
+    for step in range(max_new_tokens):
+        tokens = pick(logits).cpu()
+        for i, token in zip(alive.tolist(), tokens.tolist(), strict=True):
+            sequences[i].append(token)
+        going = ~torch.isin(tokens, stop_ids)
+        if step + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():
+            stepper.select(going.nonzero().squeeze(1))
+            alive, tokens = alive[going], tokens[going]
+        logits = stepper.step(tokens)
+    return sequences
+
+
+def _beam_search(
+    stepper: _Stepper,
+    logits: torch.Tensor,
+    *,
+    num_beams: int,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+    length_penalty: float,
+    early_stopping: bool | str,
+) -> list[list[int]]:
+    """Beam search over a batch; an input leaves the batch once its search is decided.
+
+    As in Hugging Face's implementation, each step looks at the ``(1 + #stop tokens) * beams``
+    best continuations of an input: those among the ``beams`` best that end become finished
+    hypotheses (the ``beams`` best are kept), the ``beams`` best that do not end keep running.
+    Bookkeeping runs on the CPU; the LM sees only the surviving rows.
+    """
+    batch, vocab = logits.shape
+    beams = num_beams
+    stepper.select(torch.arange(batch).repeat_interleave(beams))
+    log_probs = logits.log_softmax(dim=-1).repeat_interleave(beams, dim=0)
+    scores = torch.full((batch, beams), float("-inf"))
+    scores[:, 0] = 0.0  # the beams start identical: expand only the first one
+    tokens = torch.empty((batch * beams, 0), dtype=torch.long)
+    items = list(range(batch))
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    n_candidates = min((1 + len(stop_ids)) * beams, beams * vocab)
+
+    for length in range(1, max_new_tokens + 1):
+        n = len(items)
+        total = (scores.view(-1, 1).to(log_probs.device) + log_probs).view(n, beams * vocab)
+        cand_scores, cand = (t.cpu() for t in total.topk(n_candidates, dim=1))
+        cand_beam, cand_token = cand // vocab, cand % vocab
+        ends = torch.isin(cand_token, stop_ids) | (length == max_new_tokens)
+
+        added: dict[int, list[tuple[float, list[int]]]] = {}
+        for a, r in (ends[:, :beams] & cand_scores[:, :beams].isfinite()).nonzero().tolist():
+            seq = tokens[a * beams + cand_beam[a, r]].tolist() + [int(cand_token[a, r])]
+            score = float(cand_scores[a, r]) / length**length_penalty
+            added.setdefault(items[a], []).append((score, seq))
+        for i, hyps in added.items():
+            finished[i] = sorted(finished[i] + hyps, key=lambda h: -h[0])[:beams]
+
+        order = torch.sort(ends.int(), dim=1, stable=True).indices[:, :beams]
+        scores = cand_scores.gather(1, order).masked_fill(ends.gather(1, order), float("-inf"))
+        rows = cand_beam.gather(1, order) + torch.arange(n)[:, None] * beams
+        next_tokens = cand_token.gather(1, order)
+
+        done = _beam_done(
+            scores[:, 0],
+            [finished[i] for i in items],
+            beams=beams,
+            length=length,
+            max_new_tokens=max_new_tokens,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+        if done.all():
+            break
+        going = ~done
+        rows = rows[going].view(-1)
+        tokens = torch.cat((tokens[rows], next_tokens[going].view(-1, 1)), dim=1)
+        scores = scores[going]
+        items = [i for i, d in zip(items, done.tolist(), strict=True) if not d]
+        stepper.select(rows)
+        log_probs = stepper.step(tokens[:, -1]).log_softmax(dim=-1)
+
+    out = []
+    for i, hyps in enumerate(finished):
+        if len(hyps) < num_return_sequences:
+            raise RuntimeError(
+                f"input {i} has only {len(hyps)} finished hypotheses, "
+                f"fewer than num_return_sequences={num_return_sequences}"
+            )
+        out.extend(seq for _, seq in hyps[:num_return_sequences])
+    return out
+
+
+def _beam_done(
+    best_running: torch.Tensor,
+    finished: list[list[tuple[float, list[int]]]],
+    *,
+    beams: int,
+    length: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    early_stopping: bool | str,
+) -> torch.Tensor:
+    """Whether each input's search is decided (Hugging Face's stopping rules).
+
+    The best score a running beam can still reach is its sum so far over a length: the current
+    one for ``early_stopping=False`` (a heuristic when ``length_penalty > 0``), the longest
+    possible for ``"never"`` (a bound, as log-probs only add up to more negative sums).
+    """
+    best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
+    bound = best_running / best_length**length_penalty
+    done = []
+    for best, hyps in zip(bound.tolist(), finished, strict=True):
+        full = len(hyps) == beams
+        decided = full and (early_stopping is True or best <= hyps[-1][0])
+        done.append(best == float("-inf") or decided)
+    return torch.tensor(done, dtype=torch.bool)

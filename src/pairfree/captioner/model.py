@@ -1,0 +1,146 @@
+"""The prefix captioner (ClipCap): a mapper turns a condition vector into k prefix embeddings,
+and a causal LM continues them with the caption."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pairfree.captioner import generation
+from pairfree.captioner.config import CaptionerConfig
+from pairfree.captioner.mapper import build_mapper
+
+
+@dataclass
+class CaptionerOutput:
+    loss: torch.Tensor | None
+    """Mean token cross-entropy over the caption tokens (prefix and padding excluded)."""
+    logits: torch.Tensor
+    """[B, T, V]: at position t, the prediction of caption token t."""
+
+
+class PrefixCaptioner(nn.Module):
+    """LM input ``[mapper(condition) ; embed(caption)]``; trained on the caption tokens only.
+
+    Captions are right-padded batches of token ids with an attention mask; padding may hold any
+    valid token id, since it is excluded through the mask.
+    """
+
+    def __init__(self, config: CaptionerConfig, lm: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.lm = lm if lm is not None else AutoModelForCausalLM.from_pretrained(config.lm)
+        hidden_size = self.lm.get_input_embeddings().weight.shape[1]
+        self.mapper = build_mapper(config, hidden_size)
+        if config.only_prefix:
+            self.lm.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> PrefixCaptioner:
+        """As ``nn.Module.train``, but a frozen LM stays in eval mode so its dropout stays off."""
+        super().train(mode)
+        if self.config.only_prefix:
+            self.lm.eval()
+        return self
+
+    def prefix_embeds(self, condition: torch.Tensor) -> torch.Tensor:
+        """[B, d] condition -> [B, k, h] prefix in the LM's input-embedding space."""
+        if condition.dim() != 2 or condition.shape[1] != self.config.embed_dim:
+            raise ValueError(
+                f"condition must be [batch, {self.config.embed_dim}], got {tuple(condition.shape)}"
+            )
+        return self.mapper(condition)
+
+    def forward(
+        self, condition: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> CaptionerOutput:
+        logits = self._caption_logits(condition, input_ids, attention_mask)
+        mask = attention_mask.to(torch.float32)
+        log_probs = _token_log_probs(logits, input_ids)
+        loss = -(log_probs * mask).sum() / mask.sum().clamp(min=1.0)
+        return CaptionerOutput(loss=loss, logits=logits)
+
+    def sequence_log_probs(
+        self,
+        condition: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        length_normalize: bool = True,
+    ) -> torch.Tensor:
+        """[B] log-probability of each caption (mean per token if ``length_normalize``), with
+        gradient: the policy term of self-critical training."""
+        logits = self._caption_logits(condition, input_ids, attention_mask)
+        mask = attention_mask.to(torch.float32)
+        total = (_token_log_probs(logits, input_ids) * mask).sum(dim=1)
+        return total / mask.sum(dim=1).clamp(min=1.0) if length_normalize else total
+
+    @torch.no_grad()
+    def generate(
+        self,
+        condition: torch.Tensor,
+        *,
+        num_beams: int = 1,
+        max_new_tokens: int = 67,
+        stop_token_ids: Sequence[int] = (),
+        eos_token_id: int | None = None,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        num_return_sequences: int = 1,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Caption token ids for each condition; see :func:`pairfree.captioner.generation.generate`.
+
+        Decoding runs in whatever mode the model is in: call ``.eval()`` first unless dropout
+        noise is wanted.
+        """
+        embedding = self.lm.get_input_embeddings().weight
+        prefix = self.prefix_embeds(condition.to(embedding.device)).to(embedding.dtype)
+        return generation.generate(
+            self.lm,
+            prefix,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            eos_token_id=eos_token_id,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            num_return_sequences=num_return_sequences,
+            generator=generator,
+            use_cache=use_cache,
+        )
+
+    def _caption_logits(
+        self, condition: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                "input_ids and attention_mask must both be [batch, length], got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        if condition.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{condition.shape[0]} conditions for {input_ids.shape[0]} captions")
+        if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            raise ValueError("captions must be right-padded (attention_mask 1s, then 0s)")
+        tokens = self.lm.get_input_embeddings()(input_ids)
+        prefix = self.prefix_embeds(condition).to(tokens.dtype)
+        embeds = torch.cat((prefix, tokens), dim=1)
+        mask = torch.cat((attention_mask.new_ones(prefix.shape[:2]), attention_mask), dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
+        return logits[:, prefix.shape[1] - 1 : -1]
+
+
+def _token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] log-probability of each token under its logits (padding included)."""
+    return -F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")

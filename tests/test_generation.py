@@ -1,0 +1,243 @@
+"""Decoding: beam search against brute force and Hugging Face, batching, KV cache, sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pairfree.captioner import generation
+from pairfree.captioner.generation import generate
+
+VOCAB = 6
+STOP = 2
+EOS = 5
+HIDDEN = 16
+# Tokens the wide test LM reaches within a few steps, so that rows end at different steps.
+WIDE_STOP = 31
+WIDE_EOS = 12
+
+
+def tiny_lm(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
+    """A random GPT-2 with peaked next-token distributions (large init), so ties are rare."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def lm() -> GPT2LMHeadModel:
+    return tiny_lm(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def wide_lm() -> GPT2LMHeadModel:
+    return tiny_lm(40)
+
+
+@pytest.fixture(scope="module")
+def prefixes() -> torch.Tensor:
+    return torch.randn(5, 3, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+
+def brute_force_ranking(
+    lm: GPT2LMHeadModel, prefix: torch.Tensor, max_len: int, length_penalty: float
+) -> list[tuple[float, list[int]]]:
+    """Every possible output (ending at a terminator or at max_len), scored like beam search."""
+    seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=max_len)))
+    embeds = torch.cat(
+        (prefix[None].expand(len(seqs), -1, -1), lm.get_input_embeddings()(seqs)), dim=1
+    )
+    with torch.no_grad():
+        logits = lm(inputs_embeds=embeds).logits[:, prefix.shape[0] - 1 : -1]
+    token_lp = logits.log_softmax(-1).gather(-1, seqs[..., None]).squeeze(-1)
+    cumulative = token_lp.cumsum(dim=1)
+    scored = {}
+    for seq, cum in zip(seqs.tolist(), cumulative, strict=True):
+        ends = [i for i, t in enumerate(seq) if t in (STOP, EOS)]
+        length = ends[0] + 1 if ends else max_len
+        hyp = tuple(seq[:length])
+        scored[hyp] = float(cum[length - 1]) / length**length_penalty
+    ranking = sorted(scored.items(), key=lambda kv: -kv[1])
+    return [(score, list(h[:-1]) if h[-1] == EOS else list(h)) for h, score in ranking]
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_exhaustive_beam_search_finds_the_brute_force_best(lm, prefixes, length_penalty):
+    max_len = 4
+    beams = VOCAB**max_len  # enough to keep every live hypothesis at every step
+    prefixes = prefixes[:2]
+    out = generate(
+        lm,
+        prefixes,
+        num_beams=beams,
+        max_new_tokens=max_len,
+        stop_token_ids=[STOP],
+        eos_token_id=EOS,
+        length_penalty=length_penalty,
+        num_return_sequences=3,
+    )
+    for i, prefix in enumerate(prefixes):
+        ranking = brute_force_ranking(lm, prefix, max_len, length_penalty)
+        assert out[3 * i : 3 * i + 3] == [seq for _, seq in ranking[:3]]
+
+
+@pytest.mark.parametrize(
+    ("length_penalty", "early_stopping"),
+    [(1.0, False), (2.0, False), (1.0, True), (1.0, "never"), (-1.0, "never")],
+)
+def test_beam_search_matches_hugging_face(wide_lm, prefixes, length_penalty, early_stopping):
+    kwargs = dict(num_beams=3, max_new_tokens=8, length_penalty=length_penalty)
+    kwargs["early_stopping"] = early_stopping
+    ours = generate(wide_lm, prefixes, stop_token_ids=[WIDE_STOP], eos_token_id=WIDE_EOS, **kwargs)
+    for prefix, seq in zip(prefixes, ours, strict=True):
+        hf = wide_lm.generate(
+            inputs_embeds=prefix[None],
+            eos_token_id=[WIDE_STOP, WIDE_EOS],
+            pad_token_id=WIDE_EOS,
+            **kwargs,
+        )[0].tolist()
+        while hf and hf[-1] == WIDE_EOS:  # HF pads with (and keeps) the eos token
+            hf.pop()
+        assert seq == hf
+
+
+def test_stop_token_is_kept_and_eos_dropped(wide_lm, prefixes):
+    free = generate(wide_lm, prefixes, max_new_tokens=20)
+    eos = free[0][2]  # tokens that greedy decoding is known to reach
+    stop = next(t for t in free[1][1:] if t != eos)
+    out = generate(wide_lm, prefixes, max_new_tokens=20, stop_token_ids=[stop], eos_token_id=eos)
+    ended = {"stop": 0, "eos": 0}
+    for seq, full in zip(out, free, strict=True):
+        cut = next((i for i, t in enumerate(full) if t in (stop, eos)), None)
+        if cut is None:
+            assert seq == full
+        elif full[cut] == eos:
+            assert seq == full[:cut]
+            ended["eos"] += 1
+        else:
+            assert seq == full[: cut + 1]
+            ended["stop"] += 1
+    assert ended["stop"] and ended["eos"]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_at_a_time(wide_lm, prefixes, num_beams):
+    kwargs = dict(
+        num_beams=num_beams, max_new_tokens=10, stop_token_ids=[WIDE_STOP], eos_token_id=WIDE_EOS
+    )
+    batched = generate(wide_lm, prefixes, **kwargs)
+    single = [generate(wide_lm, p[None], **kwargs)[0] for p in prefixes]
+    assert batched == single
+    assert len({len(s) for s in batched}) > 1  # rows really finished at different steps
+
+
+def test_greedy_equals_beam_search_with_one_beam(wide_lm, prefixes):
+    """generate() decodes num_beams=1 greedily; run the beam-search routine itself with 1 beam."""
+    greedy = generate(wide_lm, prefixes, max_new_tokens=12, stop_token_ids=[WIDE_STOP])
+    stepper = generation._Stepper(wide_lm, prefixes, use_cache=True)
+    with torch.no_grad():
+        one_beam = generation._beam_search(
+            stepper,
+            stepper.start(),
+            num_beams=1,
+            num_return_sequences=1,
+            max_new_tokens=12,
+            stop_ids=torch.tensor([WIDE_STOP]),
+            length_penalty=1.0,
+            early_stopping=False,
+        )
+    assert one_beam == greedy
+    four_beams = generate(
+        wide_lm, prefixes, num_beams=4, max_new_tokens=12, stop_token_ids=[WIDE_STOP]
+    )
+    assert four_beams != greedy
+
+
+def test_kv_cache_equals_recomputing_the_sequence(wide_lm, prefixes):
+    """Greedy with the cache against a plain loop that re-runs the whole sequence each step."""
+    max_new = 10
+    expected = []
+    for prefix in prefixes:
+        embeds, seq = prefix[None], []
+        for _ in range(max_new):
+            with torch.no_grad():
+                token = int(wide_lm(inputs_embeds=embeds).logits[0, -1].argmax())
+            seq.append(token)
+            if token == WIDE_STOP:
+                break
+            next_embed = wide_lm.get_input_embeddings()(torch.tensor([[token]]))
+            embeds = torch.cat((embeds, next_embed), dim=1)
+        expected.append(seq)
+    assert (
+        generate(wide_lm, prefixes, max_new_tokens=max_new, stop_token_ids=[WIDE_STOP]) == expected
+    )
+    beam = dict(
+        num_beams=4, max_new_tokens=max_new, stop_token_ids=[WIDE_STOP], num_return_sequences=4
+    )
+    assert generate(wide_lm, prefixes, **beam) == generate(
+        wide_lm, prefixes, use_cache=False, **beam
+    )
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(wide_lm, prefixes):
+    kwargs = dict(do_sample=True, max_new_tokens=8, num_return_sequences=4, temperature=1.5)
+
+    def sample(seed: int, **extra) -> list[list[int]]:
+        return generate(
+            wide_lm, prefixes, generator=torch.Generator().manual_seed(seed), **kwargs, **extra
+        )
+
+    first = sample(0)
+    assert len(first) == len(prefixes) * 4
+    assert first == sample(0)
+    assert first != sample(1)
+    greedy = generate(wide_lm, prefixes, max_new_tokens=8)
+    top1 = sample(0, top_k=1)
+    assert top1 == [g for g in greedy for _ in range(4)]
+
+
+def test_top_k_restricts_the_choices(wide_lm, prefixes):
+    with torch.no_grad():
+        allowed = wide_lm(inputs_embeds=prefixes).logits[:, -1].topk(2).indices
+    out = generate(
+        wide_lm,
+        prefixes,
+        do_sample=True,
+        top_k=2,
+        temperature=5.0,
+        max_new_tokens=1,
+        num_return_sequences=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    firsts = torch.tensor([seq[0] for seq in out]).view(len(prefixes), 16)
+    assert (firsts[..., None] == allowed[:, None, :]).any(-1).all()
+    assert all(len(set(row.tolist())) == 2 for row in firsts)  # both top-2 tokens get drawn
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=True, num_beams=2),
+        dict(temperature=0.5),
+        dict(num_return_sequences=2),
+        dict(num_beams=2, num_return_sequences=3),
+        dict(early_stopping="sometimes", num_beams=2),
+        dict(max_new_tokens=0),
+    ],
+)
+def test_bad_arguments_are_rejected(wide_lm, prefixes, kwargs):
+    with pytest.raises(ValueError):
+        generate(wide_lm, prefixes, **kwargs)
