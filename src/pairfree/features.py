@@ -122,7 +122,7 @@ def write_store(
     )
     for s in todo:
         shard_items = items[s * shard_size : (s + 1) * shard_size]
-        kept, arrays, skipped = [], [], []
+        kept, texts, arrays, skipped = [], [], [], []
         for b in range(0, len(shard_items), batch_size):
             values = []
             for it in shard_items[b : b + batch_size]:
@@ -132,13 +132,14 @@ def write_store(
                 except BadInputError as err:
                     skip_log.skip(err)
                     skipped.append(err.to_record())
+            texts += values if info.kind == "text" else []
             if values:
                 arrays.append(encode(values).to(torch.float32).numpy().astype(info.dtype))
             bar.update(len(shard_items[b : b + batch_size]))
         array = np.concatenate(arrays) if arrays else np.empty((0, 0), dtype=info.dtype)
         meta: dict[str, Any] = {"ids": [it.id for it in kept], "skipped": skipped}
         if info.kind == "text":
-            meta["texts"] = [it.value for it in kept]
+            meta["texts"] = texts
         atomic_write_json(out / f"{_shard_name(s)}.json", meta, indent=None)
         with atomic_path(out / f"{_shard_name(s)}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, array)

@@ -1,0 +1,128 @@
+"""Configs are plain (nested) dataclasses, read from YAML and overridden from the command line.
+
+``load_config(CapDecConfig, "configs/capdec/coco.yaml", ["train.lr=1e-5", "noise.variance=0"])``
+builds the dataclass, checks every key against its fields (a typo is an error that lists the
+valid keys) and coerces values to the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pairfree.errors import PairfreeError
+
+C = TypeVar("C")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where) if len(args) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise PairfreeError(f"config {where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, where=where)
+    if origin in (list, tuple) and isinstance(value, Sequence) and not isinstance(value, str):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    try:
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+        if hint is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "yes", "1")
+    except ValueError:
+        raise PairfreeError(f"config {where}: {value!r} is not a valid {hint.__name__}") from None
+    if hint is str and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], *, where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise PairfreeError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise PairfreeError(f"config {where or cls.__name__}: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (values parsed as YAML) in a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PairfreeError(f"override {item!r} is not of the form key.path=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PairfreeError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise PairfreeError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PairfreeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise PairfreeError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(
+    cls: type[C], data: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> C:
+    """Defaults of ``cls`` <- ``data`` (e.g. a YAML file's) <- command-line overrides.
+
+    ``cls()`` must be constructible: its defaults (a recipe's paper defaults, nested ones
+    included) are the base that the data and the overrides update key by key.
+    """
+    merged = _deep_merge(to_dict(cls()), data or {})
+    return from_dict(cls, apply_overrides(merged, overrides))
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """:func:`build_config` from a YAML file."""
+    return build_config(cls, read_yaml(path) if path is not None else None, overrides)

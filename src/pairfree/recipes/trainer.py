@@ -1,0 +1,473 @@
+"""The one training loop every recipe runs on.
+
+A recipe hands the trainer its modules, its data and a ``step`` function that computes losses
+and calls ``ctx.optimize(name, loss)`` for each optimizer it owns (one for CapDec, two for the
+GANs). The trainer owns everything else, once: Hugging Face ``accelerate`` (one process or
+many, DDP, mixed precision, gradient accumulation), the deterministic data order, warm-up
+schedules, gradient clipping, validation, best/last artifacts, JSONL metrics, a progress bar,
+and exact resume from a checkpoint (weights, optimizers, schedulers, every RNG, data position).
+
+Resume checkpoints are written by us as safetensors (weights) plus ``torch.save`` files of
+plain tensors and numbers that are read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from pairfree.errors import PairfreeError
+from pairfree.io import atomic_write_json
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by every recipe (a recipe sets its paper's defaults)."""
+
+    output_dir: str = "runs/experiment"
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 40  # global batch per optimizer step, across processes and accumulation
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+    schedule: str = "linear"  # "linear": warm-up then linear decay to 0; "constant": warm-up only
+    grad_clip: float | None = None
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    seed: int = 0
+    checkpoint_every: int = 1000  # optimizer steps between resumable checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    eval_every: int | None = None  # optimizer steps between evaluations; None: each epoch
+    select_metric: str = "val_loss"  # metric that picks the best artifact
+    select_mode: str = "min"  # "min" | "max"
+    num_workers: int = 0
+    cpu: bool = False
+
+
+@dataclass
+class OptimizerSpec:
+    """An AdamW over one module's trainable parameters, with its own schedule."""
+
+    name: str
+    module: str
+    lr: float | None = None  # None: TrainConfig.lr
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    schedule: str | None = None
+    grad_clip: float | None = None
+    params: Callable[[nn.Module], Sequence[nn.Parameter]] | None = None  # default: trainable
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    best_metric: float | None
+    best_dir: Path | None
+    last_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation fixed by (seed, epoch), identical on every process."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    if schedule not in ("linear", "constant"):
+        raise PairfreeError(f"unknown schedule {schedule!r}: expected 'linear' or 'constant'")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class StepContext:
+    """What a recipe's step function sees: the modules, and ``optimize`` to apply a loss."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._t = trainer
+        self.accelerator = trainer.accelerator
+        self.modules: dict[str, nn.Module] = trainer.modules
+        self.global_step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    def optimize(self, name: str, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` into optimizer ``name``'s module and step it when due."""
+        t = self._t
+        spec, opt, sched = t.opt_specs[name], t.optimizers[name], t.schedulers[name]
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            clip = spec.grad_clip if spec.grad_clip is not None else t.config.grad_clip
+            if clip:
+                self.accelerator.clip_grad_norm_(t.opt_params[name], clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+StepFn = Callable[[StepContext, Any], Mapping[str, float | torch.Tensor]]
+ValFn = Callable[[StepContext, Any], Mapping[str, torch.Tensor]]
+EvalFn = Callable[[StepContext], Mapping[str, float]]
+SaveFn = Callable[[Mapping[str, nn.Module], Path], None]
+
+
+class Trainer:
+    """Runs ``step`` over ``train_data`` for the configured epochs; see the module docstring."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        modules: Mapping[str, nn.Module],
+        optimizers: Sequence[OptimizerSpec],
+        train_data: Dataset,
+        step: StepFn,
+        save_artifact: SaveFn,
+        *,
+        collate: Callable | None = None,
+        val_data: Dataset | None = None,
+        val_step: ValFn | None = None,
+        evaluate: EvalFn | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.step_fn, self.save_artifact = step, save_artifact
+        self.val_step, self.evaluate_fn = val_step, evaluate
+        self.run_config = dict(run_config or {})
+        self.progress = progress
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            cpu=config.cpu,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        acc = self.accelerator
+        micro = config.batch_size // config.grad_accum
+        if micro * config.grad_accum != config.batch_size or micro % acc.num_processes:
+            raise PairfreeError(
+                f"batch_size {config.batch_size} must split evenly into grad_accum "
+                f"{config.grad_accum} x {acc.num_processes} processes"
+            )
+        set_seed(config.seed, device_specific=True)
+
+        self.sampler = EpochSampler(len(train_data), config.seed)
+        loader = DataLoader(
+            train_data,
+            batch_size=micro,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            drop_last=True,
+            # its own generator: starting an epoch must not draw from the global RNG, or a
+            # resumed run (which restores that RNG) would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        if len(loader) == 0:
+            raise PairfreeError(
+                f"{len(train_data)} training examples are fewer than one batch of {micro}"
+            )
+        self.steps_per_epoch = len(loader) // config.grad_accum
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+
+        self.opt_specs = {s.name: s for s in optimizers}
+        self.opt_params: dict[str, list[nn.Parameter]] = {}
+        raw_opts, raw_scheds = {}, {}
+        for s in optimizers:
+            module = modules[s.module]
+            params = list(s.params(module) if s.params else module.parameters())
+            params = [p for p in params if p.requires_grad]
+            self.opt_params[s.name] = params
+            raw_opts[s.name] = torch.optim.AdamW(
+                params,
+                lr=s.lr if s.lr is not None else config.lr,
+                weight_decay=s.weight_decay if s.weight_decay is not None else config.weight_decay,
+            )
+            warmup = s.warmup_steps if s.warmup_steps is not None else config.warmup_steps
+            raw_scheds[s.name] = torch.optim.lr_scheduler.LambdaLR(
+                raw_opts[s.name], lr_lambda(warmup, self.total_steps, s.schedule or config.schedule)
+            )
+
+        names = list(modules)
+        prepared = acc.prepare(*modules.values(), *raw_opts.values(), *raw_scheds.values(), loader)
+        n_mod, n_opt = len(names), len(raw_opts)
+        self.modules = dict(zip(names, prepared[:n_mod], strict=True))
+        self.optimizers = dict(zip(raw_opts, prepared[n_mod : n_mod + n_opt], strict=True))
+        self.schedulers = dict(zip(raw_scheds, prepared[n_mod + n_opt : -1], strict=True))
+        self.loader = prepared[-1]
+        if val_data is not None:
+            val_loader = DataLoader(val_data, batch_size=micro, collate_fn=collate)
+            self.val_loader = acc.prepare(val_loader)
+        else:
+            self.val_loader = None
+
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.best_metric: float | None = None
+        self.last_eval_step = -1
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint_dirs(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        if not root.exists():
+            return []
+        return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly: weights, optimizers, schedulers, RNGs, position."""
+        acc = self.accelerator
+        final = self.out / "checkpoints" / f"step-{self.global_step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for name, module in self.modules.items():
+                save_model(acc.unwrap_model(module), str(tmp / f"{name}.safetensors"))
+            for name, opt in self.optimizers.items():
+                torch.save(
+                    {
+                        "optimizer": opt.state_dict(),
+                        "scheduler": self.schedulers[name].state_dict(),
+                    },
+                    tmp / f"optim-{name}.pt",
+                )
+            atomic_write_json(
+                tmp / "trainer_state.json",
+                {
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "batches_done_in_epoch": self.batches_done_in_epoch,
+                    "best_metric": self.best_metric,
+                    "num_processes": acc.num_processes,
+                },
+            )
+        np_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": list(random.getstate()[1]),
+            "python_gauss": random.getstate()[2],
+        }
+        torch.save(rng, tmp / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self._checkpoint_dirs()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["num_processes"] != acc.num_processes:
+            raise PairfreeError(
+                f"{path} was written by {state['num_processes']} processes; resume it with the "
+                f"same number (now {acc.num_processes})"
+            )
+        for name, module in self.modules.items():
+            load_model(acc.unwrap_model(module), str(path / f"{name}.safetensors"))
+        for name, opt in self.optimizers.items():
+            saved = torch.load(path / f"optim-{name}.pt", map_location="cpu", weights_only=True)
+            opt.load_state_dict(saved["optimizer"])
+            self.schedulers[name].load_state_dict(saved["scheduler"])
+        rng = torch.load(path / f"rng-{acc.process_index}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        keys = rng["numpy_keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, *rng["numpy_rest"]))
+        random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batches_done_in_epoch = state["batches_done_in_epoch"]
+        self.best_metric = state["best_metric"]
+
+    # ---------------------------------------------------------------- evaluation
+    def _validate(self, ctx: StepContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.val_loader is not None and self.val_step is not None:
+            for module in self.modules.values():
+                module.eval()
+            sums: dict[str, float] = {}
+            count = 0
+            with torch.no_grad():
+                for batch in self.val_loader:
+                    values = self.val_step(ctx, batch)
+                    gathered = {
+                        k: self.accelerator.gather_for_metrics(v) for k, v in values.items()
+                    }
+                    for key, v in gathered.items():
+                        sums[key] = sums.get(key, 0.0) + float(v.sum())
+                    count += len(next(iter(gathered.values())))
+            metrics.update({k: s / max(1, count) for k, s in sums.items()})
+            for module in self.modules.values():
+                module.train()
+        if self.evaluate_fn is not None:
+            metrics.update(self.evaluate_fn(ctx))
+        return metrics
+
+    def _is_better(self, value: float) -> bool:
+        if self.best_metric is None:
+            return True
+        if self.config.select_mode == "max":
+            return value > self.best_metric
+        return value < self.best_metric
+
+    def _write_artifact(self, name: str) -> Path:
+        path = self.out / name
+        if self.accelerator.is_main_process:
+            unwrapped = {k: self.accelerator.unwrap_model(m) for k, m in self.modules.items()}
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.save_artifact(unwrapped, tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_select(self, ctx: StepContext) -> None:
+        self.last_eval_step = self.global_step
+        metrics = self._validate(ctx)
+        if not metrics:
+            return
+        self._log({"step": self.global_step, "epoch": self.epoch, "eval": metrics})
+        value = metrics.get(self.config.select_metric)
+        if value is not None and math.isfinite(value) and self._is_better(value):
+            self.best_metric = value
+            self._write_artifact("best")
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train to ``total_steps``; with ``resume`` continue from the newest checkpoint."""
+        acc, cfg = self.accelerator, self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            atomic_write_json(self.out / "config.json", {"train": asdict(cfg), **self.run_config})
+        checkpoints = self._checkpoint_dirs() if resume else []
+        if checkpoints:
+            self.load_checkpoint(checkpoints[-1])
+            acc.print(f"resumed from {checkpoints[-1]} (step {self.global_step})")
+        ctx = StepContext(self)
+        for module in self.modules.values():
+            module.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc="train",
+            disable=not self.progress or not acc.is_main_process,
+            unit="step",
+        )
+        started = time.time()
+        running: dict[str, float] = {}
+        n_running = 0
+        while self.global_step < self.total_steps:
+            loader = self.loader
+            if self.batches_done_in_epoch >= len(self.loader):
+                loader = []
+            elif self.batches_done_in_epoch:
+                loader = acc.skip_first_batches(self.loader, self.batches_done_in_epoch)
+            if loader:
+                # accelerate's loaders re-set the sampler's epoch from their own counter
+                loader.set_epoch(self.epoch)
+            for batch in loader:
+                ctx.global_step = self.global_step
+                with acc.accumulate(*self.modules.values()):
+                    logs = self.step_fn(ctx, batch)
+                self.batches_done_in_epoch += 1
+                for k, v in logs.items():
+                    running[k] = running.get(k, 0.0) + float(v)
+                n_running += 1
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % cfg.log_every == 0 or self.global_step == self.total_steps:
+                    lr = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
+                    record = {k: v / n_running for k, v in running.items()}
+                    record.update(step=self.global_step, epoch=self.epoch, lr=lr)
+                    record["elapsed_s"] = round(time.time() - started, 2)
+                    self._log(record)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in logs})
+                    running, n_running = {}, 0
+                if cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                    self._evaluate_and_select(ctx)
+                if self.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+            if self.batches_done_in_epoch >= len(self.loader):
+                self.epoch += 1
+                self.batches_done_in_epoch = 0
+                if not cfg.eval_every:
+                    self._evaluate_and_select(ctx)
+        bar.close()
+        if self.last_eval_step != self.global_step:
+            self._evaluate_and_select(ctx)
+        last = self._write_artifact("last")
+        if self.global_step % cfg.checkpoint_every:
+            self.save_checkpoint()
+        best = self.out / "best"
+        return TrainResult(
+            global_step=self.global_step,
+            best_metric=self.best_metric,
+            best_dir=best if best.exists() else None,
+            last_dir=last,
+            history=self.history,
+        )

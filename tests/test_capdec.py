@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pairfree.errors import PairfreeError
+from pairfree.recipes.capdec import (
+    inject_noise,
+    mix_open_text,
+    modality_offset,
+    open_text_sentences,
+    rebalance_gender,
+    uniform_ball,
+)
+
+
+def test_gaussian_noise_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4000, 64, generator=g) * 3
+    x = inject_noise(t, 0.016, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(4000))  # normalized after
+    # undo the final normalization: the pre-normalization vector is normalize(t) + eps
+    noisy = F.normalize(t, dim=-1) + torch.randn(
+        4000, 64, generator=torch.Generator().manual_seed(1)
+    ) * math.sqrt(0.016)
+    torch.testing.assert_close(x, F.normalize(noisy, dim=-1))
+    eps = noisy - F.normalize(t, dim=-1)
+    assert abs(eps.var(dim=0).mean().item() - 0.016) < 0.001  # per-dimension variance
+
+
+def test_uniform_ball_noise_stays_inside_the_radius_and_fills_it():
+    r = math.sqrt(0.016)
+    ball = uniform_ball(torch.Size([20000, 8]), r, torch.Generator().manual_seed(0))
+    norms = ball.norm(dim=-1)
+    assert norms.max() <= r + 1e-6
+    # uniform in volume: P(|x| < r/2) = (1/2)^d
+    assert abs((norms < r / 2).float().mean().item() - 0.5**8) < 0.003
+    x = inject_noise(torch.randn(10, 8), 0.016, kind="uniform")
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(10))
+
+
+def test_no_normalize_and_zero_variance():
+    t = torch.randn(5, 8) * 4
+    assert torch.equal(inject_noise(t, 0.0, normalize=False), t)
+    torch.testing.assert_close(inject_noise(t, 0.0), F.normalize(t, dim=-1))
+    with pytest.raises(PairfreeError, match="noise kind"):
+        inject_noise(t, 0.1, kind="laplace")
+
+
+def test_offset_is_added_where_configured():
+    t = torch.randn(6, 8)
+    offset = torch.full((8,), 0.3)
+    x = inject_noise(t, 0.0, offset=offset)
+    torch.testing.assert_close(x, F.normalize(F.normalize(t, dim=-1) + offset, dim=-1))
+    images, texts = torch.randn(50, 8) + 2, torch.randn(50, 8) - 2
+    gap = modality_offset(images, texts)
+    torch.testing.assert_close(
+        gap, F.normalize(images, dim=-1).mean(0) - F.normalize(texts, dim=-1).mean(0)
+    )
+
+
+MALE = ["a man riding a horse", "a boy and his father"]
+FEMALE = ["a woman holding her bag", "two girls playing"]
+NEUTRAL = ["a dog on a bench"]
+
+
+def test_gender_rebalancing_swaps_with_probability_p_in_the_configured_direction():
+    texts = MALE * 500 + FEMALE * 500 + NEUTRAL * 10
+    both = rebalance_gender(texts, "both", p=0.5, seed=0)
+    swapped = [a != b for a, b in zip(texts, both, strict=True)]
+    assert abs(sum(swapped[:1000]) / 1000 - 0.5) < 0.06
+    assert abs(sum(swapped[1000:2000]) / 1000 - 0.5) < 0.06
+    assert both[2000:] == NEUTRAL * 10
+    assert "a woman riding a horse" in both and "a girl and her mother" in both
+    assert "a man holding his bag" in both and "two boys playing" in both
+
+    male_only = rebalance_gender(texts, "male-only", p=1.0)
+    assert male_only[:1000] == ["a woman riding a horse", "a girl and her mother"] * 500
+    assert male_only[1000:] == texts[1000:]
+    female_only = rebalance_gender(texts, "female-only", p=1.0)
+    assert female_only[:1000] == texts[:1000]
+    assert female_only[1000:1002] == ["a man holding his bag", "two boys playing"]
+    assert rebalance_gender(texts, "none") == texts
+    assert rebalance_gender(["A Man walks"], "both", p=1.0) == ["A Woman walks"]
+    with pytest.raises(PairfreeError):
+        rebalance_gender(texts, "sideways")
+
+
+def test_open_text_keeps_sentences_of_4_to_20_words(tmp_path):
+    long = " ".join(["Word"] + ["word"] * 20)
+    (tmp_path / "book.txt").write_text(
+        f"Too short. This sentence has exactly six words. {long}. A dog sat on the old red mat today.\n"
+    )
+    got = open_text_sentences(tmp_path / "book.txt")
+    assert all(4 <= len(s.split()) <= 20 for s in got)
+    assert any(s.startswith("This sentence has exactly six words") for s in got)
+    assert not any(s.startswith("Too short") for s in got) and not any(
+        "word word" in s for s in got
+    )
+    mixed = mix_open_text(["c1", "c2", "c3", "c4"], got * 5, ratio=0.5, seed=0)
+    assert mixed[:4] == ["c1", "c2", "c3", "c4"] and len(mixed) == 6

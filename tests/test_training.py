@@ -1,0 +1,145 @@
+"""CapDec through the shared trainer: learning, exact resume after SIGKILL, 2-process DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pairfree.config import build_config
+from pairfree.recipes.capdec import CapDecConfig, train_capdec
+
+COLORS = ["red", "blue", "green", "yellow"]
+SHAPES = ["circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    lines = [f"a {c} {s} on the left." for c in COLORS for s in SHAPES]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def overrides(corpus, clip_dir, gpt2_dir, out, **extra):
+    base = {
+        "corpus.path": corpus,
+        "corpus.val_fraction": 0.0,
+        "clip": f"hf:{clip_dir}",
+        "features": out.parent / "features",
+        "model.lm": gpt2_dir,
+        "model.prefix_length": 4,
+        "model.clip_length": 4,
+        "model.mapper_layers": 1,
+        "train.output_dir": out,
+        "train.batch_size": 8,
+        "train.warmup_steps": 2,
+        "train.lr": 3e-3,
+        "train.log_every": 1,
+        "train.epochs": 100,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pairfree.cli", "train", "capdec", "--no-progress", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+def test_capdec_loss_falls_well_below_its_start(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
+    cfg = build_config(
+        CapDecConfig,
+        None,
+        overrides(
+            corpus,
+            tiny_clip_dir,
+            tiny_gpt2_dir,
+            tmp_path / "run",
+            **{"train.max_steps": 40, "train.schedule": "constant", "train.lr": 1e-2},
+        ),
+    )
+    result = train_capdec(cfg, progress=False)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert result.global_step == 40
+    assert losses[0] > 9 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    assert (tmp_path / "run" / "last" / "model.safetensors").exists()
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+
+
+def test_killed_run_resumes_to_the_same_weights(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
+    extra = {"train.max_steps": 8, "train.checkpoint_every": 2}
+    ref = run_cli(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "ref", **extra))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    args = overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "killed", **extra)
+    proc = run_cli(args)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000004"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "killed" / "last").exists(), (
+        "killed too late to test resume"
+    )
+    resumed = run_cli(args)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
+    extra = {"train.max_steps": 4, "noise.variance": 0.0}
+    one = run_cli(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "one", **extra))
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "-m",
+            "pairfree.cli",
+            "train",
+            "capdec",
+            "--no-progress",
+            *overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "two", **extra),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
