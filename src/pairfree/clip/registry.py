@@ -21,6 +21,7 @@ ClipFactory = Callable[..., ClipEncoder]
 _BUILTIN: dict[str, str] = {
     "hf": "pairfree.clip.hf:load_hf_clip",
     "open_clip": "pairfree.clip.openclip:load_open_clip",
+    "world": "pairfree.world.clip:load_world_clip",
 }
 _USER: dict[str, ClipFactory] = {}
 
@@ -51,4 +52,7 @@ def load_clip(
             f"unknown CLIP spec {spec!r}: expected '<backend>:<model>' with backend one of "
             f"{clip_backends()}"
         )
-    return _factory(prefix)(model, device=device, dtype=dtype)
+    try:
+        return _factory(prefix)(model, device=device, dtype=dtype)
+    except OSError as err:  # hub or file problems from transformers / open_clip
+        raise PairfreeError(f"cannot load CLIP {spec!r}: {err}") from err

@@ -1,0 +1,57 @@
+"""The ``pairfree`` command. Each subcommand lives in ``pairfree.commands.<name>`` and exposes
+``register(subparsers)``; heavy imports happen inside the commands, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from pairfree import __version__
+from pairfree.errors import PairfreeError
+
+COMMANDS = ("encode", "caption", "evaluate", "train", "offset", "run", "import_checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pairfree",
+        description=(
+            "Train image captioners without human-paired image-caption data, caption images "
+            "with them, and evaluate the captions. Run `pairfree COMMAND --help` for details."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"pairfree {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"pairfree.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops a positional at them)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args) or 0)
+    except PairfreeError as err:
+        print(f"pairfree {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``pairfree`` subcommand: argument parsing and printing only."""

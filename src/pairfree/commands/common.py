@@ -1,0 +1,32 @@
+"""Arguments and helpers several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pairfree.io import atomic_write_text
+
+
+def add_strict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad input item instead of skipping and reporting it",
+    )
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def report_skips(records: list[dict], beside: Path) -> None:
+    """Print the skip count and write the list next to the output (``<out>.skipped.jsonl``)."""
+    if not records:
+        return
+    path = beside.with_name(beside.name + ".skipped.jsonl")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    first = "; ".join(f"{r['source']}: {r['reason']}" for r in records[:3])
+    print(f"skipped {len(records)} bad items ({first}{' ...' if len(records) > 3 else ''})")
+    print(f"list of skipped items: {path}")

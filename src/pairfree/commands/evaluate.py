@@ -1,0 +1,75 @@
+"""``pairfree evaluate``: COCO-style metrics (and CLIPScore, NoCaps domains) for predictions."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pairfree.commands.common import add_device
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, CLIPScore)",
+        description=(
+            "Score COCO results JSON [{image_id, caption}] against the references of a "
+            "Karpathy/COCO/NoCaps JSON with pycocoevalcap's scorers and PTB tokenizer (Java). "
+            "SPICE runs when the Stanford CoreNLP 3.6.0 jars are present and is reported "
+            "unavailable otherwise. --clip adds CLIPScore/RefCLIPScore (needs the images). "
+            "NoCaps files are also scored per domain. Writes OUT.json and OUT.md (x100)."
+        ),
+    )
+    p.add_argument("predictions", type=Path, help="COCO results JSON")
+    p.add_argument("references", type=Path, help="Karpathy/COCO/NoCaps JSON with references")
+    p.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
+    p.add_argument("--format", default="auto", help="references format (default: detect)")
+    p.add_argument("--image-root", default=None, help="image folder, for CLIPScore")
+    p.add_argument("--clip", default=None, help="CLIP spec for CLIPScore/RefCLIPScore")
+    p.add_argument("--spice-dir", default=None, help="folder with SPICE and its CoreNLP jars")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output prefix (default: next to predictions)"
+    )
+    add_device(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from pairfree.data import load_image, read_images
+    from pairfree.errors import BadInputError, PairfreeError
+    from pairfree.evaluate import evaluate
+
+    try:
+        predictions = json.loads(args.predictions.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PairfreeError(f"{args.predictions} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise PairfreeError(f"{args.predictions}:{err.lineno}: not valid JSON: {err.msg}") from None
+    items = read_images(
+        args.references, format=args.format, split=args.split, image_root=args.image_root
+    )
+    references = {it.image_id: list(it.references) for it in items if it.references}
+    domains = {it.image_id: it.domain for it in items if it.domain} or None
+    clip = images = None
+    if args.clip:
+        from pairfree.clip import load_clip
+
+        clip = load_clip(args.clip, device=args.device)
+        wanted = {str(p["image_id"]) for p in predictions}
+        images = {}
+        for it in items:
+            if it.image_id in wanted:
+                try:
+                    images[it.image_id] = load_image(it.path)
+                except BadInputError as err:
+                    raise PairfreeError(f"CLIPScore needs every predicted image: {err}") from None
+    report = evaluate(
+        predictions, references, domains=domains, clip=clip, images=images, spice_dir=args.spice_dir
+    )
+    out = args.out or args.predictions.with_suffix("")
+    json_path, md_path = report.write(out)
+    print(report.to_markdown())
+    print(f"wrote {json_path} and {md_path}")
+    return 0

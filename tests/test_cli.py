@@ -1,0 +1,147 @@
+"""The command line end to end on a tiny world with tiny models: encode, train, caption
+(with bad images and resume), evaluate, a whole experiment, and clear errors."""
+
+import json
+
+import pytest
+
+from pairfree.cli import main
+from pairfree.world import make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(
+        tmp_path_factory.mktemp("world"), n_train_images=2, n_val=2, n_test=4, n_corpus=24, seed=0
+    )
+
+
+def train_args(world, clip_dir, gpt2_dir, out):
+    return [
+        f"corpus.path={world.corpus}", f"clip=hf:{clip_dir}", f"model.lm={gpt2_dir}",
+        "model.prefix_length=2", "model.clip_length=2", "model.mapper_layers=1",
+        f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=3",
+        "train.warmup_steps=1", "corpus.val_fraction=0.2",
+    ]  # fmt: skip
+
+
+def test_encode_train_caption_evaluate(world, tiny_clip_dir, tiny_gpt2_dir, tmp_path, capsys):
+    store = tmp_path / "text"
+    assert (
+        main(
+            [
+                "encode",
+                "--captions",
+                str(world.corpus),
+                "--clip",
+                f"hf:{tiny_clip_dir}",
+                "--out",
+                str(store),
+            ]
+        )
+        == 0
+    )
+    assert "wrote 24 text features of dim 16" in capsys.readouterr().out
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["count"] == 24 and manifest["complete"]
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "capdec",
+                "--no-progress",
+                *train_args(world, tiny_clip_dir, tiny_gpt2_dir, run),
+            ]
+        )
+        == 0
+    )
+    assert (run / "last" / "model.safetensors").exists() and (run / "best").exists()
+
+    images = sorted(world.images.glob("test_*.png"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "empty.png").write_bytes(b"")
+    out = tmp_path / "captions.json"
+    args = ["caption", str(run / "last"), *map(str, images), str(tmp_path / "broken.png"), str(tmp_path / "empty.png"),
+            "--out", str(out), "--beams", "2", "--max-tokens", "6", "--project-to", str(store)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad items" in printed and "broken.png" in printed
+    skipped = [
+        json.loads(x) for x in (tmp_path / "captions.json.skipped.jsonl").read_text().splitlines()
+    ]
+    assert {r["source"].rsplit("/", 1)[-1] for r in skipped} == {"broken.png", "empty.png"}
+    preds = json.loads(out.read_text())
+    assert [p["image_id"] for p in preds] == [p.stem for p in images]
+    assert all(isinstance(p["caption"], str) for p in preds)
+    assert main(args + ["--strict"]) == 2  # strict: the first bad image is fatal
+    assert "broken.png" in capsys.readouterr().err
+
+    # an interrupted run resumes: captions already in the partial file are kept, not redone
+    partial = out.with_name(out.name + ".partial.jsonl")
+    partial.write_text(
+        json.dumps({"image_id": images[0].stem, "caption": "kept from before"}) + "\n{cut"
+    )
+    assert main(args[:2] + [str(images[0]), str(images[1])] + args[-8:]) == 0
+    assert "resuming: 1 images" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["caption"] == "kept from before" and not partial.exists()
+
+    report = tmp_path / "metrics"
+    refs = world.dataset
+    assert main(["evaluate", str(out), str(refs), "--out", str(report)]) == 0
+    scores = json.loads((tmp_path / "metrics.json").read_text())["scores"]
+    overall = next(iter(scores.values()))
+    assert set(overall) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} and overall["SPICE"] is None
+    assert "| B@1" in (tmp_path / "metrics.md").read_text()
+
+
+def test_run_experiment_writes_predictions_and_metrics(
+    world, tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"recipe: capdec\nevaluation:\n  dataset: {world.dataset}\n  split: test\n"
+                   "generation:\n  num_beams: 1\n  max_new_tokens: 5\n")  # fmt: skip
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                str(cfg),
+                "--no-progress",
+                *train_args(world, tiny_clip_dir, tiny_gpt2_dir, out),
+            ]
+        )
+        == 0
+    )
+    preds = json.loads((out / "captions_test.json").read_text())
+    assert len(preds) == 4
+    assert "CIDEr" in json.loads((out / "metrics_test.json").read_text())["scores"]["overall"]
+
+
+def test_errors_are_clear(world, tmp_path, capsys):
+    assert main(["train", "capdec", "trian.lr=1"]) == 2
+    assert "unknown config key trian" in capsys.readouterr().err
+    assert main(["train", "capdec", "train.lr=fast"]) == 2
+    assert "not a valid float" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "a red circle"}\n{"caption": \n')
+    assert (
+        main(
+            [
+                "encode",
+                "--captions",
+                str(bad),
+                "--clip",
+                "hf:x",
+                "--out",
+                str(tmp_path / "s"),
+                "--strict",
+            ]
+        )
+        == 2
+    )
+    assert f"{bad}:2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    assert "COCO results JSON" in capsys.readouterr().out
