@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pairfree.config import build_config
+from pairfree.errors import PairfreeError
 from pairfree.recipes.capdec import CapDecConfig, train_capdec
 
 COLORS = ["red", "blue", "green", "yellow"]
@@ -64,18 +65,14 @@ def weights(run_dir):
 
 
 def test_capdec_loss_falls_well_below_its_start(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
-    cfg = build_config(
-        CapDecConfig,
-        None,
-        overrides(
-            corpus,
-            tiny_clip_dir,
-            tiny_gpt2_dir,
-            tmp_path / "run",
-            **{"train.max_steps": 40, "train.schedule": "constant", "train.lr": 1e-2},
-        ),
+    args = overrides(
+        corpus,
+        tiny_clip_dir,
+        tiny_gpt2_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 40, "train.schedule": "constant", "train.lr": 1e-2},
     )
-    result = train_capdec(cfg, progress=False)
+    result = train_capdec(build_config(CapDecConfig, None, args), progress=False)
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert result.global_step == 40
     assert losses[0] > 9 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
@@ -84,6 +81,10 @@ def test_capdec_loss_falls_well_below_its_start(corpus, tiny_clip_dir, tiny_gpt2
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+
+    changed = build_config(CapDecConfig, None, [*args, "train.lr=0.5"])
+    with pytest.raises(PairfreeError, match="different config"):
+        train_capdec(changed, progress=False)
 
 
 def test_killed_run_resumes_to_the_same_weights(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):

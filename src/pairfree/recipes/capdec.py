@@ -328,7 +328,7 @@ def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = Tru
         collate=pad_collate(tokenizer.pad_token_id),
         val_data=val_data if len(val_data) else None,
         val_step=val_step,
-        run_config={"recipe": "capdec", "capdec": asdict(cfg)},
+        run_config={"recipe": "capdec", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
         progress=progress,
     )
     return trainer.fit(resume=resume)

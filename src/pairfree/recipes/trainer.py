@@ -170,7 +170,7 @@ class Trainer:
         val_data: Dataset | None = None,
         val_step: ValFn | None = None,
         evaluate: EvalFn | None = None,
-        run_config: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,  # the recipe's own settings, logged
         progress: bool = True,
     ) -> None:
         self.config = config
@@ -394,14 +394,40 @@ class Trainer:
             self._write_artifact("best")
 
     # ---------------------------------------------------------------- the loop
+    def _config_record(self) -> dict:
+        return json.loads(json.dumps({"train": asdict(self.config), **self.run_config}))
+
+    def _check_resumable(self, saved_config: Path) -> None:
+        """Refuse to continue a run whose recipe or optimization settings have changed."""
+        if not saved_config.exists():
+            return
+        saved, now = json.loads(saved_config.read_text()), self._config_record()
+        free = {"epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                "eval_every", "num_workers", "output_dir"}  # fmt: skip
+        for record in (saved, now):
+            for key in free:
+                record["train"].pop(key, None)
+        if saved != now:
+            raise PairfreeError(
+                f"{self.out} holds checkpoints of a run with a different config; use another "
+                "train.output_dir, or --no-resume to start over there"
+            )
+
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to ``total_steps``; with ``resume`` continue from the newest checkpoint."""
         acc, cfg = self.accelerator, self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        saved_config = self.out / "config.json"
+        checkpoints = self._checkpoint_dirs()
+        if checkpoints and resume:
+            self._check_resumable(saved_config)
+        if checkpoints and not resume and acc.is_main_process:
+            shutil.rmtree(self.out / "checkpoints")
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write_json(self.out / "config.json", {"train": asdict(cfg), **self.run_config})
-        checkpoints = self._checkpoint_dirs() if resume else []
-        if checkpoints:
+            atomic_write_json(saved_config, self._config_record())
+        if checkpoints and resume:
             self.load_checkpoint(checkpoints[-1])
             acc.print(f"resumed from {checkpoints[-1]} (step {self.global_step})")
         ctx = StepContext(self)
