@@ -31,6 +31,12 @@ class GenerationConfig:
     stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
     length_penalty: float = 1.0
 
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """The token that ends a caption at ``stop`` (its last token), if any."""
+        if not self.stop:
+            return []
+        return tokenizer(self.stop, add_special_tokens=False)["input_ids"][-1:]
+
 
 class Captioner:
     """A trained captioner with everything needed to caption raw images."""
@@ -123,12 +129,6 @@ class Captioner:
             x = project_to_memory(x, self.memory, self.tau)
         return x
 
-    def _stop_ids(self) -> list[int]:
-        if not self.generation.stop:
-            return []
-        ids = self.tokenizer(self.generation.stop, add_special_tokens=False)["input_ids"]
-        return ids[-1:]
-
     @torch.no_grad()
     def caption_embeddings(self, image_embeds: torch.Tensor, *, batch_size: int = 64) -> list[str]:
         """Captions for precomputed CLIP image embeddings (e.g. from a feature store)."""
@@ -141,7 +141,7 @@ class Captioner:
                 cond,
                 num_beams=g.num_beams,
                 max_new_tokens=g.max_new_tokens,
-                stop_token_ids=self._stop_ids(),
+                stop_token_ids=self.generation.stop_token_ids(self.tokenizer),
                 eos_token_id=self.tokenizer.eos_token_id,
                 length_penalty=g.length_penalty,
             )

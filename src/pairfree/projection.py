@@ -1,35 +1,56 @@
-"""DeCap-style projection of an image embedding into the span of a text-embedding memory.
+"""Softmax pooling over a text-embedding memory, streamed so the memory may be huge.
 
-``proj(v) = normalize(softmax(cos(v, T) / tau) @ T)`` with T the normalized CLIP text
-embeddings of a memory of corpus captions: a text-trained decoder then sees a point built
-from text embeddings instead of an image embedding across the modality gap.
+DeCap-style projection: ``proj(v) = normalize(softmax(cos(v, T) / tau) @ T)`` with T the
+normalized CLIP text embeddings of a memory of corpus captions; a text-trained decoder then
+sees a point built from text embeddings instead of an image embedding across the modality gap.
+CgT-GAN's aggregated textual embedding is the same pooling with un-normalized rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+
+from pairfree.errors import PairfreeError
+
+
+def softmax_pool(
+    v: torch.Tensor, blocks: Iterable[torch.Tensor], scale: float, *, normalize_values: bool
+) -> torch.Tensor:
+    """``sum_i softmax_i(scale * cos(v, m_i)) * m_i`` over memory rows given in blocks.
+
+    A running log-sum-exp keeps the largest intermediate at [B, block], never [B, N].
+    ``normalize_values`` pools the normalized rows instead of the rows as they are.
+    """
+    v = F.normalize(v.float(), dim=-1)
+    running_max = torch.full((len(v), 1), -float("inf"), device=v.device)
+    total = torch.zeros(len(v), v.shape[1], device=v.device)
+    denom = torch.zeros(len(v), 1, device=v.device)
+    for block in blocks:
+        if block.shape[1] != v.shape[1]:
+            raise PairfreeError(
+                f"memory embeddings have dim {block.shape[1]}, queries {v.shape[1]}: "
+                "they must come from the same CLIP"
+            )
+        block = block.float().to(v.device)
+        keys = F.normalize(block, dim=-1)
+        logits = scale * (v @ keys.T)
+        new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)
+        rescale = torch.exp(running_max - new_max)
+        weights = torch.exp(logits - new_max)
+        total = total * rescale + weights @ (keys if normalize_values else block)
+        denom = denom * rescale + weights.sum(dim=1, keepdim=True)
+        running_max = new_max
+    if not torch.isfinite(running_max).all():
+        raise PairfreeError("the memory is empty: nothing to pool over")
+    return total / denom
 
 
 def project_to_memory(
     v: torch.Tensor, memory: torch.Tensor, tau: float = 0.01, *, chunk: int = 65536
 ) -> torch.Tensor:
-    """Project rows of ``v`` [B, d] onto ``memory`` [N, d]; the memory is read in chunks.
-
-    The softmax over N memory rows is computed with a running log-sum-exp, so a memory of
-    millions of captions never forms a [B, N] matrix in full.
-    """
-    v = F.normalize(v.float(), dim=-1)
-    m_max = torch.full((len(v), 1), -float("inf"))
-    acc = torch.zeros(len(v), memory.shape[1])
-    denom = torch.zeros(len(v), 1)
-    for start in range(0, len(memory), chunk):
-        t = F.normalize(memory[start : start + chunk].float(), dim=-1)
-        logits = v @ t.T / tau
-        new_max = torch.maximum(m_max, logits.max(dim=1, keepdim=True).values)
-        scale = torch.exp(m_max - new_max)
-        w = torch.exp(logits - new_max)
-        acc = acc * scale + w @ t
-        denom = denom * scale + w.sum(dim=1, keepdim=True)
-        m_max = new_max
-    return F.normalize(acc / denom, dim=-1)
+    """Project rows of ``v`` [B, d] onto ``memory`` [N, d] (DeCap, temperature ``tau``)."""
+    blocks = (memory[start : start + chunk] for start in range(0, len(memory), chunk))
+    return F.normalize(softmax_pool(v, blocks, 1.0 / tau, normalize_values=True), dim=-1)

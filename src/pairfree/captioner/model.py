@@ -75,9 +75,7 @@ class PrefixCaptioner(nn.Module):
         """[B] log-probability of each caption (mean per token if ``length_normalize``), with
         gradient: the policy term of self-critical training."""
         logits = self._caption_logits(condition, input_ids, attention_mask)
-        mask = attention_mask.to(torch.float32)
-        total = (_token_log_probs(logits, input_ids) * mask).sum(dim=1)
-        return total / mask.sum(dim=1).clamp(min=1.0) if length_normalize else total
+        return caption_log_probs(logits, input_ids, attention_mask, length_normalize)
 
     @torch.no_grad()
     def generate(
@@ -144,3 +142,17 @@ class PrefixCaptioner(nn.Module):
 def _token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] log-probability of each token under its logits (padding included)."""
     return -F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")
+
+
+def caption_log_probs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    length_normalize: bool = True,
+) -> torch.Tensor:
+    """[B] log-probability of each caption from its caption-position logits (mean per token
+    if ``length_normalize``). Recipes that run the (possibly DDP-wrapped) ``forward`` use this
+    on its logits so gradients synchronize across processes."""
+    mask = attention_mask.to(torch.float32)
+    total = (_token_log_probs(logits, input_ids) * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1.0) if length_normalize else total
