@@ -345,9 +345,11 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 
 def _word(rng: np.random.Generator, forms: Sequence[str], p_synonym: float) -> str:
-    if len(forms) > 1 and rng.random() < p_synonym:
-        return _pick(rng, forms[1:])
-    return forms[0]
+    # draw the same random numbers whatever the word, so that captions of two scenes that
+    # differ only in attributes (e.g. swapped colors) keep the same template
+    use_synonym = rng.random() < p_synonym
+    index = int(rng.integers(max(1, len(forms) - 1)))
+    return forms[1 + index] if use_synonym and len(forms) > 1 else forms[0]
 
 
 def _join(parts: Sequence[str]) -> str:
