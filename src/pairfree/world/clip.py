@@ -1,0 +1,351 @@
+"""The world CLIP: a small two-tower encoder trained on the shapes world, and its backend.
+
+- The image tower is a CNN whose last feature map is pooled by attention with positional
+  embeddings (CLIP's ResNet ``AttentionPool2d``), so where objects sit survives pooling.
+- The text tower is a small causal transformer with positional embeddings over a word-level
+  vocabulary read from the world's own captions, read out at ``<eos>``; it sees word order, so "a purple square and a white cross" and "a white
+  square and a purple cross" get different embeddings (a mean-pooled tower could not).
+- The modality gap is built in and controlled: each tower's output is the unit content
+  vector, kept orthogonal to a fixed gap direction ``u``, tilted toward ``+u`` (images) or
+  ``-u`` (texts) by ``gap / 2``. The centroids are then at least ``gap`` apart, as real
+  CLIP's are (about 0.8 for ViT-B/32 on COCO, Liang et al. 2022), while rankings within one
+  modality pair are unchanged, because every image-text cosine is shifted by the same amount.
+
+A checkpoint is a directory with ``model.safetensors`` and ``config.json`` (config,
+vocabulary, training metrics), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from pairfree.clip.batching import encode_batched
+from pairfree.errors import BadInputError
+from pairfree.io import atomic_path, atomic_write_json
+
+FORMAT = "pairfree-world-clip"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIALS = (PAD, UNK, BOS, EOS)
+_WORD = re.compile(r"[a-z]+|\d+|[,;:.]")
+
+
+def split_words(text: str) -> list[str]:
+    """Lowercased words, numbers and punctuation marks: the units of the text tower."""
+    return _WORD.findall(text.lower().replace("-", " "))
+
+
+def build_vocabulary(texts: Iterable[str]) -> list[str]:
+    """The special tokens, then every word of ``texts`` in sorted order."""
+    words = sorted({w for text in texts for w in split_words(text)})
+    return [*SPECIALS, *words]
+
+
+@dataclass
+class WorldClipConfig:
+    """Sizes of the two towers and the target modality gap (0 <= gap < 2). An empty
+    vocabulary is filled from the world's captions by training."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 192)
+    strides: tuple[int, ...] = (2, 2, 2, 1)
+    attention_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_context: int = 64
+    embed_dim: int = 64
+    gap: float = 0.8
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    image_mean: tuple[float, float, float] = (0.15, 0.15, 0.15)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    vocabulary: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.channels, self.strides = tuple(self.channels), tuple(self.strides)
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        if len(self.channels) != len(self.strides) or not self.channels:
+            raise ValueError("channels and strides must be non-empty and of equal length")
+        if self.image_size % self.reduction:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by the tower's total stride "
+                f"{self.reduction}"
+            )
+        if not 0.0 <= self.gap < 2.0:
+            raise ValueError(f"gap must be in [0, 2), got {self.gap}")
+        if self.channels[-1] % self.attention_heads:
+            raise ValueError("the last channel count must be divisible by attention_heads")
+        if self.text_context < 3 or self.text_width % self.text_heads:
+            raise ValueError("need text_context >= 3 and text_width divisible by text_heads")
+        if self.vocabulary and list(self.vocabulary[: len(SPECIALS)]) != list(SPECIALS):
+            raise ValueError(f"the vocabulary must start with the special tokens {SPECIALS}")
+
+    @property
+    def reduction(self) -> int:
+        return math.prod(self.strides)
+
+    @property
+    def grid_side(self) -> int:
+        return self.image_size // self.reduction
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's pooling: the mean token attends over the positioned grid tokens."""
+
+    def __init__(self, tokens: int, width: int, heads: int, out_dim: int) -> None:
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(tokens + 1, width) / width**0.5)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.proj = nn.Linear(width, out_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1) + self.position
+        pooled, _ = self.attention(x[:, :1], x, x, need_weights=False)
+        return self.proj(pooled[:, 0])
+
+
+class ImageTower(nn.Module):
+    def __init__(self, config: WorldClipConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3
+        for out, stride in zip(config.channels, config.strides, strict=True):
+            layers += [
+                nn.Conv2d(width, out, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.pool = AttentionPool2d(
+            config.grid_side**2, width, config.attention_heads, config.embed_dim
+        )
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, H*W, C] tokens of the last feature map, row-major."""
+        return self.features(pixels).flatten(2).transpose(1, 2)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.grid(pixels))
+
+
+class TextTower(nn.Module):
+    """A small causal pre-norm transformer with learned positions, read out at ``<eos>`` as
+    CLIP's text tower is. Each word sees only the words before it, so "purple square" and
+    "square ... purple" build different states: order matters from the start, unlike in a
+    mean over word vectors."""
+
+    def __init__(self, config: WorldClipConfig) -> None:
+        super().__init__()
+        width = config.text_width
+        # Word and position vectors start on the same small scale (as in CLIP), so word order
+        # shows in the embedding from the first step instead of being drowned by word identity.
+        self.embed = nn.Embedding(len(config.vocabulary), width, padding_idx=0)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.position = nn.Parameter(torch.randn(config.text_context, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            config.text_heads,
+            dim_feedforward=4 * width,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, config.embed_dim)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        length = ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)
+        x = self.layers(x, mask=causal, src_key_padding_mask=ids == 0, is_causal=True)
+        eos = x[torch.arange(ids.shape[0], device=ids.device), lengths.to(ids.device) - 1]
+        return self.proj(self.norm(eos))
+
+
+class WorldClip(nn.Module):
+    def __init__(self, config: WorldClipConfig) -> None:
+        super().__init__()
+        if not config.vocabulary:
+            raise ValueError("WorldClip needs a vocabulary (see build_vocabulary)")
+        self.config = config
+        self.image_tower = ImageTower(config)
+        self.text_tower = TextTower(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        direction = torch.randn(config.embed_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("gap_direction", F.normalize(direction, dim=0))
+        self.word_ids = {w: i for i, w in enumerate(config.vocabulary)}
+
+    def _place(self, content: torch.Tensor, sign: float) -> torch.Tensor:
+        """Unit embeddings: content orthogonal to the gap direction, tilted by gap / 2."""
+        u = self.gap_direction.to(content.dtype)
+        content = F.normalize(content - (content @ u)[:, None] * u, dim=-1)
+        tilt = self.config.gap / 2.0
+        return math.sqrt(1.0 - tilt**2) * content + sign * tilt * u
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._place(self.image_tower(pixels), 1.0)
+
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self._place(self.text_tower(ids, lengths), -1.0)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded word ids ([N, longest]) with ``<bos>``/``<eos>``, and the lengths; texts
+        longer than the context are cut, keeping their ``<eos>``."""
+        unk, bos, eos = self.word_ids[UNK], self.word_ids[BOS], self.word_ids[EOS]
+        keep = self.config.text_context - 2
+        rows = [
+            [bos, *[self.word_ids.get(w, unk) for w in split_words(t)][:keep], eos] for t in texts
+        ]
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids.to(self.logit_scale.device), lengths
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB, resized to the model's size, in [0, 1], then normalized: [N, 3, S, S]."""
+        size = self.config.image_size
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.logit_scale.device, self.logit_scale.dtype)
+
+
+def save_world_clip(model: WorldClip, out_dir: str | Path, *, metrics: dict | None = None) -> None:
+    """Write weights, then the config (with vocabulary and metrics), each file atomically;
+    the config goes last, so a directory with a config always has matching weights."""
+    out_dir = Path(out_dir)
+    meta = {"format": FORMAT, "config": model.config.to_dict(), "metrics": metrics or {}}
+    json.dumps(meta)  # fail before writing anything if `metrics` is not JSON-serializable
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_model(model, str(tmp))
+    atomic_write_json(out_dir / CONFIG_NAME, meta)
+
+
+def read_world_clip_meta(path: str | Path) -> dict:
+    """The ``config.json`` of a checkpoint directory, checked to be a world CLIP's."""
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise BadInputError(config_path, "missing: not a world CLIP checkpoint")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInputError(config_path, f"invalid JSON: {e}", line=e.lineno) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BadInputError(config_path, f'not a {FORMAT} config (no "format": "{FORMAT}")')
+    return meta
+
+
+def load_world_clip_model(path: str | Path) -> tuple[WorldClip, dict]:
+    """The model (eval mode) of a checkpoint directory, and its recorded metrics."""
+    path = Path(path)
+    meta = read_world_clip_meta(path)
+    try:
+        config = WorldClipConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInputError(path / CONFIG_NAME, f"bad world CLIP config: {e}") from e
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise BadInputError(weights, "missing: not a world CLIP checkpoint")
+    model = WorldClip(config)
+    try:
+        load_model(model, weights, strict=True)
+    except RuntimeError as e:
+        raise BadInputError(weights, f"weights do not match the config: {e}") from e
+    return model.eval(), meta.get("metrics", {})
+
+
+def builtin_checkpoint() -> Path:
+    """The world CLIP shipped with pairfree."""
+    return Path(str(resources.files("pairfree") / "assets" / "world_clip"))
+
+
+class WorldClipEncoder:
+    """A frozen :class:`WorldClip` behind the ClipEncoder protocol.
+
+    Embeddings come out unit-length whether or not ``normalize`` is asked for: the gap
+    construction places them on the sphere. Grid features are the image tower's last
+    feature map before positional embeddings, ``[N, H*W, C]``.
+    """
+
+    def __init__(self, model: WorldClip, *, name: str) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.embed_dim: int = model.config.embed_dim
+        self.grid_shape = (model.config.grid_side**2, model.config.channels[-1])
+
+    def _image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.model.encode_image(self.model.pixels(images))
+
+    def _text_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(*self.model.tokenize(texts))
+
+    def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.model.image_tower.grid(self.model.pixels(images))
+
+    def encode_images(
+        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images,
+            self._image_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
+    ) -> torch.Tensor:
+        return encode_batched(
+            texts,
+            self._text_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_image_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
+        )
+
+
+def load_world_clip(
+    model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> WorldClipEncoder:
+    """Load a world CLIP checkpoint directory, or ``"builtin"`` for the shipped one."""
+    path = builtin_checkpoint() if model == "builtin" else Path(model)
+    clip, _ = load_world_clip_model(path)
+    return WorldClipEncoder(clip.to(device=device, dtype=dtype), name=f"world:{model}")
