@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from pairfree import __version__
 from pairfree.errors import PairfreeError
 
-COMMANDS = ("encode", "caption", "evaluate", "train", "offset", "run", "import_checkpoint")
+COMMANDS = (
+    "demo",
+    "encode",
+    "train",
+    "caption",
+    "evaluate",
+    "run",
+    "offset",
+    "import_checkpoint",
+    "world",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,96 @@
+"""``pairfree world``: make shapes worlds and train the world CLIP."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "world",
+        help="make a shapes world (images + captions in the real datasets' formats), train its CLIP",
+        description="The shapes world: a procedural benchmark whose every image's truth is known.",
+    )
+    world_sub = p.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
+
+    make = world_sub.add_parser(
+        "make",
+        help="write a world: Karpathy-style JSON + PNG images + a text-only corpus",
+        description=(
+            "Write OUT/dataset_world.json (Karpathy format: train/val/test images with 5 "
+            "references each, plus each image's scene), OUT/images/*.png, OUT/corpus.txt (a "
+            "caption-only corpus sampled without rendering) and OUT/scenes.json. Every command "
+            "that takes COCO takes these files. Deterministic by seed."
+        ),
+    )
+    make.add_argument("out", type=Path, help="output folder")
+    make.add_argument("--preset", default="default", choices=["default", "shifted", "novel"],
+                      help="default; shifted (cross-domain); novel (held-out words, NoCaps-like domains)")  # fmt: skip
+    make.add_argument("--train-images", type=int, default=2000, help="unpaired training images")
+    make.add_argument("--val", type=int, default=200, help="validation images")
+    make.add_argument("--test", type=int, default=200, help="test images")
+    make.add_argument("--corpus", type=int, default=10000, help="text-only corpus captions")
+    make.add_argument("--image-size", type=int, default=None, help="pixels (default 64)")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=run_make)
+    register_train_clip(world_sub)
+
+
+def run_make(args: argparse.Namespace) -> int:
+    from pairfree.world import make_world
+
+    paths = make_world(
+        args.out,
+        preset=args.preset,
+        n_train_images=args.train_images,
+        n_val=args.val,
+        n_test=args.test,
+        n_corpus=args.corpus,
+        seed=args.seed,
+        image_size=args.image_size,
+    )
+    print(f"world {args.preset!r} (seed {args.seed}) -> {paths.root}")
+    print(f"  dataset: {paths.dataset}\n  corpus:  {paths.corpus}\n  images:  {paths.images}")
+    return 0
+
+
+def register_train_clip(world_sub) -> None:
+    p = world_sub.add_parser(
+        "train-clip",
+        help="train a world CLIP (the shipped world:builtin was made by this command)",
+        description=(
+            "Train the world CLIP (small CNN image tower, order-sensitive text tower, symmetric "
+            "InfoNCE with a learnable temperature and attribute-swap hard negatives) on scenes "
+            "drawn on the fly, and report held-out image->text / text->image R@1 and R@5, the "
+            "modality gap and attribute-swap accuracy. Load it as --clip world:OUT."
+        ),
+    )
+    p.add_argument("out", type=Path, help="checkpoint directory")
+    p.add_argument("--worlds", default="default,shifted,novel", help="comma-separated presets")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--gap", type=float, default=0.8, help="target modality gap (real CLIP: ~0.8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train_clip)
+
+
+def run_train_clip(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from pairfree.world.clip import WorldClipConfig
+    from pairfree.world.clip_training import train_world_clip
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    metrics = train_world_clip(
+        WorldClipConfig(gap=args.gap),
+        args.worlds.split(","),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    print(json.dumps(metrics, indent=1))
+    print(f"world CLIP -> {args.out} (use --clip world:{args.out})")
+    return 0

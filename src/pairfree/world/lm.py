@@ -1,0 +1,64 @@
+"""A small GPT-2 with a word-level world vocabulary: the world's stand-in for pretrained GPT-2.
+
+The world's captions use a few hundred words, so a word-level tokenizer keeps the LM head small
+enough to train on a laptop CPU in minutes. The model and tokenizer are saved as ordinary
+Hugging Face files and loaded through the same ``from_pretrained`` path as GPT-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from pairfree.world.clip import SPECIALS
+from pairfree.world.clip_training import resolve_worlds, world_vocabulary
+
+EOS, UNK = "<|endoftext|>", "<unk>"
+
+
+def world_words() -> list[str]:
+    """Every word of the world's captions in every preset (held-out words included, as GPT-2
+    knows words a caption corpus never shows): the world CLIP's vocabulary."""
+    worlds = resolve_worlds(["default", "shifted", "novel"])
+    return [w for w in world_vocabulary(worlds) if w not in SPECIALS]
+
+
+def world_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {EOS: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, fixes " ," " ."
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=UNK
+    )
+
+
+def build_world_lm(
+    out_dir: str | Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 128,
+    n_head: int = 4,
+    n_positions: int = 96,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialized world GPT-2 and its tokenizer to ``out_dir``."""
+    out = Path(out_dir)
+    tokenizer = world_tokenizer(world_words())
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
