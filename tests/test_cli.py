@@ -145,3 +145,112 @@ def test_errors_are_clear(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["caption", "--help"])
     assert "COCO results JSON" in capsys.readouterr().out
+
+
+def test_offset_then_capdec_subtracts_it_at_inference(
+    world, tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from pairfree.captioner import load_captioner
+
+    offset = tmp_path / "offset.safetensors"
+    assert (
+        main(
+            [
+                "offset",
+                "--dataset",
+                str(world.dataset),
+                "--split",
+                "test",
+                "--clip",
+                f"hf:{tiny_clip_dir}",
+                "--out",
+                str(offset),
+            ]
+        )
+        == 0
+    )
+    gap = load_file(str(offset))["offset"]
+    assert gap.shape == (16,) and gap.norm() > 0
+    run = tmp_path / "run"
+    args = train_args(world, tiny_clip_dir, tiny_gpt2_dir, run)
+    assert (
+        main(
+            [
+                "train",
+                "capdec",
+                "--no-progress",
+                *args,
+                f"offset.path={offset}",
+                "offset.mode=inference",
+            ]
+        )
+        == 0
+    )
+    _, _, extra = load_captioner(run / "last")
+    assert extra["condition"]["offset"] == pytest.approx((-gap).tolist())
+
+
+def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from pairfree.captioner import CaptionerConfig, PrefixCaptioner, load_captioner
+
+    torch.manual_seed(0)
+    config = CaptionerConfig(lm=str(tiny_gpt2_dir), embed_dim=16, prefix_length=3, mapper="mlp")
+    model = PrefixCaptioner(config, GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)).eval()
+    # the original ClipCap layout: clip_project.* (the mapper) and gpt.* (GPT2LMHeadModel)
+    original = {
+        k.replace("mapper.", "clip_project.", 1).replace("lm.", "gpt.", 1): v
+        for k, v in model.state_dict().items()
+    }
+    torch.save(original, tmp_path / "coco_prefix-009.pt")
+    out = tmp_path / "imported"
+    assert main(["import-checkpoint", str(tmp_path / "coco_prefix-009.pt"), "--out", str(out), "--mapper", "mlp",
+                 "--prefix-length", "3", "--tokenizer", str(tiny_gpt2_dir), "--lm-config", str(tiny_gpt2_dir), "--clip", "hf:none"]) == 0  # fmt: skip
+    imported, _, extra = load_captioner(out)
+    cond, ids, mask = (
+        torch.randn(2, 16),
+        torch.tensor([[64, 3290, 13], [64, 3797, 13]]),
+        torch.ones(2, 3),
+    )
+    torch.testing.assert_close(imported(cond, ids, mask).logits, model(cond, ids, mask).logits)
+    assert extra["clip"] == "hf:none"
+
+
+def test_encode_under_accelerate_launch_covers_every_item_once(world, tiny_clip_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from pairfree.features import FeatureStore
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "pairfree.cli",
+           "encode", "--captions", str(world.corpus), "--clip", f"hf:{tiny_clip_dir}", "--out", str(tmp_path / "two"),
+           "--shard-size", "5"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        main(
+            [
+                "encode",
+                "--captions",
+                str(world.corpus),
+                "--clip",
+                f"hf:{tiny_clip_dir}",
+                "--out",
+                str(tmp_path / "one"),
+                "--shard-size",
+                "5",
+            ]
+        )
+        == 0
+    )
+    two, one = FeatureStore(tmp_path / "two"), FeatureStore(tmp_path / "one")
+    assert two.ids == one.ids and len(set(two.ids)) == 24
+    torch.testing.assert_close(two.tensor(), one.tensor())

@@ -44,6 +44,11 @@ def register(sub) -> None:
         help="the model expects normalized CLIP embeddings (CapDec)",
     )
     p.add_argument("--stop", default=".", help="stop text for decoding (default '.')")
+    p.add_argument(
+        "--lm-config",
+        default=None,
+        help="LM config dir or hub id, if its shape cannot be read off the tensors (GPT-2's can)",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.captioner.convert import load_original_checkpoint
     from pairfree.tokenizers import gpt2_tokenizer
 
+    lm_config = None
+    if args.lm_config:
+        from transformers import AutoConfig
+
+        lm_config = AutoConfig.from_pretrained(args.lm_config)
     model = load_original_checkpoint(
         args.checkpoint,
+        lm_config=lm_config,
         mapper=args.mapper,
         prefix_length=args.prefix_length,
         clip_length=args.clip_length,
