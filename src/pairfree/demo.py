@@ -41,10 +41,17 @@ TRUTH_COLUMNS = (
 
 @dataclass
 class Method:
-    """A named way of training a captioner: a recipe and its config overrides."""
+    """A named way of training a captioner (CapDec config overrides) and of running it
+    (``project``: DeCap projection onto the training corpus at inference)."""
 
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
+    project: bool = False
+
+    @property
+    def training_key(self) -> str:
+        """Methods that differ only at inference share one trained model."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
 
 
 DEMO_METHODS = (
@@ -75,10 +82,11 @@ class MethodResult:
     train_seconds: float
 
 
-def world_for(cfg: DemoConfig) -> WorldPaths:
+def world_for(cfg: DemoConfig, preset: str | None = None) -> WorldPaths:
+    preset = preset or cfg.preset
     return make_world(
-        Path(cfg.out) / f"world-{cfg.preset}-{cfg.seed}",
-        preset=cfg.preset,
+        Path(cfg.out) / f"world-{preset}-{cfg.seed}",
+        preset=preset,
         n_train_images=0,
         n_val=0,
         n_test=cfg.n_test,
@@ -87,12 +95,16 @@ def world_for(cfg: DemoConfig) -> WorldPaths:
     )
 
 
+def features_dir(cfg: DemoConfig) -> Path:
+    return Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-corpus"
+
+
 def capdec_config(cfg: DemoConfig, world: WorldPaths, lm_dir: Path, method: Method) -> CapDecConfig:
     """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2."""
-    slug = method.name.replace(" ", "-").replace(",", "").replace(".", "")
+    slug = "".join(c if c.isalnum() else "-" for c in method.training_key) or "default"
     base = {
         "clip": cfg.clip,
-        "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-corpus"),
+        "features": str(features_dir(cfg)),
         "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
         "model": {"lm": str(lm_dir), "mapper": "mlp", "prefix_length": 10},
         "train": {
@@ -112,53 +124,91 @@ def capdec_config(cfg: DemoConfig, world: WorldPaths, lm_dir: Path, method: Meth
     return build_config(CapDecConfig, base, overrides)
 
 
-def score(
-    captions: Mapping[str, str],
-    references: Mapping[str, Sequence[str]],
-    scenes: Mapping,
-    clip: ClipEncoder,
-    images: Mapping,
-) -> dict[str, float | None]:
+@dataclass
+class TestSet:
+    """The held-out images of a world, with what scoring needs."""
+
+    images: dict
+    references: dict[str, list[str]]
+    scenes: dict
+    domains: dict[str, str]
+
+    @classmethod
+    def load(cls, world: WorldPaths) -> TestSet:
+        items = read_images(world.dataset, split="test")
+        return cls(
+            images={it.image_id: load_image(it.path) for it in items},
+            references={it.image_id: list(it.references) for it in items},
+            scenes=load_scenes(world.scenes),
+            domains={it.image_id: it.domain for it in items if it.domain},
+        )
+
+
+def score(captions: Mapping[str, str], test: TestSet, clip: ClipEncoder) -> dict[str, float | None]:
     """COCO metrics, CLIPScore (world CLIP) and the world's truth metrics of ``captions``."""
     predictions = [{"image_id": i, "caption": c} for i, c in captions.items()]
     report = evaluate(
         predictions,
-        references,
+        test.references,
         clip=clip,
-        images=images,
+        images=test.images,
         metrics=("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
     )
     scores = dict(report.scores["overall"])
-    scores.update(truth_metrics(captions, {i: scenes[i] for i in captions}))
+    scores.update(truth_metrics(captions, {i: test.scenes[i] for i in captions}))
     return scores
+
+
+def train_methods(
+    cfg: DemoConfig, methods: Sequence[Method], *, progress: bool = True
+) -> dict[str, tuple[Path, float]]:
+    """Train every distinct model the methods need on ``cfg.preset``'s corpus, from scratch.
+
+    Returns training key -> (checkpoint, seconds)."""
+    world = world_for(cfg)
+    lm_dir = Path(cfg.out) / "world-lm"
+    if not (lm_dir / "config.json").exists():
+        build_world_lm(lm_dir)
+    trained: dict[str, tuple[Path, float]] = {}
+    for method in methods:
+        if method.training_key in trained:
+            continue
+        start = time.time()
+        result = train_capdec(
+            capdec_config(cfg, world, lm_dir, method), resume=False, progress=progress
+        )
+        trained[method.training_key] = (result.last_dir, time.time() - start)
+    return trained
+
+
+def caption_test_set(
+    cfg: DemoConfig,
+    method: Method,
+    checkpoint: Path,
+    test: TestSet,
+    clip: ClipEncoder,
+    image_embeds,
+) -> dict[str, str]:
+    project_to = features_dir(cfg) if method.project else None
+    captioner = Captioner.from_pretrained(checkpoint, clip=clip, project_to=project_to)
+    texts = captioner.caption_embeddings(image_embeds)
+    return dict(zip(test.images, texts, strict=True))
 
 
 def run_methods(
     cfg: DemoConfig, methods: Sequence[Method] = DEMO_METHODS, *, progress: bool = True
 ) -> tuple[list[MethodResult], WorldPaths]:
     """Train each method on one world and score it on that world's held-out test images."""
-    out = Path(cfg.out)
+    trained = train_methods(cfg, methods, progress=progress)
     world = world_for(cfg)
-    lm_dir = out / "world-lm"
-    if not (lm_dir / "config.json").exists():
-        build_world_lm(lm_dir)
     clip = load_clip(cfg.clip)
-    items = read_images(world.dataset, split="test")
-    images = {it.image_id: load_image(it.path) for it in items}
-    references = {it.image_id: list(it.references) for it in items}
-    scenes = load_scenes(world.scenes)
-    image_embeds = clip.encode_images(list(images.values()))
+    test = TestSet.load(world)
+    image_embeds = clip.encode_images(list(test.images.values()))
     results = []
     for method in methods:
-        mcfg = capdec_config(cfg, world, lm_dir, method)
-        start = time.time()
-        trained = train_capdec(mcfg, resume=False, progress=progress)
-        seconds = time.time() - start
-        captioner = Captioner.from_pretrained(trained.last_dir, clip=clip)
-        texts = captioner.caption_embeddings(image_embeds)
-        captions = dict(zip(images, texts, strict=True))
-        scores = score(captions, references, scenes, clip, images)
-        results.append(MethodResult(method.name, scores, captions, seconds))
+        checkpoint, seconds = trained[method.training_key]
+        captions = caption_test_set(cfg, method, checkpoint, test, clip, image_embeds)
+        results.append(MethodResult(method.name, score(captions, test, clip), captions, seconds))
     return results, world
 
 

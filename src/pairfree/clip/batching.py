@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 T = TypeVar("T")
 
@@ -38,3 +40,51 @@ def encode_batched(
         ]
     out = torch.cat(parts)
     return F.normalize(out, dim=-1) if normalize else out
+
+
+class BatchedClipEncoder(ABC):
+    """The :class:`~pairfree.clip.base.ClipEncoder` methods, built on a backend's one-batch
+    encoders: a backend sets ``name``, ``embed_dim`` and ``grid_shape`` and implements the
+    three ``_*_batch`` methods on inputs that fit in one forward pass."""
+
+    name: str
+    embed_dim: int
+    grid_shape: tuple[int, int]
+
+    @abstractmethod
+    def _image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _text_batch(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def encode_images(
+        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images,
+            self._image_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_texts(
+        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
+    ) -> torch.Tensor:
+        return encode_batched(
+            texts,
+            self._text_batch,
+            batch_size=batch_size,
+            empty_shape=(self.embed_dim,),
+            normalize=normalize,
+        )
+
+    def encode_image_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor:
+        return encode_batched(
+            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
+        )

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel, ProcessorMixin
 
-from pairfree.clip.batching import encode_batched
+from pairfree.clip.batching import BatchedClipEncoder
 
 
-class HFClip:
+class HFClip(BatchedClipEncoder):
     """A frozen ``CLIPModel`` with the checkpoint's own processor.
 
     Grid features are the vision tower's last-layer patch tokens (CLS dropped) after its
@@ -51,35 +51,6 @@ class HFClip:
         vision = self.model.vision_model
         hidden = vision(pixel_values=self._pixels(images)).last_hidden_state
         return vision.post_layernorm(hidden[:, 1:])
-
-    def encode_images(
-        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images,
-            self._image_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_texts(
-        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
-    ) -> torch.Tensor:
-        return encode_batched(
-            texts,
-            self._text_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_image_grid(
-        self, images: Sequence[Image.Image], *, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
-        )
 
 
 def load_hf_clip(

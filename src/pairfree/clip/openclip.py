@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pairfree.clip.batching import encode_batched
+from pairfree.clip.batching import BatchedClipEncoder
 from pairfree.errors import PairfreeError
 
 try:
@@ -34,7 +34,7 @@ _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 _SCHEMAS = ("hf-hub:", "local-dir:")
 
 
-class OpenClip:
+class OpenClip(BatchedClipEncoder):
     """A frozen open_clip model with its eval preprocessing and tokenizer.
 
     Grid features come from the image tower's last block: for a ViT, its patch tokens after
@@ -93,35 +93,6 @@ class OpenClip:
             output_fmt="NCHW",
         )
         return out["image_intermediates"][0].flatten(2).transpose(1, 2)
-
-    def encode_images(
-        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images,
-            self._image_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_texts(
-        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
-    ) -> torch.Tensor:
-        return encode_batched(
-            texts,
-            self._text_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_image_grid(
-        self, images: Sequence[Image.Image], *, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
-        )
 
 
 def _parse(model: str) -> tuple[str, str | None, bool]:

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from pairfree.clip.batching import encode_batched
+from pairfree.clip.batching import BatchedClipEncoder
 from pairfree.errors import BadInputError
 from pairfree.io import atomic_path, atomic_write_json
 
@@ -289,7 +289,7 @@ def builtin_checkpoint() -> Path:
     return Path(str(resources.files("pairfree") / "assets" / "world_clip"))
 
 
-class WorldClipEncoder:
+class WorldClipEncoder(BatchedClipEncoder):
     """A frozen :class:`WorldClip` behind the ClipEncoder protocol.
 
     Embeddings come out unit-length whether or not ``normalize`` is asked for: the gap
@@ -311,35 +311,6 @@ class WorldClipEncoder:
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.image_tower.grid(self.model.pixels(images))
-
-    def encode_images(
-        self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images,
-            self._image_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_texts(
-        self, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 256
-    ) -> torch.Tensor:
-        return encode_batched(
-            texts,
-            self._text_batch,
-            batch_size=batch_size,
-            empty_shape=(self.embed_dim,),
-            normalize=normalize,
-        )
-
-    def encode_image_grid(
-        self, images: Sequence[Image.Image], *, batch_size: int = 64
-    ) -> torch.Tensor:
-        return encode_batched(
-            images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
-        )
 
 
 def load_world_clip(

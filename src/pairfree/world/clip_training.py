@@ -5,10 +5,13 @@ web-scale CLIP, the world CLIP has seen every object the captioners are tested o
 and captioned. The loss is CLIP's symmetric InfoNCE with a learnable temperature, plus
 attribute-swap hard negatives on the image-to-text side: the positive caption rewritten for
 the scene with two objects' colors, shapes or sizes exchanged, so that word order, not just
-the bag of words, decides the match (DESIGN.md section 5, lesson 2).
+the bag of words, decides the match (DESIGN.md section 5, lesson 2); and shape-substitution
+negatives (one object's shape replaced), because color and position are easy for a small CNN
+and shape is not: without them the image tower learned shapes far worse than colors.
 
 Evaluation uses a fixed held-out set, reproducible from (worlds, size, seed): retrieval
-recall in both directions, the modality gap and the attribute-swap accuracy.
+recall in both directions, the modality gap, and the attribute-swap and shape-substitution
+accuracies.
 """
 
 from __future__ import annotations
@@ -76,24 +79,44 @@ def swap_attributes(scene: Scene, rng: np.random.Generator) -> Scene | None:
     return None
 
 
+def substitute_shape(scene: Scene, world: WorldConfig, rng: np.random.Generator) -> Scene:
+    """``scene`` with one object's shape replaced by another of the world's shapes."""
+    i = int(rng.integers(len(scene.objects)))
+    shapes = [s for s in world.shapes if s != scene.objects[i].shape]
+    for k in rng.permutation(len(shapes)):
+        objects = list(scene.objects)
+        objects[i] = replace(objects[i], shape=shapes[int(k)])
+        try:
+            return Scene(tuple(objects))
+        except ValueError:  # the new shape collides with another object's (shape, color)
+            continue
+    return scene
+
+
 def caption_pair(
     scene: Scene, world: WorldConfig, rng: np.random.Generator
-) -> tuple[str, str | None]:
-    """A true caption of ``scene`` and its attribute-swapped hard negative (or None).
+) -> tuple[str, str | None, str | None]:
+    """A true caption of ``scene``, its attribute-swapped hard negative and its
+    shape-substituted hard negative (each None when there is none).
 
-    Both captions are written from the same random stream, so they share template, order and
-    synonyms and differ only in the exchanged words; a negative that is still true of the
-    scene (e.g. a size swap the caption does not state) is dropped.
+    All three captions are written from the same random stream, so they share template,
+    order and synonyms and differ only in the changed words; a negative that is still true of
+    the scene (e.g. a size swap the caption does not state) is dropped.
     """
     caption_seed = int(rng.integers(2**63))
-    caption = caption_scene(scene, np.random.default_rng(caption_seed), world.phrasing)
-    swapped = swap_attributes(scene, rng)
-    if swapped is None:
-        return caption, None
-    negative = caption_scene(swapped, np.random.default_rng(caption_seed), world.phrasing)
-    if negative == caption or is_true(parse_caption(negative), scene):
-        return caption, None
-    return caption, negative
+
+    def write(s: Scene) -> str:
+        return caption_scene(s, np.random.default_rng(caption_seed), world.phrasing)
+
+    def negative(changed: Scene | None) -> str | None:
+        if changed is None:
+            return None
+        text = write(changed)
+        return None if text == caption or is_true(parse_caption(text), scene) else text
+
+    caption = write(scene)
+    swapped = negative(swap_attributes(scene, rng))
+    return caption, swapped, negative(substitute_shape(scene, world, rng))
 
 
 @dataclass
@@ -103,21 +126,23 @@ class WorldSample:
     scenes: list[Scene]
     images: list[Image.Image]
     captions: list[str]
-    negatives: list[str | None]
+    negatives: list[str | None]  # attribute swapped between two objects
+    shape_negatives: list[str | None]  # one object's shape replaced
 
 
 def sample_world(
     worlds: Sequence[WorldConfig], rng: np.random.Generator, n: int, *, image_size: int
 ) -> WorldSample:
-    sample = WorldSample([], [], [], [])
+    sample = WorldSample([], [], [], [], [])
     for _ in range(n):
         world = worlds[int(rng.integers(len(worlds)))]
         scene = world.sample_scene(rng, include_held_out=True)
-        caption, negative = caption_pair(scene, world, rng)
+        caption, negative, shape_negative = caption_pair(scene, world, rng)
         sample.scenes.append(scene)
         sample.images.append(render_scene(scene, rng, size=image_size, style=world.render))
         sample.captions.append(caption)
         sample.negatives.append(negative)
+        sample.shape_negatives.append(shape_negative)
     return sample
 
 
@@ -136,9 +161,26 @@ def _recall(sims: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
 
 
 @torch.no_grad()
+def _preference(
+    model: WorldClip,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    negatives: Sequence[str | None],
+) -> tuple[float | None, int]:
+    """How often an image prefers its caption over the caption's hard negative."""
+    with_negative = [i for i, neg in enumerate(negatives) if neg is not None]
+    if not with_negative:
+        return None, 0
+    neg_emb = model.encode_text(*model.tokenize([negatives[i] for i in with_negative])).float()
+    chosen = image_emb[with_negative]
+    wins = (chosen * text_emb[with_negative]).sum(-1) > (chosen * neg_emb).sum(-1)
+    return wins.float().mean().item(), len(with_negative)
+
+
 def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int = 256) -> dict:
     """Retrieval R@1/R@5 both ways (a hit is any item of the same scene), the modality gap
-    ``|mean image emb - mean text emb|`` and the attribute-swap accuracy."""
+    ``|mean image emb - mean text emb|`` and how often images prefer their caption over its
+    attribute-swapped and shape-substituted versions."""
     model.eval()
     images, texts = [], []
     for start in range(0, len(data.images), batch_size):
@@ -150,14 +192,8 @@ def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int 
     scene_ids = torch.tensor([ids[s] for s in data.scenes])
     relevant = scene_ids[:, None] == scene_ids[None, :]
     sims = image_emb @ text_emb.T
-    with_negative = [i for i, neg in enumerate(data.negatives) if neg is not None]
-    swap_accuracy: float | None = None
-    if with_negative:
-        negatives = [data.negatives[i] for i in with_negative]
-        neg_emb = model.encode_text(*model.tokenize(negatives)).float()
-        chosen = image_emb[with_negative]
-        wins = (chosen * text_emb[with_negative]).sum(-1) > (chosen * neg_emb).sum(-1)
-        swap_accuracy = wins.float().mean().item()
+    swap_accuracy, swap_pairs = _preference(model, image_emb, text_emb, data.negatives)
+    shape_accuracy, _ = _preference(model, image_emb, text_emb, data.shape_negatives)
     return {
         "i2t_r1": _recall(sims, relevant, 1),
         "i2t_r5": _recall(sims, relevant, 5),
@@ -165,7 +201,8 @@ def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int 
         "t2i_r5": _recall(sims.T, relevant, 5),
         "gap": (image_emb.mean(0) - text_emb.mean(0)).norm().item(),
         "swap_accuracy": swap_accuracy,
-        "swap_pairs": len(with_negative),
+        "swap_pairs": swap_pairs,
+        "shape_accuracy": shape_accuracy,
         "n_eval": len(data.images),
     }
 
@@ -173,7 +210,9 @@ def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int 
 def clip_loss(model: WorldClip, batch: WorldSample, *, hard_negatives: bool) -> torch.Tensor:
     """Symmetric InfoNCE; image-to-text also ranks the batch's hard-negative captions."""
     image_emb = model.encode_image(model.pixels(batch.images))
-    negatives = [neg for neg in batch.negatives if neg is not None] if hard_negatives else []
+    negatives = []
+    if hard_negatives:
+        negatives = [n for n in batch.negatives + batch.shape_negatives if n is not None]
     text_emb = model.encode_text(*model.tokenize(batch.captions + negatives))
     scale = model.scale()
     targets = torch.arange(len(batch.images), device=image_emb.device)
