@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -239,16 +240,28 @@ def split_train_val(n: int, fraction: float, seed: int) -> tuple[list[int], list
 
 # --------------------------------------------------------------------------- training
 def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
-    """Encode the corpus (cached), then train the captioner on noisy text embeddings."""
+    """Encode the corpus (cached, sharded over the processes), then train the captioner on
+    noisy text embeddings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.train.output_dir)
     skip_log = SkipLog()
     captions = prepare_corpus(cfg, skip_log)
-    clip = load_clip(cfg.clip)
+    state = PartialState(cpu=cfg.train.cpu)
+    clip = load_clip(cfg.clip, device=state.device)
     features_dir = Path(cfg.features) if cfg.features else out / "features"
-    store = encode_captions(clip, captions, features_dir, skip_log=skip_log, progress=progress)
-    store = store or FeatureStore(features_dir)
+    encode_captions(
+        clip,
+        captions,
+        features_dir,
+        skip_log=skip_log,
+        progress=progress,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        barrier=state.wait_for_everyone,
+    )
+    state.wait_for_everyone()  # rank 0 marks the store complete after the others return
+    store = FeatureStore(features_dir)
     if skip_log:
         print(skip_log.summary())
 
