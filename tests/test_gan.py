@@ -4,16 +4,15 @@ CgT-GAN / SCST-GAN runs end to end (with exact resume) on a tiny world with tiny
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from resume_helpers import kill_after_checkpoint_then_resume
 from safetensors.torch import load_file
 
 from pairfree.captioner import CaptionerConfig, PrefixCaptioner, caption_log_probs
@@ -282,20 +281,7 @@ def test_killed_cgtgan_run_resumes_to_the_same_weights(
     extra["init.from_checkpoint"] = tmp_path / "ref" / "init" / "last"
     args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path / "killed",
                     features, **extra)  # fmt: skip
-    proc = run_cli(args)
-    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000002"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (tmp_path / "killed" / "last").exists(), (
-        "killed too late to test resume"
-    )
-    resumed = run_cli(args)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resumed from" in out
+    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 2)
 
     a = load_file(str(tmp_path / "ref" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))

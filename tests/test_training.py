@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from resume_helpers import kill_after_checkpoint_then_resume
 from safetensors.torch import load_file
 
 from pairfree.config import build_config
@@ -93,20 +92,7 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tiny_clip_dir, tiny_gpt2
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
     args = overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "killed", **extra)
-    proc = run_cli(args)
-    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000004"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (tmp_path / "killed" / "last").exists(), (
-        "killed too late to test resume"
-    )
-    resumed = run_cli(args)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resumed from" in out
+    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 4)
 
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "killed")
     assert a.keys() == b.keys()

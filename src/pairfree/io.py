@@ -44,3 +44,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_json_config(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
+    """A checkpoint's JSON config, checked to exist, parse and carry ``"format": fmt``."""
+    from pairfree.errors import BadInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, f"missing: not a {what} checkpoint")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInputError(path, f"invalid JSON: {e}", line=e.lineno) from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise BadInputError(path, f'not a {fmt} config (no "format": "{fmt}")')
+    return meta

@@ -28,7 +28,7 @@ from transformers import (
 from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.errors import BadInputError
-from pairfree.io import atomic_write_json
+from pairfree.io import atomic_write_json, read_json_config
 
 FORMAT = "pairfree-captioner"
 WEIGHTS_NAME = "model.safetensors"
@@ -88,15 +88,9 @@ def load_captioner(
     its tokenizer and the ``extra`` dict."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise BadInputError(required, "missing: not a pairfree captioner checkpoint")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInputError(config_path, f"invalid JSON: {e}", line=e.lineno) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BadInputError(config_path, f'not a {FORMAT} config (no "format": "{FORMAT}")')
+    meta = read_json_config(config_path, FORMAT, "pairfree captioner")
+    if not weights_path.is_file():
+        raise BadInputError(weights_path, "missing: not a pairfree captioner checkpoint")
     try:
         config = CaptionerConfig.from_dict(meta["captioner"])
         lm_config_dict = dict(meta["lm_config"])

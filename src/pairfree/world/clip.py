@@ -34,7 +34,7 @@ from torch import nn
 
 from pairfree.clip.batching import BatchedClipEncoder
 from pairfree.errors import BadInputError
-from pairfree.io import atomic_path, atomic_write_json
+from pairfree.io import atomic_path, atomic_write_json, read_json_config
 
 FORMAT = "pairfree-world-clip"
 WEIGHTS_NAME = "model.safetensors"
@@ -253,16 +253,7 @@ def save_world_clip(model: WorldClip, out_dir: str | Path, *, metrics: dict | No
 
 def read_world_clip_meta(path: str | Path) -> dict:
     """The ``config.json`` of a checkpoint directory, checked to be a world CLIP's."""
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise BadInputError(config_path, "missing: not a world CLIP checkpoint")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInputError(config_path, f"invalid JSON: {e}", line=e.lineno) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BadInputError(config_path, f'not a {FORMAT} config (no "format": "{FORMAT}")')
-    return meta
+    return read_json_config(Path(path) / CONFIG_NAME, FORMAT, "world CLIP")
 
 
 def load_world_clip_model(path: str | Path) -> tuple[WorldClip, dict]:

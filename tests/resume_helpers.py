@@ -1,0 +1,22 @@
+"""Kill a training subprocess right after a checkpoint, then resume it (shared by the recipe
+resume tests)."""
+
+import signal
+import time
+from pathlib import Path
+
+
+def kill_after_checkpoint_then_resume(run_cli, args, run_dir: Path, step: int) -> None:
+    """Start ``run_cli(args)``, SIGKILL it once checkpoint ``step`` exists, rerun to the end."""
+    proc = run_cli(args)
+    ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (run_dir / "last").exists(), "killed too late to test resume"
+    resumed = run_cli(args)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
