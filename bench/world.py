@@ -1,26 +1,31 @@
 """Recipes x settings in the shapes world, mean +- std over seeds (the README's world table).
 
-Settings: in-domain (train on the default world's corpus, test on its images), cross-domain
-(same models, test on the shifted world, as COCO -> Flickr30k), novel objects (train on the
-novel world's corpus, whose held-out shape and color words never occur in it; test on its
-images, which contain them). Every model is trained from scratch on text only.
+Settings: in-domain (train on the default world, test on its images), cross-domain (same
+models, test on the shifted world, as COCO -> Flickr30k), novel objects (train on the novel
+world's corpus, whose held-out shape and color words never occur in it; test on its images,
+which contain them). Every model is trained from scratch: the text-only ones on the corpus,
+the GANs on the corpus plus the world's unpaired training images (in- and cross-domain only),
+each beside its own text-only initialization.
 
-    python bench/world.py                       # 3 seeds, demo-sized training
-    python bench/world.py --seeds 1 --steps 200 # a quick look
+    python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
+    python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-from pairfree.clip import load_clip
 from pairfree.demo import (
     CLIP_COLUMNS,
     COCO_COLUMNS,
     DEMO_METHODS,
+    GAN_METHODS,
     TRUTH_COLUMNS,
     DemoConfig,
     Method,
@@ -30,15 +35,19 @@ from pairfree.demo import (
     train_methods,
     world_for,
 )
+from pairfree.world.lm import build_world_encoder, build_world_lm
 
-METHODS = (
+TEXT_METHODS = (
     *DEMO_METHODS,
     Method("no noise + DeCap projection", {"noise.variance": 0.0}, project=True),
 )
-# train preset -> (setting name, test preset)
+# train preset -> (methods, ((setting name, test preset), ...))
 SETTINGS = {
-    "default": (("in-domain", "default"), ("cross-domain", "shifted")),
-    "novel": (("novel objects", "novel"),),
+    "default": (
+        (*TEXT_METHODS, *GAN_METHODS),
+        (("in-domain", "default"), ("cross-domain", "shifted")),
+    ),
+    "novel": (TEXT_METHODS, (("novel objects", "novel"),)),
 }
 COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + TRUTH_COLUMNS[:3]
 
@@ -47,34 +56,60 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-world")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes")
     parser.add_argument("--steps", type=int, default=DemoConfig.steps)
+    parser.add_argument("--gan-steps", type=int, default=DemoConfig.gan_steps)
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
     parser.add_argument("--test-images", type=int, default=DemoConfig.n_test)
     return parser.parse_args()
 
 
+def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
+    """Every method and setting for one seed: (method, setting) -> scores, method -> seconds."""
+    import torch
+
+    from pairfree.clip import load_clip
+
+    torch.set_num_threads(1)  # one core per seed process
+    scores, seconds = {}, {}
+    clip = None
+    for train_preset, (methods, settings) in SETTINGS.items():
+        cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
+                         gan_steps=args.gan_steps, n_corpus=args.corpus,
+                         n_test=args.test_images)  # fmt: skip
+        if any(m.recipe != "capdec" for m in methods):
+            cfg = cfg.with_images()
+        trained = train_methods(cfg, methods, progress=False)
+        clip = clip or load_clip(cfg.clip)
+        for setting, test_preset in settings:
+            test = TestSet.load(world_for(cfg, test_preset))
+            embeds = clip.encode_images(list(test.images.values()))
+            for method in methods:
+                run, train_s = trained[method.training_key]
+                captions = caption_test_set(cfg, method, run, test, clip, embeds)
+                scores[(method.name, setting)] = score(captions, test, clip)
+                seconds[method.name] = train_s
+    return scores, seconds
+
+
 def main() -> None:
     args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    start = time.time()
+    # the untrained world LM and discriminator encoder, shared by every seed: made once here
+    build_world_lm(Path(args.out) / "world-lm")
+    build_world_encoder(Path(args.out) / "world-encoder")
     scores: dict[tuple[str, str], list[dict]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
-    start = time.time()
-    clip = None
-    for seed in range(args.seeds):
-        for train_preset, settings in SETTINGS.items():
-            cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
-                             n_corpus=args.corpus, n_test=args.test_images)  # fmt: skip
-            trained = train_methods(cfg, METHODS, progress=False)
-            clip = clip or load_clip(cfg.clip)
-            for setting, test_preset in settings:
-                test = TestSet.load(world_for(cfg, test_preset))
-                embeds = clip.encode_images(list(test.images.values()))
-                for method in METHODS:
-                    checkpoint, train_s = trained[method.training_key]
-                    captions = caption_test_set(cfg, method, checkpoint, test, clip, embeds)
-                    scores[(method.name, setting)].append(score(captions, test, clip))
-                    seconds[method.name].append(train_s)
-    print(f"{args.seeds} seeds, {args.steps} steps, corpus {args.corpus}, {args.test_images} test images; "
-          f"total {time.time() - start:.0f} s")  # fmt: skip
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for seed_scores, seed_seconds in pool.map(run_seed, [args] * args.seeds, range(args.seeds)):
+            for key, value in seed_scores.items():
+                scores[key].append(value)
+            for key, value in seed_seconds.items():
+                seconds[key].append(value)
+    print(f"{args.seeds} seeds, {args.steps} steps (GAN phase {args.gan_steps}), corpus "
+          f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
+          f"with {args.jobs} processes")  # fmt: skip
     print("| method | setting | " + " | ".join(label for _, label in COLUMNS) + " | train s |")
     print("|---|---|" + "---:|" * (len(COLUMNS) + 1))
     for (method, setting), runs in scores.items():

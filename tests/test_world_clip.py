@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -97,6 +98,29 @@ def test_gap_follows_the_control_value(vocabulary, eval_set):
     assert gaps[0.0] < gaps[0.5] < gaps[1.2]
 
 
+def test_modality_specific_part_loosens_pairs_but_keeps_the_gap(trained, eval_set):
+    """The same trained towers with a modality-specific part: paired image and caption agree
+    less once the centroids are removed, a synonym moves a caption's embedding further, and
+    the centroid gap is still exactly the configured tilt."""
+    out, _ = trained
+    plain, _ = load_world_clip_model(out)
+    mixed = WorldClip(replace(plain.config, modality_specific=0.6)).eval()
+    mixed.load_state_dict(plain.state_dict())
+    before, after = evaluate_world_clip(plain, eval_set), evaluate_world_clip(mixed, eval_set)
+    assert after["centered_pair_cosine"] < before["centered_pair_cosine"] - 0.1
+    synonyms = ["a small red circle in the center", "a little red circle in the center"]
+    with torch.no_grad():
+        cos = [
+            float(torch.prod(m.encode_text(*m.tokenize(synonyms)), 0).sum()) for m in (plain, mixed)
+        ]
+        image = mixed.encode_image(mixed.pixels(eval_set.images[:8]))
+    assert cos[1] < cos[0]
+    torch.testing.assert_close(image @ mixed.gap_direction, torch.full((8,), 0.4))
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(8))
+    with pytest.raises(ValueError, match="modality_specific"):
+        WorldClipConfig(modality_specific=1.0)
+
+
 def test_save_load_round_trip_through_registry(tmp_path, vocabulary, eval_set):
     torch.manual_seed(1)
     model = WorldClip(small_config(vocabulary=vocabulary))
@@ -114,11 +138,16 @@ def test_save_load_round_trip_through_registry(tmp_path, vocabulary, eval_set):
     torch.testing.assert_close(clip.encode_texts(texts), want_texts, rtol=0, atol=0)
     torch.testing.assert_close(clip.encode_image_grid(images), want_grid, rtol=0, atol=0)
     assert load_world_clip_model(tmp_path / "ckpt")[1] == {"note": 1}
+    # retrained weights at the same path get a new name, so cached embeddings are not reused
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    save_world_clip(model, tmp_path / "ckpt")
+    assert load_clip(f"world:{tmp_path / 'ckpt'}").name != clip.name
 
 
 def test_protocol_shapes(trained, eval_set):
     clip = load_clip(f"world:{trained[0]}")
-    assert isinstance(clip, ClipEncoder) and clip.name == f"world:{trained[0]}"
+    assert isinstance(clip, ClipEncoder) and clip.name.startswith(f"world:{trained[0]}#")
     images = [image.resize((48, 48)) for image in eval_set.images[:3]]  # resized to 32 inside
     emb = clip.encode_images(images, batch_size=2)
     assert emb.shape == (3, clip.embed_dim) and emb.dtype == torch.float32

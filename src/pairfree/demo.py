@@ -13,22 +13,26 @@ import html
 import io
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.config import build_config
 from pairfree.data import load_image, read_images
+from pairfree.errors import PairfreeError
 from pairfree.evaluate import evaluate
 from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.pipeline import Captioner
 from pairfree.recipes.capdec import CapDecConfig, train_capdec
+from pairfree.recipes.cgtgan import CgtGanConfig, train_cgtgan
+from pairfree.recipes.scst_gan import ScstGanConfig, train_scst_gan
 from pairfree.world import WorldPaths, load_scenes, make_world, truth_metrics
-from pairfree.world.lm import build_world_lm
+from pairfree.world.lm import build_world_encoder, build_world_lm
 
 WORLD_CLIP = "world:builtin"
 COCO_COLUMNS = (("Bleu_4", "B@4"), ("METEOR", "M"), ("ROUGE_L", "R"), ("CIDEr", "C"))
 CLIP_COLUMNS = (("CLIPScore", "CLIP-S"),)
+GAN_TRAINERS = {"cgtgan": train_cgtgan, "scst-gan": train_scst_gan}
 TRUTH_COLUMNS = (
     ("object_precision", "obj P"),
     ("object_recall", "obj R"),
@@ -41,23 +45,40 @@ TRUTH_COLUMNS = (
 
 @dataclass
 class Method:
-    """A named way of training a captioner (CapDec config overrides) and of running it
-    (``project``: DeCap projection onto the training corpus at inference)."""
+    """A named way of training a captioner and of running it.
+
+    ``recipe`` trains it (capdec, cgtgan or scst-gan) with config ``overrides``; ``artifact``
+    is the checkpoint of the run that is scored (a GAN's ``best``, or its text-only
+    ``init/last`` to compare against); ``project`` adds DeCap projection onto the training
+    corpus at inference."""
 
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
     project: bool = False
+    recipe: str = "capdec"
+    artifact: str = "last"
 
     @property
     def training_key(self) -> str:
-        """Methods that differ only at inference share one trained model."""
-        return ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
+        """Methods that differ only at inference share one trained run."""
+        options = ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
+        return f"{self.recipe}:{options}"
 
 
 DEMO_METHODS = (
     Method("CapDec, noise 0.016", {"noise.variance": 0.016}),
     Method("no noise", {"noise.variance": 0.0}),
 )
+NOISE_SWEEP = tuple(
+    Method(f"CapDec, noise {v}", {"noise.variance": v}) for v in (0.001, 0.004, 0.064)
+)
+GAN_METHODS = (
+    Method("CgT-GAN: its text-only init", recipe="cgtgan", artifact="init/last"),
+    Method("CgT-GAN", recipe="cgtgan", artifact="best"),
+    Method("SCST-GAN: its MMD init", recipe="scst-gan", artifact="init/last"),
+    Method("SCST-GAN", recipe="scst-gan", artifact="best"),
+)
+FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, *GAN_METHODS)
 
 
 @dataclass
@@ -72,6 +93,15 @@ class DemoConfig:
     lr: float = 2e-3
     clip: str = WORLD_CLIP
     beams: int = 3
+    # the unpaired recipes also need images without captions (and a few with, to validate)
+    n_train_images: int = 0
+    n_val: int = 0
+    gan_steps: int = 300
+    gan_batch_size: int = 32
+    gan_lr: float = 2e-5
+
+    def with_images(self, n_train_images: int = 1500, n_val: int = 100) -> DemoConfig:
+        return replace(self, n_train_images=n_train_images, n_val=n_val)
 
 
 @dataclass
@@ -84,11 +114,12 @@ class MethodResult:
 
 def world_for(cfg: DemoConfig, preset: str | None = None) -> WorldPaths:
     preset = preset or cfg.preset
+    counts = (cfg.n_train_images, cfg.n_val, cfg.n_test, cfg.n_corpus)
     return make_world(
-        Path(cfg.out) / f"world-{preset}-{cfg.seed}",
+        Path(cfg.out) / f"world-{preset}-{cfg.seed}-{'-'.join(map(str, counts))}",
         preset=preset,
-        n_train_images=0,
-        n_val=0,
+        n_train_images=cfg.n_train_images,
+        n_val=cfg.n_val,
         n_test=cfg.n_test,
         n_corpus=cfg.n_corpus,
         seed=cfg.seed,
@@ -96,19 +127,23 @@ def world_for(cfg: DemoConfig, preset: str | None = None) -> WorldPaths:
 
 
 def features_dir(cfg: DemoConfig) -> Path:
-    return Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-corpus"
+    return Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-{cfg.n_corpus}-corpus"
+
+
+def run_dir(cfg: DemoConfig, method: Method) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in method.training_key)
+    return Path(cfg.out) / "runs" / f"{slug}-{cfg.preset}-{cfg.seed}"
 
 
 def capdec_config(cfg: DemoConfig, world: WorldPaths, lm_dir: Path, method: Method) -> CapDecConfig:
     """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2."""
-    slug = "".join(c if c.isalnum() else "-" for c in method.training_key) or "default"
     base = {
         "clip": cfg.clip,
         "features": str(features_dir(cfg)),
         "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
         "model": {"lm": str(lm_dir), "mapper": "mlp", "prefix_length": 10},
         "train": {
-            "output_dir": str(Path(cfg.out) / "runs" / f"{slug}-{cfg.preset}-{cfg.seed}"),
+            "output_dir": str(run_dir(cfg, method)),
             "max_steps": cfg.steps,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
@@ -122,6 +157,54 @@ def capdec_config(cfg: DemoConfig, world: WorldPaths, lm_dir: Path, method: Meth
     }
     overrides = [f"{k}={v}" for k, v in method.overrides.items()]
     return build_config(CapDecConfig, base, overrides)
+
+
+def gan_config(
+    cfg: DemoConfig, world: WorldPaths, lm_dir: Path, encoder_dir: Path, method: Method
+) -> CgtGanConfig:
+    """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
+    a 2-layer world RoBERTa as the discriminator, the paper's reward schedule shortened to
+    the run (lambda held at 0 for a sixth of it, then ramped over half of it)."""
+    if cfg.n_train_images < 1 or cfg.n_val < 1:
+        raise PairfreeError("the GAN recipes need world images: use DemoConfig.with_images()")
+    base = {
+        "clip": cfg.clip,
+        "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-unpaired"),
+        "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
+        "images": {"path": str(world.dataset), "split": "train"},
+        "val": {"dataset": str(world.dataset), "split": "val"},
+        "model": {"lm": str(lm_dir), "mapper": "mlp", "prefix_length": 10},
+        "init": {
+            "train": {
+                "max_steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "warmup_steps": cfg.steps // 10,
+                "seed": cfg.seed,
+                "log_every": 50,
+            }
+        },
+        "gan": {
+            "discriminator": str(encoder_dir),
+            "hold_steps": cfg.gan_steps // 6,
+            "ramp_steps": cfg.gan_steps // 2,
+        },
+        "train": {
+            "output_dir": str(run_dir(cfg, method)),
+            "max_steps": cfg.gan_steps,
+            "batch_size": cfg.gan_batch_size,
+            "lr": cfg.gan_lr,
+            "warmup_steps": 10,
+            "eval_every": cfg.gan_steps // 4,
+            "checkpoint_every": cfg.gan_steps // 4,
+            "log_every": 20,
+            "seed": cfg.seed,
+        },
+        "generation": {"num_beams": 1, "max_new_tokens": 48, "stop": None},
+    }
+    config_class = ScstGanConfig if method.recipe == "scst-gan" else CgtGanConfig
+    overrides = [f"{k}={v}" for k, v in method.overrides.items()]
+    return build_config(config_class, base, overrides)
 
 
 @dataclass
@@ -162,11 +245,12 @@ def score(captions: Mapping[str, str], test: TestSet, clip: ClipEncoder) -> dict
 def train_methods(
     cfg: DemoConfig, methods: Sequence[Method], *, progress: bool = True
 ) -> dict[str, tuple[Path, float]]:
-    """Train every distinct model the methods need on ``cfg.preset``'s corpus, from scratch.
+    """Train every distinct run the methods need on ``cfg.preset``'s world, from scratch.
 
-    Returns training key -> (checkpoint, seconds)."""
+    Returns training key -> (run directory, seconds)."""
     world = world_for(cfg)
     lm_dir = Path(cfg.out) / "world-lm"
+    encoder_dir = Path(cfg.out) / "world-encoder"
     if not (lm_dir / "config.json").exists():
         build_world_lm(lm_dir)
     trained: dict[str, tuple[Path, float]] = {}
@@ -174,23 +258,31 @@ def train_methods(
         if method.training_key in trained:
             continue
         start = time.time()
-        result = train_capdec(
-            capdec_config(cfg, world, lm_dir, method), resume=False, progress=progress
-        )
-        trained[method.training_key] = (result.last_dir, time.time() - start)
+        if method.recipe == "capdec":
+            config = capdec_config(cfg, world, lm_dir, method)
+            train_capdec(config, resume=False, progress=progress)
+        elif method.recipe in GAN_TRAINERS:
+            if not (encoder_dir / "config.json").exists():
+                build_world_encoder(encoder_dir)
+            config = gan_config(cfg, world, lm_dir, encoder_dir, method)
+            GAN_TRAINERS[method.recipe](config, resume=False, progress=progress)
+        else:
+            raise PairfreeError(f"unknown recipe {method.recipe!r} for {method.name!r}")
+        trained[method.training_key] = (Path(config.train.output_dir), time.time() - start)
     return trained
 
 
 def caption_test_set(
     cfg: DemoConfig,
     method: Method,
-    checkpoint: Path,
+    run: Path,
     test: TestSet,
     clip: ClipEncoder,
     image_embeds,
 ) -> dict[str, str]:
+    """The method's captions of the test images (whose embeddings are given), by id."""
     project_to = features_dir(cfg) if method.project else None
-    captioner = Captioner.from_pretrained(checkpoint, clip=clip, project_to=project_to)
+    captioner = Captioner.from_pretrained(run / method.artifact, clip=clip, project_to=project_to)
     texts = captioner.caption_embeddings(image_embeds)
     return dict(zip(test.images, texts, strict=True))
 
@@ -206,8 +298,8 @@ def run_methods(
     image_embeds = clip.encode_images(list(test.images.values()))
     results = []
     for method in methods:
-        checkpoint, seconds = trained[method.training_key]
-        captions = caption_test_set(cfg, method, checkpoint, test, clip, image_embeds)
+        run, seconds = trained[method.training_key]
+        captions = caption_test_set(cfg, method, run, test, clip, image_embeds)
         results.append(MethodResult(method.name, score(captions, test, clip), captions, seconds))
     return results, world
 
@@ -273,9 +365,11 @@ objects.</p>
 """
 
 
-def run_demo(cfg: DemoConfig, *, progress: bool = True) -> tuple[str, Path]:
+def run_demo(
+    cfg: DemoConfig, methods: Sequence[Method] = DEMO_METHODS, *, progress: bool = True
+) -> tuple[str, Path]:
     """Run the demo; returns the markdown table and the path of the HTML report."""
-    results, world = run_methods(cfg, progress=progress)
+    results, world = run_methods(cfg, methods, progress=progress)
     out = Path(cfg.out)
     atomic_write_json(
         out / "results.json",

@@ -63,7 +63,8 @@ def register_train_clip(world_sub) -> None:
             "Train the world CLIP (small CNN image tower, order-sensitive text tower, symmetric "
             "InfoNCE with a learnable temperature and attribute-swap hard negatives) on scenes "
             "drawn on the fly, and report held-out image->text / text->image R@1 and R@5, the "
-            "modality gap and attribute-swap accuracy. Load it as --clip world:OUT."
+            "modality gap, the per-sample agreement and attribute-swap accuracy. Load it as "
+            "--clip world:OUT."
         ),
     )
     p.add_argument("out", type=Path, help="checkpoint directory")
@@ -71,6 +72,13 @@ def register_train_clip(world_sub) -> None:
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--gap", type=float, default=0.8, help="target modality gap (real CLIP: ~0.8)")
+    p.add_argument(
+        "--modality-specific",
+        type=float,
+        default=0.4,
+        help="weight (a sine, 0..1) of each modality's own embedding component: images and "
+        "captions then disagree per sample, as in real CLIP (0: they agree up to the gap)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_clip)
 
@@ -84,7 +92,7 @@ def run_train_clip(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     metrics = train_world_clip(
-        WorldClipConfig(gap=args.gap),
+        WorldClipConfig(gap=args.gap, modality_specific=args.modality_specific),
         args.worlds.split(","),
         steps=args.steps,
         batch_size=args.batch_size,

@@ -5,11 +5,20 @@
 - The text tower is a small causal transformer with positional embeddings over a word-level
   vocabulary read from the world's own captions, read out at ``<eos>``; it sees word order, so "a purple square and a white cross" and "a white
   square and a purple cross" get different embeddings (a mean-pooled tower could not).
-- The modality gap is built in and controlled: each tower's output is the unit content
-  vector, kept orthogonal to a fixed gap direction ``u``, tilted toward ``+u`` (images) or
-  ``-u`` (texts) by ``gap / 2``. The centroids are then at least ``gap`` apart, as real
-  CLIP's are (about 0.8 for ViT-B/32 on COCO, Liang et al. 2022), while rankings within one
-  modality pair are unchanged, because every image-text cosine is shifted by the same amount.
+- The modality gap is built in and controlled, in its two parts:
+  - a centroid gap: each tower's output is the unit content vector, kept orthogonal to a
+    fixed gap direction ``u``, tilted toward ``+u`` (images) or ``-u`` (texts) by
+    ``gap / 2``. The centroids are then at least ``gap`` apart, as real CLIP's are (about
+    0.8 for ViT-B/32 on COCO, Liang et al. 2022); every image-text cosine shifts by the same
+    amount, so rankings do not change;
+  - a per-sample disagreement (``modality_specific`` = a): the content is mixed as
+    ``sqrt(1 - a^2) content + a specific`` with a component only its own modality has: the
+    caption's surface form for texts (a fixed random projection of its bag of words, so
+    synonyms and templates move it) and low-resolution pixel detail for images (a fixed
+    random projection of a 16x16 thumbnail, so jitter and noise move it). Real CLIP's paired
+    embeddings disagree per sample far more than a centroid shift explains; a decoder trained
+    on clean text embeddings learns to read the text-only part and fails on images. That
+    disagreement, not the centroid alone, is what CapDec's noise injection covers.
 
 A checkpoint is a directory with ``model.safetensors`` and ``config.json`` (config,
 vocabulary, training metrics), written atomically.
@@ -17,6 +26,7 @@ vocabulary, training metrics), written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -41,6 +51,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = (PAD, UNK, BOS, EOS)
+THUMBNAIL_SIDE = 16  # the image-specific component reads a 16x16 thumbnail
 _WORD = re.compile(r"[a-z]+|\d+|[,;:.]")
 
 
@@ -70,6 +81,7 @@ class WorldClipConfig:
     text_context: int = 64
     embed_dim: int = 64
     gap: float = 0.8
+    modality_specific: float = 0.0  # a: weight (as a sine) of each modality's own component
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     image_mean: tuple[float, float, float] = (0.15, 0.15, 0.15)
@@ -88,6 +100,8 @@ class WorldClipConfig:
             )
         if not 0.0 <= self.gap < 2.0:
             raise ValueError(f"gap must be in [0, 2), got {self.gap}")
+        if not 0.0 <= self.modality_specific < 1.0:
+            raise ValueError(f"modality_specific must be in [0, 1), got {self.modality_specific}")
         if self.channels[-1] % self.attention_heads:
             raise ValueError("the last channel count must be divisible by attention_heads")
         if self.text_context < 3 or self.text_width % self.text_heads:
@@ -191,25 +205,54 @@ class WorldClip(nn.Module):
         self.image_tower = ImageTower(config)
         self.text_tower = TextTower(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
-        direction = torch.randn(config.embed_dim, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        direction = torch.randn(config.embed_dim, generator=generator)
         self.register_buffer("gap_direction", F.normalize(direction, dim=0))
+        # Fixed, never trained (and never saved: rebuilt from the seed) random projections
+        # that give each modality its own component of the embedding.
+        thumbnail = 3 * THUMBNAIL_SIDE**2
+        for name, rows in (
+            ("text_specific", len(config.vocabulary)),
+            ("image_specific", thumbnail),
+        ):
+            weights = torch.randn(rows, config.embed_dim, generator=generator)
+            self.register_buffer(name, weights, persistent=False)
         self.word_ids = {w: i for i, w in enumerate(config.vocabulary)}
 
-    def _place(self, content: torch.Tensor, sign: float) -> torch.Tensor:
-        """Unit embeddings: content orthogonal to the gap direction, tilted by gap / 2."""
+    def _place(self, content: torch.Tensor, specific: torch.Tensor, sign: float) -> torch.Tensor:
+        """Unit embeddings: content mixed with its modality's own component, orthogonal to
+        the gap direction, tilted by gap / 2."""
         u = self.gap_direction.to(content.dtype)
-        content = F.normalize(content - (content @ u)[:, None] * u, dim=-1)
+
+        def unit_off_gap(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(x - (x @ u)[:, None] * u, dim=-1)
+
+        a = self.config.modality_specific
+        content = unit_off_gap(content)
+        if a > 0:
+            content = unit_off_gap(math.sqrt(1.0 - a**2) * content + a * unit_off_gap(specific))
         tilt = self.config.gap / 2.0
         return math.sqrt(1.0 - tilt**2) * content + sign * tilt * u
+
+    def _image_specific(self, pixels: torch.Tensor) -> torch.Tensor:
+        thumb = F.adaptive_avg_pool2d(pixels, THUMBNAIL_SIDE).flatten(1)
+        return (thumb - thumb.mean(1, keepdim=True)) @ self.image_specific.to(thumb.dtype)
+
+    def _text_specific(self, ids: torch.Tensor) -> torch.Tensor:
+        dtype = self.text_specific.dtype
+        counts = torch.zeros(ids.shape[0], len(self.word_ids), dtype=dtype, device=ids.device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=dtype, device=ids.device))
+        counts[:, [self.word_ids[t] for t in SPECIALS]] = 0  # padding and markers say nothing
+        return counts @ self.text_specific
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._place(self.image_tower(pixels), 1.0)
+        return self._place(self.image_tower(pixels), self._image_specific(pixels), 1.0)
 
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self._place(self.text_tower(ids, lengths), -1.0)
+        return self._place(self.text_tower(ids, lengths), self._text_specific(ids), -1.0)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded word ids ([N, longest]) with ``<bos>``/``<eos>``, and the lengths; texts
@@ -310,4 +353,8 @@ def load_world_clip(
     """Load a world CLIP checkpoint directory, or ``"builtin"`` for the shipped one."""
     path = builtin_checkpoint() if model == "builtin" else Path(model)
     clip, _ = load_world_clip_model(path)
-    return WorldClipEncoder(clip.to(device=device, dtype=dtype), name=f"world:{model}")
+    # The name keys cached feature stores: a retrained checkpoint at the same path must not
+    # reuse embeddings of the old one, so the name carries a fingerprint of the weights.
+    fingerprint = hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()[:10]
+    name = f"world:{model}#{fingerprint}"
+    return WorldClipEncoder(clip.to(device=device, dtype=dtype), name=name)

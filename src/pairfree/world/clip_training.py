@@ -179,8 +179,9 @@ def _preference(
 
 def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int = 256) -> dict:
     """Retrieval R@1/R@5 both ways (a hit is any item of the same scene), the modality gap
-    ``|mean image emb - mean text emb|`` and how often images prefer their caption over its
-    attribute-swapped and shape-substituted versions."""
+    ``|mean image emb - mean text emb|``, the per-sample agreement left once the centroids
+    are removed (mean cosine of centered image and caption embeddings), and how often images
+    prefer their caption over its attribute-swapped and shape-substituted versions."""
     model.eval()
     images, texts = [], []
     for start in range(0, len(data.images), batch_size):
@@ -200,6 +201,11 @@ def evaluate_world_clip(model: WorldClip, data: WorldSample, *, batch_size: int 
         "t2i_r1": _recall(sims.T, relevant, 1),
         "t2i_r5": _recall(sims.T, relevant, 5),
         "gap": (image_emb.mean(0) - text_emb.mean(0)).norm().item(),
+        "centered_pair_cosine": F.cosine_similarity(
+            image_emb - image_emb.mean(0), text_emb - text_emb.mean(0), dim=-1
+        )
+        .mean()
+        .item(),
         "swap_accuracy": swap_accuracy,
         "swap_pairs": swap_pairs,
         "shape_accuracy": shape_accuracy,

@@ -7,11 +7,18 @@ Hugging Face files and loaded through the same ``from_pretrained`` path as GPT-2
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from pairfree.world.clip import SPECIALS
 from pairfree.world.clip_training import resolve_worlds, world_vocabulary
@@ -37,6 +44,16 @@ def world_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def _save_untrained(out_dir: str | Path, seed: int, make_model: Callable) -> Path:
+    """Build ``make_model(world tokenizer)`` under ``seed`` and save it with the tokenizer."""
+    out = Path(out_dir)
+    tokenizer = world_tokenizer(world_words())
+    torch.manual_seed(seed)
+    make_model(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build_world_lm(
     out_dir: str | Path,
     *,
@@ -47,18 +64,48 @@ def build_world_lm(
     seed: int = 0,
 ) -> Path:
     """Save a randomly initialized world GPT-2 and its tokenizer to ``out_dir``."""
-    out = Path(out_dir)
-    tokenizer = world_tokenizer(world_words())
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_positions=n_positions,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    return _save_untrained(
+        out_dir,
+        seed,
+        lambda tokenizer: GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tokenizer),
+                n_layer=n_layer,
+                n_embd=n_embd,
+                n_head=n_head,
+                n_positions=n_positions,
+                bos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        ),
     )
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+
+def build_world_encoder(
+    out_dir: str | Path,
+    *,
+    n_layer: int = 2,
+    hidden: int = 64,
+    n_head: int = 2,
+    max_length: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialized small RoBERTa with the world tokenizer to ``out_dir``: the
+    world's stand-in for ``roberta-base`` as the GAN recipes' discriminator encoder."""
+    return _save_untrained(
+        out_dir,
+        seed,
+        lambda tokenizer: RobertaModel(
+            RobertaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                intermediate_size=4 * hidden,
+                max_position_embeddings=max_length + 2,  # positions start after the pad id
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        ),
+    )
