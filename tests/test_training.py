@@ -10,9 +10,12 @@ import torch
 from resume_helpers import kill_after_checkpoint_then_resume
 from safetensors.torch import load_file
 
+from pairfree.clip import load_clip
 from pairfree.config import build_config
-from pairfree.errors import PairfreeError
-from pairfree.recipes.capdec import CapDecConfig, train_capdec
+from pairfree.data import load_image, read_images
+from pairfree.errors import PairfreeError, SkipLog
+from pairfree.recipes.capdec import CapDecConfig, paired_image_condition, train_capdec
+from pairfree.world import make_world
 
 COLORS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -130,3 +133,23 @@ def test_two_process_ddp_matches_one_process(corpus, tiny_clip_dir, tiny_gpt2_di
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
+    tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    world = make_world(tmp_path / "w", n_train_images=5, n_val=0, n_test=0, n_corpus=0, seed=3)
+    args = overrides(world.dataset, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "run",
+                     **{"condition": "image", "noise.variance": 0.0, "train.max_steps": 3})  # fmt: skip
+    cfg = build_config(CapDecConfig, None, args)
+    clip = load_clip(cfg.clip)
+    shard = {"skip_log": SkipLog(), "progress": False, "barrier": lambda: None}
+    texts, embeddings = paired_image_condition(cfg, clip, tmp_path / "paired", shard)
+    items = read_images(world.dataset, split="train")
+    assert texts == [ref for it in items for ref in it.references]
+    own = clip.encode_images([load_image(it.path) for it in items for _ in it.references])
+    torch.testing.assert_close(embeddings, own, rtol=1e-5, atol=1e-5)
+    assert train_capdec(cfg, progress=False).global_step == 3
+
+    with pytest.raises(PairfreeError, match="condition must be text or image"):
+        train_capdec(build_config(CapDecConfig, None, [*args, "condition=images"]), progress=False)

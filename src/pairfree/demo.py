@@ -59,6 +59,11 @@ class Method:
     artifact: str = "last"
 
     @property
+    def needs_images(self) -> bool:
+        """Trained on world images (the GANs' unpaired ones, the upper bound's paired ones)."""
+        return self.recipe != "capdec" or self.overrides.get("condition") == "image"
+
+    @property
     def training_key(self) -> str:
         """Methods that differ only at inference share one trained run."""
         options = ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
@@ -78,7 +83,10 @@ GAN_METHODS = (
     Method("SCST-GAN: its MMD init", recipe="scst-gan", artifact="init/last"),
     Method("SCST-GAN", recipe="scst-gan", artifact="best"),
 )
-FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, *GAN_METHODS)
+PAIRED_UPPER_BOUND = Method(
+    "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
+)
+FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, PAIRED_UPPER_BOUND, *GAN_METHODS)
 
 
 @dataclass
@@ -136,11 +144,19 @@ def run_dir(cfg: DemoConfig, method: Method) -> Path:
 
 
 def capdec_config(cfg: DemoConfig, world: WorldPaths, lm_dir: Path, method: Method) -> CapDecConfig:
-    """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2."""
+    """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2. The paired upper
+    bound (``condition=image``) trains the same way on the world's captioned train images."""
+    paired = method.overrides.get("condition") == "image"
+    corpus = world.dataset if paired else world.corpus
+    features = (
+        features_dir(cfg).with_name(f"{cfg.preset}-{cfg.seed}-paired")
+        if paired
+        else features_dir(cfg)
+    )
     base = {
         "clip": cfg.clip,
-        "features": str(features_dir(cfg)),
-        "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
+        "features": str(features),
+        "corpus": {"path": str(corpus), "val_fraction": 0.02, "max_tokens": 48},
         "model": {"lm": str(lm_dir), "mapper": "mlp", "prefix_length": 10},
         "train": {
             "output_dir": str(run_dir(cfg, method)),
@@ -165,8 +181,6 @@ def gan_config(
     """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
     a 2-layer world RoBERTa as the discriminator, the paper's reward schedule shortened to
     the run (lambda held at 0 for a sixth of it, then ramped over half of it)."""
-    if cfg.n_train_images < 1 or cfg.n_val < 1:
-        raise PairfreeError("the GAN recipes need world images: use DemoConfig.with_images()")
     base = {
         "clip": cfg.clip,
         "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-unpaired"),
@@ -253,6 +267,8 @@ def train_methods(
     encoder_dir = Path(cfg.out) / "world-encoder"
     if not (lm_dir / "config.json").exists():
         build_world_lm(lm_dir)
+    if any(m.needs_images for m in methods) and (cfg.n_train_images < 1 or cfg.n_val < 1):
+        raise PairfreeError("these methods train on world images: use DemoConfig.with_images()")
     trained: dict[str, tuple[Path, float]] = {}
     for method in methods:
         if method.training_key in trained:

@@ -25,9 +25,16 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from pairfree.captioner import CaptionerConfig, PrefixCaptioner, save_captioner
-from pairfree.clip import load_clip
-from pairfree.data import Caption, CleaningConfig, clean_captions, read_captions, split_sentences
-from pairfree.encoding import encode_captions
+from pairfree.clip import ClipEncoder, load_clip
+from pairfree.data import (
+    Caption,
+    CleaningConfig,
+    clean_captions,
+    read_captions,
+    read_images,
+    split_sentences,
+)
+from pairfree.encoding import encode_captions, encode_images
 from pairfree.errors import PairfreeError, SkipLog
 from pairfree.features import FeatureStore
 from pairfree.pipeline import GenerationConfig
@@ -194,6 +201,9 @@ class CapDecConfig:
     )
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     offset: OffsetConfig = field(default_factory=OffsetConfig)
+    # "text": CapDec. "image": each caption's own image embedding instead (corpus.path must be
+    # a dataset with images): the paired ClipCap upper bound to compare text-only runs with.
+    condition: str = "text"
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=10, lr=2e-5, warmup_steps=5000, batch_size=40)
     )
@@ -215,6 +225,28 @@ def prepare_corpus(cfg: CapDecConfig, skip_log: SkipLog) -> list[Caption]:
         sentences = open_text_sentences(c.open_text)
         texts = mix_open_text(texts, sentences, c.open_text_ratio, seed=cfg.train.seed)
     return [Caption(text=t, image_id=None, source=c.path, line=None) for t in texts]
+
+
+def paired_image_condition(
+    cfg: CapDecConfig, clip: ClipEncoder, features_dir: Path, shard: dict
+) -> tuple[list[str], torch.Tensor]:
+    """The paired upper bound (ClipCap): every reference caption of a dataset split with its
+    own image's CLIP embedding, the images encoded into ``features_dir/images``."""
+    items = read_images(cfg.corpus.path, split=cfg.corpus.split, skip_log=shard["skip_log"])
+    pairs = [(it.image_id, it.path) for it in items if it.path is not None]
+    encode_images(clip, pairs, features_dir / "images", **shard)
+    shard["barrier"]()  # rank 0 marks the store complete after the others return
+    store = FeatureStore(features_dir / "images")
+    row = {image_id: i for i, image_id in enumerate(store.ids)}
+    texts, rows = [], []
+    for it in items:
+        if it.image_id in row:  # unreadable images were skipped and reported
+            cleaned = clean_captions(it.references, cfg.corpus.cleaning)
+            texts += cleaned
+            rows += [row[it.image_id]] * len(cleaned)
+    if not texts:
+        raise PairfreeError(f"{cfg.corpus.path}: no captioned images in split {cfg.corpus.split!r}")
+    return texts, store.tensor()[rows]
 
 
 class CaptionEmbeddingDataset(Dataset):
@@ -246,34 +278,36 @@ def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = Tru
 
     out = Path(cfg.train.output_dir)
     skip_log = SkipLog()
-    captions = prepare_corpus(cfg, skip_log)
     state = PartialState(cpu=cfg.train.cpu)
     clip = load_clip(cfg.clip, device=state.device)
     features_dir = Path(cfg.features) if cfg.features else out / "features"
-    encode_captions(
-        clip,
-        captions,
-        features_dir,
-        skip_log=skip_log,
-        progress=progress,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        barrier=state.wait_for_everyone,
-    )
-    state.wait_for_everyone()  # rank 0 marks the store complete after the others return
-    store = FeatureStore(features_dir)
+    shard = {
+        "skip_log": skip_log,
+        "progress": progress,
+        "process_index": state.process_index,
+        "num_processes": state.num_processes,
+        "barrier": state.wait_for_everyone,
+    }
+    if cfg.condition == "text":
+        encode_captions(clip, prepare_corpus(cfg, skip_log), features_dir, **shard)
+        state.wait_for_everyone()  # rank 0 marks the store complete after the others return
+        store = FeatureStore(features_dir)
+        texts, embeddings = store.texts, store.tensor()
+    elif cfg.condition == "image":
+        texts, embeddings = paired_image_condition(cfg, clip, features_dir, shard)
+    else:
+        raise PairfreeError(f"condition must be text or image, not {cfg.condition!r}")
     if skip_log:
         print(skip_log.summary())
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
-    tokens = tokenize_captions(tokenizer, store.texts, max_tokens=cfg.corpus.max_tokens)
-    embeddings = store.tensor()
+    tokens = tokenize_captions(tokenizer, texts, max_tokens=cfg.corpus.max_tokens)
     train_idx, val_idx = split_train_val(len(tokens), cfg.corpus.val_fraction, cfg.train.seed)
     train_data = CaptionEmbeddingDataset(embeddings[train_idx], tokens.subset(train_idx))
     val_data = CaptionEmbeddingDataset(embeddings[val_idx], tokens.subset(val_idx))
 
     model_cfg = cfg.model
-    model_cfg.embed_dim = store.dim
+    model_cfg.embed_dim = embeddings.shape[1]
     torch.manual_seed(cfg.train.seed)  # the mapper's initialization is part of the run
     model = PrefixCaptioner(model_cfg, AutoModelForCausalLM.from_pretrained(model_cfg.lm))
     offset = load_offset(cfg.offset.path) if cfg.offset.path else None
