@@ -11,19 +11,25 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
+
+import torch
 
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.config import build_config
 from pairfree.data import load_image, read_images
-from pairfree.errors import PairfreeError
+from pairfree.encoding import encode_captions
+from pairfree.errors import PairfreeError, SkipLog
 from pairfree.evaluate import evaluate
 from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.pipeline import Captioner
-from pairfree.recipes.capdec import CapDecConfig, train_capdec
+from pairfree.recipes.capdec import CapDecConfig, prepare_corpus, train_capdec
 from pairfree.recipes.cgtgan import CgtGanConfig, train_cgtgan
 from pairfree.recipes.scst_gan import ScstGanConfig, train_scst_gan
 from pairfree.world import WorldPaths, load_scenes, make_world, truth_metrics
@@ -104,7 +110,7 @@ class DemoConfig:
     # the unpaired recipes also need images without captions (and a few with, to validate)
     n_train_images: int = 0
     n_val: int = 0
-    gan_steps: int = 300
+    gan_steps: int = 150
     gan_batch_size: int = 32
     gan_lr: float = 2e-5
 
@@ -179,8 +185,9 @@ def gan_config(
     cfg: DemoConfig, world: WorldPaths, lm_dir: Path, encoder_dir: Path, method: Method
 ) -> CgtGanConfig:
     """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
-    a 2-layer world RoBERTa as the discriminator, the paper's reward schedule shortened to
-    the run (lambda held at 0 for a sixth of it, then ramped over half of it)."""
+    an untrained 2-layer world RoBERTa as the discriminator (trained at 1e-3), the paper's
+    reward schedule shortened to the run (lambda held at 0 for a sixth of it, then ramped
+    over half of it), the best checkpoint by validation CIDEr."""
     base = {
         "clip": cfg.clip,
         "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-unpaired"),
@@ -200,6 +207,8 @@ def gan_config(
         },
         "gan": {
             "discriminator": str(encoder_dir),
+            # untrained, unlike roberta-base: at the generator's 2e-5 it would barely learn
+            "discriminator_lr": 1e-3,
             "hold_steps": cfg.gan_steps // 6,
             "ramp_steps": cfg.gan_steps // 2,
         },
@@ -256,35 +265,60 @@ def score(captions: Mapping[str, str], test: TestSet, clip: ClipEncoder) -> dict
     return scores
 
 
+def train_config(cfg: DemoConfig, method: Method) -> CapDecConfig | CgtGanConfig:
+    """The recipe config of ``method``'s run on ``cfg``'s world."""
+    world = world_for(cfg)
+    lm_dir = Path(cfg.out) / "world-lm"
+    if method.recipe == "capdec":
+        return capdec_config(cfg, world, lm_dir, method)
+    if method.recipe in GAN_TRAINERS:
+        return gan_config(cfg, world, lm_dir, Path(cfg.out) / "world-encoder", method)
+    raise PairfreeError(f"unknown recipe {method.recipe!r} for {method.name!r}")
+
+
+def train_one(cfg: DemoConfig, method: Method, progress: bool = True) -> tuple[Path, float]:
+    """Train ``method``'s run from scratch; returns (run directory, seconds)."""
+    start = time.time()
+    config = train_config(cfg, method)
+    trainer = train_capdec if method.recipe == "capdec" else GAN_TRAINERS[method.recipe]
+    trainer(config, resume=False, progress=progress)
+    return Path(config.train.output_dir), time.time() - start
+
+
 def train_methods(
-    cfg: DemoConfig, methods: Sequence[Method], *, progress: bool = True
+    cfg: DemoConfig, methods: Sequence[Method], *, progress: bool = True, jobs: int = 1
 ) -> dict[str, tuple[Path, float]]:
     """Train every distinct run the methods need on ``cfg.preset``'s world, from scratch.
 
-    Returns training key -> (run directory, seconds)."""
-    world = world_for(cfg)
-    lm_dir = Path(cfg.out) / "world-lm"
-    encoder_dir = Path(cfg.out) / "world-encoder"
-    if not (lm_dir / "config.json").exists():
-        build_world_lm(lm_dir)
+    With ``jobs > 1`` the text-only runs, which share one encoded corpus, train in that many
+    processes at once (the corpus is encoded first, here, so no two processes write it); the
+    others run one after another. Returns training key -> (run directory, seconds)."""
     if any(m.needs_images for m in methods) and (cfg.n_train_images < 1 or cfg.n_val < 1):
         raise PairfreeError("these methods train on world images: use DemoConfig.with_images()")
+    world_for(cfg)
+    lm_dir, encoder_dir = Path(cfg.out) / "world-lm", Path(cfg.out) / "world-encoder"
+    if not (lm_dir / "config.json").exists():
+        build_world_lm(lm_dir)
+    gans = any(m.recipe != "capdec" for m in methods)
+    if gans and not (encoder_dir / "config.json").exists():
+        build_world_encoder(encoder_dir)
+    runs = {m.training_key: m for m in methods}
+    parallel = [m for m in runs.values() if m.recipe == "capdec" and not m.needs_images]
     trained: dict[str, tuple[Path, float]] = {}
-    for method in methods:
-        if method.training_key in trained:
-            continue
-        start = time.time()
-        if method.recipe == "capdec":
-            config = capdec_config(cfg, world, lm_dir, method)
-            train_capdec(config, resume=False, progress=progress)
-        elif method.recipe in GAN_TRAINERS:
-            if not (encoder_dir / "config.json").exists():
-                build_world_encoder(encoder_dir)
-            config = gan_config(cfg, world, lm_dir, encoder_dir, method)
-            GAN_TRAINERS[method.recipe](config, resume=False, progress=progress)
-        else:
-            raise PairfreeError(f"unknown recipe {method.recipe!r} for {method.name!r}")
-        trained[method.training_key] = (Path(config.train.output_dir), time.time() - start)
+    if jobs > 1 and len(parallel) > 1:
+        config = train_config(cfg, parallel[0])
+        corpus = prepare_corpus(config, SkipLog())
+        encode_captions(load_clip(cfg.clip), corpus, features_dir(cfg), progress=progress)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:  # fmt: skip
+            futures = {m.training_key: pool.submit(train_one, cfg, m, False) for m in parallel}
+            trained = {key: future.result() for key, future in futures.items()}
+    for key, method in runs.items():
+        if key not in trained:
+            trained[key] = train_one(cfg, method, progress)
     return trained
 
 
@@ -304,10 +338,14 @@ def caption_test_set(
 
 
 def run_methods(
-    cfg: DemoConfig, methods: Sequence[Method] = DEMO_METHODS, *, progress: bool = True
+    cfg: DemoConfig,
+    methods: Sequence[Method] = DEMO_METHODS,
+    *,
+    progress: bool = True,
+    jobs: int = 1,
 ) -> tuple[list[MethodResult], WorldPaths]:
     """Train each method on one world and score it on that world's held-out test images."""
-    trained = train_methods(cfg, methods, progress=progress)
+    trained = train_methods(cfg, methods, progress=progress, jobs=jobs)
     world = world_for(cfg)
     clip = load_clip(cfg.clip)
     test = TestSet.load(world)
@@ -382,10 +420,14 @@ objects.</p>
 
 
 def run_demo(
-    cfg: DemoConfig, methods: Sequence[Method] = DEMO_METHODS, *, progress: bool = True
+    cfg: DemoConfig,
+    methods: Sequence[Method] = DEMO_METHODS,
+    *,
+    progress: bool = True,
+    jobs: int = 1,
 ) -> tuple[str, Path]:
     """Run the demo; returns the markdown table and the path of the HTML report."""
-    results, world = run_methods(cfg, methods, progress=progress)
+    results, world = run_methods(cfg, methods, progress=progress, jobs=jobs)
     out = Path(cfg.out)
     atomic_write_json(
         out / "results.json",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -32,6 +33,12 @@ def register(sub) -> None:
         "--full", action="store_true", help="add the noise sweep and the GAN recipes (~30 min)"
     )
     p.add_argument("--gan-steps", type=int, default=None, help="GAN-phase steps (--full)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="text-only runs trained at once in separate processes (default: 2, or 1 on one core)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.full:
         cfg, methods = cfg.with_images(), FULL_METHODS
     start = time.time()
-    table, report = run_demo(cfg, methods, progress=not args.no_progress)
+    table, report = run_demo(cfg, methods, progress=not args.no_progress, jobs=args.jobs)
     print(table)
     print(f"\nreport: {report}  ({time.time() - start:.0f} s)")
     return 0
