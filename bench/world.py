@@ -23,26 +23,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from pairfree.demo import (
-    CLIP_COLUMNS,
-    COCO_COLUMNS,
-    DEMO_METHODS,
     GAN_METHODS,
     PAIRED_UPPER_BOUND,
-    TRUTH_COLUMNS,
+    TEXT_METHODS,
     DemoConfig,
-    Method,
-    TestSet,
-    caption_test_set,
-    score,
-    train_methods,
-    world_for,
+    run_methods,
 )
+from pairfree.demo.report import CLIP_COLUMNS, COCO_COLUMNS, TRUTH_COLUMNS
+from pairfree.evaluate import markdown_table
 from pairfree.world.lm import build_world_encoder, build_world_lm
 
-TEXT_METHODS = (
-    *DEMO_METHODS,
-    Method("no noise + DeCap projection", {"noise.variance": 0.0}, project=True),
-)
 # train preset -> (methods, ((setting name, test preset), ...))
 SETTINGS = {
     "default": (
@@ -70,27 +60,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     """Every method and setting for one seed: (method, setting) -> scores, method -> seconds."""
     import torch
 
-    from pairfree.clip import load_clip
-
     torch.set_num_threads(1)  # one core per seed process
     scores, seconds = {}, {}
-    clip = None
     for train_preset, (methods, settings) in SETTINGS.items():
         cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
                          gan_steps=args.gan_steps, n_corpus=args.corpus,
                          n_test=args.test_images)  # fmt: skip
         if any(m.needs_images for m in methods):
             cfg = cfg.with_images()
-        trained = train_methods(cfg, methods, progress=False)
-        clip = clip or load_clip(cfg.clip)
-        for setting, test_preset in settings:
-            test = TestSet.load(world_for(cfg, test_preset))
-            embeds = clip.encode_images(list(test.images.values()))
-            for method in methods:
-                run, train_s = trained[method.training_key]
-                captions = caption_test_set(cfg, method, run, test, clip, embeds)
-                scores[(method.name, setting)] = score(captions, test, clip)
-                seconds[method.name] = train_s
+        setting_of = {preset: setting for setting, preset in settings}
+        for r in run_methods(cfg, methods, test_presets=list(setting_of), progress=False):
+            scores[(r.method, setting_of[r.test_preset])] = r.scores
+            seconds[r.method] = r.train_seconds
     return scores, seconds
 
 
@@ -112,19 +93,16 @@ def main() -> None:
     print(f"{args.seeds} seeds, {args.steps} steps (GAN phase {args.gan_steps}), corpus "
           f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
           f"with {args.jobs} processes")  # fmt: skip
-    print("| method | setting | " + " | ".join(label for _, label in COLUMNS) + " | train s |")
-    print("|---|---|" + "---:|" * (len(COLUMNS) + 1))
+    rows = []
     for (method, setting), runs in scores.items():
         cells = []
         for key, _ in COLUMNS:
             values = [r[key] for r in runs if r.get(key) is not None]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "n/a")
-        print(
-            f"| {method} | {setting} | "
-            + " | ".join(cells)
-            + f" | {statistics.mean(seconds[method]):.0f} |"
-        )
+        rows.append([method, setting, *cells, f"{statistics.mean(seconds[method]):.0f}"])
+    header = ["method", "setting", *(label for _, label in COLUMNS), "train s"]
+    print(markdown_table(header, rows, labels=2))
 
 
 if __name__ == "__main__":

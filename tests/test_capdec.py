@@ -4,15 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pairfree.captioner import Conditioning, condition, modality_offset
+from pairfree.captioner.conditioning import uniform_ball
+from pairfree.data import mix_open_text, open_text_sentences, rebalance_gender
 from pairfree.errors import PairfreeError
-from pairfree.recipes.capdec import (
-    inject_noise,
-    mix_open_text,
-    modality_offset,
-    open_text_sentences,
-    rebalance_gender,
-    uniform_ball,
-)
+
+
+def inject_noise(x, variance, *, kind="gaussian", normalize=True, offset=None, generator=None):
+    """CapDec's training-side conditioning, through the one conditioning function."""
+    spec = Conditioning(
+        normalize=normalize,
+        noise_variance=variance,
+        noise_kind=kind,
+        offset=offset.tolist() if offset is not None else None,
+        offset_mode="train" if offset is not None else "none",
+    )
+    return condition(x, spec, training=True, generator=generator)
 
 
 def test_gaussian_noise_matches_its_definition():
@@ -100,3 +107,34 @@ def test_open_text_keeps_sentences_of_4_to_20_words(tmp_path):
     )
     mixed = mix_open_text(["c1", "c2", "c3", "c4"], got * 5, ratio=0.5, seed=0)
     assert mixed[:4] == ["c1", "c2", "c3", "c4"] and len(mixed) == 6
+
+
+def test_one_conditioning_spec_drives_training_and_inference():
+    """Noise and a train-mode offset touch text embeddings in training only; an
+    inference-mode offset is subtracted from image embeddings at inference only."""
+    x, offset = torch.randn(4, 8), torch.full((8,), 0.25)
+    unit = F.normalize(x, dim=-1)
+    train_mode = Conditioning(noise_variance=0.0, offset=offset.tolist(), offset_mode="train")
+    torch.testing.assert_close(
+        condition(x, train_mode, training=True), F.normalize(unit + offset, dim=-1)
+    )
+    torch.testing.assert_close(condition(x, train_mode, training=False), unit)
+    at_inference = Conditioning(offset=offset.tolist(), offset_mode="inference")
+    torch.testing.assert_close(
+        condition(x, at_inference, training=False), F.normalize(unit - offset, dim=-1)
+    )
+    torch.testing.assert_close(condition(x, at_inference, training=True), unit)
+    noisy = Conditioning(noise_variance=0.5)
+    assert not torch.allclose(condition(x, noisy, training=True), unit)
+    assert torch.equal(condition(x, noisy, training=False), unit)  # no noise at inference
+    raw = Conditioning(normalize=False)
+    assert torch.equal(condition(x, raw, training=False), x)
+
+
+def test_conditioning_rejects_what_it_cannot_apply():
+    with pytest.raises(PairfreeError, match="needs the offset"):
+        Conditioning(offset_mode="train")
+    with pytest.raises(PairfreeError, match="offset mode"):
+        Conditioning(offset=[0.0], offset_mode="sideways")
+    with pytest.raises(PairfreeError, match="memory"):
+        condition(torch.randn(2, 4), Conditioning(project_to="store"), training=False)

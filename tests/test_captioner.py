@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,9 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from pairfree.captioner import (
     CaptionerConfig,
+    CheckpointCard,
+    Conditioning,
+    GenerationConfig,
     PrefixCaptioner,
     import_clipcap_state_dict,
     load_captioner,
@@ -17,6 +22,8 @@ from pairfree.captioner import (
     save_captioner,
 )
 from pairfree.errors import BadInputError
+
+CARD = CheckpointCard("capdec", "hf:none")
 
 EMBED_DIM = 16
 CAPTIONS = [
@@ -116,12 +123,14 @@ def test_save_load_round_trip(tiny_gpt2_dir, tokenizer, tmp_path, mapper):
     model = make_captioner(tiny_gpt2_dir, mapper=mapper, mapper_layers=2).eval()
     condition, ids, mask = batch(tokenizer)
     out_dir = tmp_path / "ckpt"
-    save_captioner(model, tokenizer, out_dir, extra={"recipe": "capdec", "step": 1})
-    save_captioner(model, tokenizer, out_dir, extra={"recipe": "capdec", "step": 2})
+    first = CheckpointCard("capdec", "hf:one", Conditioning(noise_variance=0.016))
+    second = CheckpointCard("capdec", "hf:two", Conditioning(normalize=False), GenerationConfig(3))
+    save_captioner(model, tokenizer, out_dir, first)
+    save_captioner(model, tokenizer, out_dir, second)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # replaced, no temp dirs left
 
-    loaded, loaded_tokenizer, extra = load_captioner(out_dir)
-    assert extra == {"recipe": "capdec", "step": 2}
+    loaded, loaded_tokenizer, card = load_captioner(out_dir)
+    assert card == second
     assert loaded.config == model.config and not loaded.training
     assert loaded_tokenizer(CAPTIONS[1]).input_ids == tokenizer(CAPTIONS[1]).input_ids
     with torch.no_grad():
@@ -134,12 +143,32 @@ def test_load_rejects_bad_checkpoints(tiny_gpt2_dir, tokenizer, tmp_path):
     with pytest.raises(BadInputError, match="config.json"):
         load_captioner(tmp_path)
     model = make_captioner(tiny_gpt2_dir)
-    save_captioner(model, tokenizer, tmp_path / "mlp")
+    save_captioner(model, tokenizer, tmp_path / "mlp", CARD)
     other = tmp_path / "other"
-    save_captioner(make_captioner(tiny_gpt2_dir, prefix_length=2), tokenizer, other)
+    save_captioner(make_captioner(tiny_gpt2_dir, prefix_length=2), tokenizer, other, CARD)
     (other / "model.safetensors").write_bytes((tmp_path / "mlp" / "model.safetensors").read_bytes())
     with pytest.raises(BadInputError, match="model.safetensors"):
         load_captioner(other)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda card: card["conditioning"].pop("normalize"), "missing .*conditioning.normalize"),
+        (lambda card: card["conditioning"].update(normalise=False), "unknown .*normalise"),
+        (lambda card: card.pop("clip"), "missing config key card.clip"),
+        (lambda card: card["generation"].update(beams=3), "unknown .*generation.beams"),
+    ],
+)
+def test_checkpoint_card_is_read_strictly(tiny_gpt2_dir, tokenizer, tmp_path, edit, message):
+    """A missing or misspelled card key is an error naming it, never a silent default."""
+    save_captioner(make_captioner(tiny_gpt2_dir), tokenizer, tmp_path, CARD)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config["card"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInputError, match=message) as caught:
+        load_captioner(tmp_path)
+    assert "config.json" in str(caught.value)
 
 
 # A reference of the original ClipCap module layout (rmokady/CLIP_prefix_caption, train.py),

@@ -188,8 +188,9 @@ def test_offset_then_capdec_subtracts_it_at_inference(
         )
         == 0
     )
-    _, _, extra = load_captioner(run / "last")
-    assert extra["condition"]["offset"] == pytest.approx((-gap).tolist())
+    _, _, card = load_captioner(run / "last")
+    assert card.conditioning.offset_mode == "inference"
+    assert card.conditioning.offset == pytest.approx(gap.tolist())
 
 
 def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
@@ -210,14 +211,14 @@ def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "imported"
     assert main(["import-checkpoint", str(tmp_path / "coco_prefix-009.pt"), "--out", str(out), "--mapper", "mlp",
                  "--prefix-length", "3", "--tokenizer", str(tiny_gpt2_dir), "--lm-config", str(tiny_gpt2_dir), "--clip", "hf:none"]) == 0  # fmt: skip
-    imported, _, extra = load_captioner(out)
+    imported, _, card = load_captioner(out)
     cond, ids, mask = (
         torch.randn(2, 16),
         torch.tensor([[64, 3290, 13], [64, 3797, 13]]),
         torch.ones(2, 3),
     )
     torch.testing.assert_close(imported(cond, ids, mask).logits, model(cond, ids, mask).logits)
-    assert extra["clip"] == "hf:none"
+    assert card.clip == "hf:none" and card.recipe == "imported"
 
 
 def test_encode_under_accelerate_launch_covers_every_item_once(world, tiny_clip_dir, tmp_path):

@@ -12,9 +12,8 @@ from pairfree.demo import (
     NOISE_SWEEP,
     DemoConfig,
     run_demo,
-    run_dir,
 )
-from pairfree.recipes.rewards import TextDiscriminator
+from pairfree.training.rewards import TextDiscriminator
 from pairfree.world.lm import build_world_encoder, build_world_lm
 
 
@@ -63,6 +62,6 @@ def test_full_demo_scores_every_recipe_beside_its_initialization(tmp_path):
     results = {r["method"]: r for r in json.loads((tmp_path / "full" / "results.json").read_text())}
     assert list(results) == [m.name for m in methods]
     for method in GAN_METHODS:
-        assert (run_dir(cfg, method) / method.artifact / "model.safetensors").exists()
+        assert (cfg.run_dir(method) / method.artifact / "model.safetensors").exists()
         assert results[method.name]["scores"]["CIDEr"] >= 0
     assert all(m in FULL_METHODS for m in methods) and report.exists()

@@ -6,6 +6,7 @@ import torch
 
 from pairfree.errors import BadInputError, PairfreeError, SkipLog
 from pairfree.features import FeatureStore, Item, StoreInfo, write_store
+from pairfree.job import Job
 
 INFO = StoreInfo(encoder="fake:1", kind="text", normalized=False)
 
@@ -25,8 +26,22 @@ class Interrupt(Exception):
     pass
 
 
+QUIET = Job(progress=False)
+
+
+class OneOf:
+    """A stand-in for accelerate's PartialState: process ``index`` of ``count``, run in turn."""
+
+    def __init__(self, index: int, count: int) -> None:
+        self.process_index, self.num_processes = index, count
+        self.is_main_process = index == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def test_one_shot_store_reads_back(tmp_path):
-    store = write_store(tmp_path / "s", items(10), fake_encode, INFO, shard_size=4, progress=False)
+    store = write_store(tmp_path / "s", items(10), fake_encode, INFO, shard_size=4, job=QUIET)
     assert len(store) == 10 and store.dim == 3 and store.ids == [str(i) for i in range(10)]
     assert store.texts[3] == "caption number 3 about a cat"
     np.testing.assert_array_equal(
@@ -49,7 +64,7 @@ def test_resume_skips_finished_shards_and_equals_one_shot(tmp_path):
         return fake_encode(texts)
 
     with pytest.raises(Interrupt):
-        write_store(tmp_path / "s", items(10), flaky, INFO, shard_size=4, progress=False)
+        write_store(tmp_path / "s", items(10), flaky, INFO, shard_size=4, job=QUIET)
     with pytest.raises(PairfreeError, match="incomplete"):
         FeatureStore(tmp_path / "s")
     calls.clear()
@@ -59,16 +74,16 @@ def test_resume_skips_finished_shards_and_equals_one_shot(tmp_path):
         counted.append(len(texts))
         return fake_encode(texts)
 
-    resumed = write_store(tmp_path / "s", items(10), counting, INFO, shard_size=4, progress=False)
+    resumed = write_store(tmp_path / "s", items(10), counting, INFO, shard_size=4, job=QUIET)
     assert counted == [4, 2]  # shard 0 was finished before the interruption
-    once = write_store(tmp_path / "o", items(10), fake_encode, INFO, shard_size=4, progress=False)
+    once = write_store(tmp_path / "o", items(10), fake_encode, INFO, shard_size=4, job=QUIET)
     assert torch.equal(resumed.tensor(), once.tensor()) and resumed.ids == once.ids
 
 
 def test_store_refuses_a_different_plan(tmp_path):
-    write_store(tmp_path / "s", items(5), fake_encode, INFO, shard_size=4, progress=False)
+    write_store(tmp_path / "s", items(5), fake_encode, INFO, shard_size=4, job=QUIET)
     with pytest.raises(PairfreeError, match="different store"):
-        write_store(tmp_path / "s", items(6), fake_encode, INFO, shard_size=4, progress=False)
+        write_store(tmp_path / "s", items(6), fake_encode, INFO, shard_size=4, job=QUIET)
 
 
 def test_two_processes_cover_every_item_once(tmp_path):
@@ -79,9 +94,7 @@ def test_two_processes_cover_every_item_once(tmp_path):
             fake_encode,
             INFO,
             shard_size=2,
-            process_index=1,
-            num_processes=2,
-            progress=False,
+            job=Job(OneOf(1, 2), progress=False),
         )
         is None
     )
@@ -91,12 +104,10 @@ def test_two_processes_cover_every_item_once(tmp_path):
         fake_encode,
         INFO,
         shard_size=2,
-        process_index=0,
-        num_processes=2,
-        progress=False,
+        job=Job(OneOf(0, 2), progress=False),
     )
     assert store.ids == [str(i) for i in range(9)]
-    once = write_store(tmp_path / "o", items(9), fake_encode, INFO, shard_size=2, progress=False)
+    once = write_store(tmp_path / "o", items(9), fake_encode, INFO, shard_size=2, job=QUIET)
     assert torch.equal(store.tensor(), once.tensor())
 
 
@@ -114,8 +125,7 @@ def test_bad_items_are_skipped_and_recorded(tmp_path):
         INFO,
         load=load,
         shard_size=4,
-        skip_log=log,
-        progress=False,
+        job=Job(skip_log=log, progress=False),
     )
     assert store.ids == ["0", "1", "2", "4", "5"] and len(log) == 1
     assert store.skipped[0]["line"] == 4
@@ -126,13 +136,10 @@ def test_bad_items_are_skipped_and_recorded(tmp_path):
             fake_encode,
             INFO,
             load=load,
-            skip_log=SkipLog(strict=True),
-            progress=False,
+            job=Job(skip_log=SkipLog(strict=True), progress=False),
         )
 
 
 def test_duplicate_ids_are_rejected(tmp_path):
     with pytest.raises(PairfreeError, match="duplicate id '1'"):
-        write_store(
-            tmp_path / "s", [Item("1", "a"), Item("1", "b")], fake_encode, INFO, progress=False
-        )
+        write_store(tmp_path / "s", [Item("1", "a"), Item("1", "b")], fake_encode, INFO, job=QUIET)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pairfree.captioner import CaptionerConfig, PrefixCaptioner, caption_log_probs
 from pairfree.cli import main
 from pairfree.pipeline import Captioner
-from pairfree.recipes.rewards import (
+from pairfree.training.rewards import (
     TextDiscriminator,
     aggregate_text_embeddings,
     clip_reward,
@@ -245,12 +245,12 @@ def test_recipe_trains_end_to_end_and_its_checkpoints_caption(
     assert aggregated["count"] == 8 and aggregated["complete"]
     for name in ("best", "last"):
         captioner = Captioner.from_pretrained(out / name)
-        assert captioner.normalize is False and captioner.generation.num_beams == 1
+        assert captioner.conditioning.normalize is False and captioner.generation.num_beams == 1
         image = sorted(world.images.glob("val_*.png"))[0]
         (caption,) = captioner.caption([image])
         assert isinstance(caption, str)
     meta = json.loads((out / "last" / "config.json").read_text())
-    assert meta["extra"]["recipe"] == recipe
+    assert meta["card"]["recipe"] == recipe
     init = load_file(str(out / "init" / "last" / "model.safetensors"))
     last = load_file(str(out / "last" / "model.safetensors"))
     assert any(not torch.equal(init[k], last[k]) for k in init), "the GAN phase changed nothing"
@@ -295,13 +295,13 @@ def test_killed_cgtgan_run_resumes_to_the_same_weights(
     sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*gan/*.yaml")),
 )
 def test_paper_configs_resolve(path):
-    from pairfree.commands.train import resolve
     from pairfree.config import read_yaml
+    from pairfree.recipes import get_recipe
 
     data = read_yaml(path)
     recipe = data.pop("recipe")
     data.pop("evaluation")
-    cfg, _ = resolve(recipe, data, [])
+    cfg = get_recipe(recipe).build_config(data)
     assert cfg.model.mapper == "mlp" and cfg.model.prefix_length == 10 and not cfg.normalize
     assert cfg.gan.temperature == (175 if Path(path).stem.startswith("coco_") else 100)
     assert cfg.train.select_metric == "CIDEr" and cfg.train.lr == 1e-5

@@ -241,3 +241,16 @@ def test_top_k_restricts_the_choices(wide_lm, prefixes):
 def test_bad_arguments_are_rejected(wide_lm, prefixes, kwargs):
     with pytest.raises(ValueError):
         generate(wide_lm, prefixes, **kwargs)
+
+
+def test_decoding_uses_the_current_cache_api_without_warnings(wide_lm, prefixes):
+    """The KV cache goes through the argument name the installed transformers expects, so
+    decoding raises no deprecation (FutureWarning) on the way."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy = generate(wide_lm, prefixes, max_new_tokens=6)
+        beams = generate(wide_lm, prefixes, num_beams=3, max_new_tokens=6)
+    assert greedy == generate(wide_lm, prefixes, max_new_tokens=6, use_cache=False)
+    assert beams == generate(wide_lm, prefixes, num_beams=3, max_new_tokens=6, use_cache=False)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from pairfree.clip import load_clip
 from pairfree.config import build_config
 from pairfree.data import load_image, read_images
-from pairfree.errors import PairfreeError, SkipLog
+from pairfree.errors import PairfreeError
+from pairfree.job import Job
 from pairfree.recipes.capdec import CapDecConfig, paired_image_condition, train_capdec
 from pairfree.world import make_world
 
@@ -143,8 +144,7 @@ def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
                      **{"condition": "image", "noise.variance": 0.0, "train.max_steps": 3})  # fmt: skip
     cfg = build_config(CapDecConfig, None, args)
     clip = load_clip(cfg.clip)
-    shard = {"skip_log": SkipLog(), "progress": False, "barrier": lambda: None}
-    texts, embeddings = paired_image_condition(cfg, clip, tmp_path / "paired", shard)
+    texts, embeddings = paired_image_condition(cfg, clip, tmp_path / "paired", Job(progress=False))
     items = read_images(world.dataset, split="train")
     assert texts == [ref for it in items for ref in it.references]
     own = clip.encode_images([load_image(it.path) for it in items for _ in it.references])

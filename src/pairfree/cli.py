@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -40,8 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_library_logs() -> None:
+    """pairfree's library logs (resume points, skipped items) go to stderr as plain lines."""
+    logger = logging.getLogger("pairfree")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    show_library_logs()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -1,8 +1,9 @@
 """Configs are plain (nested) dataclasses, read from YAML and overridden from the command line.
 
-``load_config(CapDecConfig, "configs/capdec/coco.yaml", ["train.lr=1e-5", "noise.variance=0"])``
-builds the dataclass, checks every key against its fields (a typo is an error that lists the
-valid keys) and coerces values to the field types.
+``build_config(CapDecConfig, read_yaml("configs/capdec/coco.yaml"), ["train.lr=1e-5"])``
+builds the dataclass from its defaults, the file and the overrides, checks every key against
+its fields (a typo is an error that lists the valid keys) and coerces values to the field
+types. ``from_dict(..., complete=True)`` also requires every field (checkpoint cards).
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ from pairfree.errors import PairfreeError
 C = TypeVar("C")
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _coerce(value: Any, hint: Any, where: str, complete: bool) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where) if len(args) == 1 else value
+        return _coerce(value, args[0], where, complete) if len(args) == 1 else value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise PairfreeError(f"config {where}: expected a mapping, got {value!r}")
-        return from_dict(hint, value, where=where)
+        return from_dict(hint, value, where=where, complete=complete)
     if origin in (list, tuple) and isinstance(value, Sequence) and not isinstance(value, str):
         (item,) = typing.get_args(hint)[:1] or (Any,)
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item, f"{where}[{i}]", complete) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     try:
         if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -52,17 +53,25 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any], *, where: str = "") -> C:
-    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
+def from_dict(
+    cls: type[C], data: Mapping[str, Any], *, where: str = "", complete: bool = False
+) -> C:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
+
+    An unknown key is an error; with ``complete`` a missing one is too (no silent defaults).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - names)
     if unknown:
-        prefix = f"{where}." if where else ""
         raise PairfreeError(
             f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    missing = sorted(names - set(data)) if complete else []
+    if missing:
+        raise PairfreeError(f"missing config key {prefix}{missing[0]}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", complete) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -121,8 +130,3 @@ def build_config(
     """
     merged = _deep_merge(to_dict(cls()), data or {})
     return from_dict(cls, apply_overrides(merged, overrides))
-
-
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """:func:`build_config` from a YAML file."""
-    return build_config(cls, read_yaml(path) if path is not None else None, overrides)

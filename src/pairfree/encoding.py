@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pairfree.clip.base import ClipEncoder
 from pairfree.data import Caption, load_image
-from pairfree.errors import BadInputError, SkipLog
+from pairfree.errors import BadInputError
 from pairfree.features import FeatureStore, Item, StoreInfo, write_store
+from pairfree.job import Job
 
 
 def caption_ids(captions: Sequence[Caption]) -> list[str]:
@@ -34,11 +35,7 @@ def encode_captions(
     batch_size: int = 256,
     shard_size: int = 8192,
     dtype: str = "float32",
-    skip_log: SkipLog | None = None,
-    process_index: int = 0,
-    num_processes: int = 1,
-    barrier=None,
-    progress: bool = True,
+    job: Job | None = None,
 ) -> FeatureStore | None:
     """Text-tower embeddings of ``captions``; empty captions are skipped and reported."""
 
@@ -59,11 +56,7 @@ def encode_captions(
         load=check,
         shard_size=shard_size,
         batch_size=batch_size,
-        skip_log=skip_log,
-        process_index=process_index,
-        num_processes=num_processes,
-        barrier=barrier,
-        progress=progress,
+        job=job,
     )
 
 
@@ -77,11 +70,7 @@ def encode_images(
     batch_size: int = 64,
     shard_size: int = 2048,
     dtype: str = "float32",
-    skip_log: SkipLog | None = None,
-    process_index: int = 0,
-    num_processes: int = 1,
-    barrier=None,
-    progress: bool = True,
+    job: Job | None = None,
 ) -> FeatureStore | None:
     """Image-tower embeddings (or grid features) of ``(image_id, path)`` pairs.
 
@@ -104,9 +93,5 @@ def encode_images(
         load=lambda item: load_image(item.value),
         shard_size=shard_size,
         batch_size=batch_size,
-        skip_log=skip_log,
-        process_index=process_index,
-        num_processes=num_processes,
-        barrier=barrier,
-        progress=progress,
+        job=job,
     )

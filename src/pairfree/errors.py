@@ -7,11 +7,8 @@ A batch job must never lose good work because one item is bad: it records the ba
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from pairfree.io import atomic_write_text
 
 
 class PairfreeError(Exception):
@@ -58,11 +55,6 @@ class SkipLog:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def write(self, path: str | Path) -> None:
-        """Write one JSON object per skipped item (JSONL), atomically."""
-        lines = [json.dumps(e.to_record(), ensure_ascii=False) for e in self.items]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     def summary(self) -> str:
         if not self.items:

@@ -1,6 +1,7 @@
-"""One config, one paper row: encode (cached) -> train -> caption the test split -> evaluate.
+"""One config, one paper row: train -> caption the test split -> evaluate.
 
-An experiment YAML is a recipe config plus two keys of its own::
+This is the one runner of an experiment; ``pairfree run``, the demo and ``bench/world.py`` all
+go through it. An experiment YAML is a recipe config plus two keys of its own::
 
     recipe: capdec
     evaluation: {dataset: data/dataset_coco.json, split: test, image_root: data/coco}
@@ -10,12 +11,23 @@ An experiment YAML is a recipe config plus two keys of its own::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pairfree.config import from_dict
+import torch
+from PIL import Image
+
+from pairfree.clip import ClipEncoder
+from pairfree.config import apply_overrides, from_dict, read_yaml
+from pairfree.data import dataset_images, load_images
 from pairfree.errors import PairfreeError, SkipLog
+from pairfree.evaluate import METRICS, EvaluationReport, evaluate
 from pairfree.io import atomic_write_json
+from pairfree.pipeline import Captioner
+from pairfree.recipes import get_recipe
+from pairfree.training.trainer import TrainResult
 
 
 @dataclass
@@ -31,51 +43,104 @@ class EvaluationConfig:
     batch_size: int = 64
 
 
-def run_experiment(config_path: str | Path, overrides: list[str] = (), *, progress: bool = True):
-    """Run the whole experiment; every stage resumes or reuses what an earlier run left."""
-    from pairfree.commands.train import resolve
-    from pairfree.config import apply_overrides, read_yaml
-    from pairfree.data import load_image, read_images
-    from pairfree.errors import BadInputError
-    from pairfree.evaluate import evaluate
-    from pairfree.pipeline import Captioner
+@dataclass
+class TestSet:
+    """The readable images of a dataset split with their references, loaded once."""
 
+    images: dict[str, Image.Image]
+    references: dict[str, list[str]]
+    domains: dict[str, str] | None = None  # NoCaps: image id -> domain
+    skipped: SkipLog = field(default_factory=SkipLog)
+    _embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(
+        cls, dataset: str | Path, *, split: str = "test", image_root: str | Path | None = None
+    ) -> TestSet:
+        """Unreadable images are skipped and listed in ``skipped``; the rest are scored."""
+        skipped = SkipLog()
+        items = dataset_images(dataset, split=split, image_root=image_root, skip_log=skipped)
+        ids, images = load_images([(it.image_id, it.path) for it in items], skipped)
+        kept = set(ids)
+        if not kept:
+            raise PairfreeError(f"{dataset}: no readable images in split {split!r}")
+        references = {it.image_id: list(it.references) for it in items if it.image_id in kept}
+        domains = {it.image_id: it.domain for it in items if it.image_id in kept and it.domain}
+        return cls(dict(zip(ids, images, strict=True)), references, domains or None, skipped)
+
+    def embeddings(self, clip: ClipEncoder) -> torch.Tensor:
+        """The images' CLIP embeddings, computed once per encoder."""
+        if clip.name not in self._embeddings:
+            self._embeddings[clip.name] = clip.encode_images(list(self.images.values()))
+        return self._embeddings[clip.name]
+
+
+def train_recipe(
+    recipe: str, config: Any, *, resume: bool = True, progress: bool = True
+) -> TrainResult:
+    """Train ``config`` with the registered recipe ``recipe``."""
+    return get_recipe(recipe).train(config, resume=resume, progress=progress)
+
+
+def caption_test_set(
+    captioner: Captioner, test: TestSet, *, batch_size: int = 64
+) -> dict[str, str]:
+    """Image id -> caption for every test image."""
+    texts = captioner.caption_embeddings(test.embeddings(captioner.clip), batch_size=batch_size)
+    return dict(zip(test.images, texts, strict=True))
+
+
+def score_captions(
+    captions: Mapping[str, str],
+    test: TestSet,
+    *,
+    clip: ClipEncoder | None = None,
+    spice_dir: str | None = None,
+    metrics: Sequence[str] = METRICS,
+    by_domain: bool = True,
+) -> EvaluationReport:
+    """COCO metrics (also per NoCaps domain if ``by_domain`` and the test set has domains),
+    CLIPScore with ``clip``, and a note on any image the test set skipped."""
+    report = evaluate(
+        [{"image_id": i, "caption": c} for i, c in captions.items()],
+        test.references,
+        domains=test.domains if by_domain else None,
+        clip=clip,
+        images=test.images if clip is not None else None,
+        spice_dir=spice_dir,
+        metrics=metrics,
+    )
+    if test.skipped:
+        report.notes.append(test.skipped.summary())
+    return report
+
+
+def run_experiment(
+    config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True
+) -> EvaluationReport:
+    """Run the whole experiment; every stage resumes or reuses what an earlier run left."""
     data = apply_overrides(read_yaml(config_path), overrides)
-    recipe = data.pop("recipe", None)
-    if recipe is None:
+    recipe_name = data.pop("recipe", None)
+    if recipe_name is None:
         raise PairfreeError(f"{config_path}: missing `recipe:` (e.g. recipe: capdec)")
     ev = from_dict(EvaluationConfig, data.pop("evaluation", {}), where="evaluation")
     if not ev.dataset:
         raise PairfreeError(f"{config_path}: evaluation.dataset is not set")
-    cfg, train = resolve(recipe, data, [])
-    result = train(cfg, progress=progress)
+    recipe = get_recipe(recipe_name)
+    cfg = recipe.build_config(data)
+    result = recipe.train(cfg, progress=progress)
 
     ckpt = result.best_dir if ev.checkpoint == "best" and result.best_dir else result.last_dir
     captioner = Captioner.from_pretrained(ckpt, project_to=ev.project_to, tau=ev.tau)
-    skip_log = SkipLog()
-    items = read_images(ev.dataset, split=ev.split, image_root=ev.image_root, skip_log=skip_log)
-    images = {}
-    for it in items:
-        try:
-            images[it.image_id] = load_image(it.path)
-        except BadInputError as err:
-            skip_log.skip(err)
-    ids = list(images)
-    captions = captioner.caption([images[i] for i in ids], batch_size=ev.batch_size)
-    predictions = [{"image_id": i, "caption": c} for i, c in zip(ids, captions, strict=True)]
+    test = TestSet.load(ev.dataset, split=ev.split, image_root=ev.image_root)
+    captions = caption_test_set(captioner, test, batch_size=ev.batch_size)
     out = Path(cfg.train.output_dir)
-    atomic_write_json(out / f"captions_{ev.split}.json", predictions)
-    references = {it.image_id: list(it.references) for it in items if it.image_id in images}
-    domains = {it.image_id: it.domain for it in items if it.domain} or None
-    report = evaluate(
-        predictions,
-        references,
-        domains=domains,
-        clip=captioner.clip if ev.clip_score else None,
-        images=images if ev.clip_score else None,
-        spice_dir=ev.spice_dir,
+    atomic_write_json(
+        out / f"captions_{ev.split}.json",
+        [{"image_id": i, "caption": c} for i, c in captions.items()],
     )
-    if skip_log:
-        report.notes.append(skip_log.summary())
+    report = score_captions(
+        captions, test, clip=captioner.clip if ev.clip_score else None, spice_dir=ev.spice_dir
+    )
     report.write(out / f"metrics_{ev.split}")
     return report

@@ -9,7 +9,7 @@ Layout of a store directory::
 A shard counts as done when its ``.npy`` exists; both files are written atomically, the
 ``.json`` first, so a killed run resumes at the first missing shard and never trusts half a
 file. Under ``accelerate launch`` process r writes shards r, r + world, ... and rank 0 marks
-the store complete once every shard exists.
+the store complete once every shard exists (the processes come in one :class:`Job`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_path, atomic_write_json
+from pairfree.job import Job
 
 FORMAT = "pairfree-features/1"
 T = TypeVar("T")
@@ -69,21 +70,18 @@ def write_store(
     load: Callable[[Item[T]], Any] | None = None,
     shard_size: int = 4096,
     batch_size: int = 256,
-    skip_log: SkipLog | None = None,
-    process_index: int = 0,
-    num_processes: int = 1,
-    barrier: Callable[[], None] | None = None,
-    progress: bool = True,
+    job: Job | None = None,
 ) -> FeatureStore | None:
     """Encode ``items`` into a store at ``out_dir``, resuming whatever an earlier run finished.
 
     Items are loaded and encoded ``batch_size`` at a time (only one batch of images is ever
     decoded in memory). ``load`` turns an item into what ``encode`` takes (an image path into a
-    PIL image) and may raise :class:`BadInputError`; such items are skipped (recorded in the shard and in
-    ``skip_log``) unless the skip log is strict. Returns the opened store on rank 0.
+    PIL image) and may raise :class:`BadInputError`; such items are skipped (recorded in the
+    shard and in ``job.skip_log``) unless the skip log is strict. Returns the opened store on
+    the main process (``None`` elsewhere).
     """
     out = Path(out_dir)
-    skip_log = skip_log if skip_log is not None else SkipLog()
+    job = job if job is not None else Job()
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -98,7 +96,7 @@ def write_store(
                 f"{out} already holds a different store (encoder, items or shard size differ); "
                 "choose another --out or delete it"
             )
-    elif process_index == 0:
+    elif job.is_main_process:
         manifest = {
             "format": FORMAT,
             **info.__dict__,
@@ -109,15 +107,14 @@ def write_store(
             "complete": False,
         }
         atomic_write_json(manifest_path, manifest)
-    if barrier is not None:
-        barrier()
+    job.wait_for_everyone()
 
-    mine = [s for s in range(n_shards) if s % num_processes == process_index]
+    mine = list(range(job.process_index, n_shards, job.num_processes))
     todo = [s for s in mine if not (out / f"{_shard_name(s)}.npy").exists()]
     bar = tqdm(
         total=sum(len(items[s * shard_size : (s + 1) * shard_size]) for s in todo),
         desc=f"encode {info.kind}",
-        disable=not progress or process_index != 0,
+        disable=not job.show_progress,
         unit="item",
     )
     for s in todo:
@@ -130,7 +127,7 @@ def write_store(
                     values.append(load(it) if load is not None else it.value)
                     kept.append(it)
                 except BadInputError as err:
-                    skip_log.skip(err)
+                    job.skip_log.skip(err)
                     skipped.append(err.to_record())
             texts += values if info.kind == "text" else []
             if values:
@@ -145,9 +142,8 @@ def write_store(
             np.save(f, array)
     bar.close()
 
-    if barrier is not None:
-        barrier()
-    if process_index != 0:
+    job.wait_for_everyone()
+    if not job.is_main_process:
         return None
     missing = [s for s in range(n_shards) if not (out / f"{_shard_name(s)}.npy").exists()]
     if missing:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pairfree.errors import BadInputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -48,8 +50,6 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
 
 def read_json_config(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     """A checkpoint's JSON config, checked to exist, parse and carry ``"format": fmt``."""
-    from pairfree.errors import BadInputError
-
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, f"missing: not a {what} checkpoint")

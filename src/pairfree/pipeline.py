@@ -1,7 +1,7 @@
 """Images in, captions out: the inference pipeline behind ``pairfree caption``.
 
 ``Captioner.from_pretrained(path).caption(images)`` loads a captioner checkpoint, the CLIP
-encoder it was trained with, and the way it expects its condition (normalized or not, a
+encoder named on its card, and the conditioning it was trained for (normalized or not, a
 modality offset, DeCap projection onto a text memory), then decodes with its generation
 settings.
 """
@@ -9,33 +9,23 @@ settings.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from pairfree.captioner import PrefixCaptioner, load_captioner
+from pairfree.captioner import (
+    Conditioning,
+    GenerationConfig,
+    PrefixCaptioner,
+    condition,
+    load_captioner,
+)
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import load_image
 from pairfree.errors import PairfreeError
 from pairfree.features import FeatureStore
-from pairfree.projection import project_to_memory
-
-
-@dataclass
-class GenerationConfig:
-    num_beams: int = 5
-    max_new_tokens: int = 67
-    stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
-    length_penalty: float = 1.0
-
-    def stop_token_ids(self, tokenizer) -> list[int]:
-        """The token that ends a caption at ``stop`` (its last token), if any."""
-        if not self.stop:
-            return []
-        return tokenizer(self.stop, add_special_tokens=False)["input_ids"][-1:]
 
 
 class Captioner:
@@ -47,20 +37,15 @@ class Captioner:
         tokenizer,
         clip: ClipEncoder,
         *,
-        normalize: bool = True,
-        offset: torch.Tensor | None = None,
-        memory: torch.Tensor | None = None,
-        tau: float = 0.01,
+        conditioning: Conditioning | None = None,
         generation: GenerationConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.clip = clip
-        self.normalize = normalize
-        self.offset = offset
-        self.memory = memory
-        self.tau = tau
+        self.conditioning = conditioning or Conditioning()
         self.generation = generation or GenerationConfig()
+        self.memory = _projection_memory(self.conditioning, clip)
 
     @classmethod
     def from_pretrained(
@@ -77,74 +62,41 @@ class Captioner:
 
         ``generation`` overrides the checkpoint's decoding settings (``num_beams=1``...).
         """
-        model, tokenizer, extra = load_captioner(path, device=device)
-        spec = clip if clip is not None else extra.get("clip")
-        if spec is None:
-            raise PairfreeError(f"{path} does not record its CLIP encoder; pass clip=...")
+        model, tokenizer, card = load_captioner(path, device=device)
+        spec = clip if clip is not None else card.clip
         encoder = load_clip(spec, device=device) if isinstance(spec, str) else spec
-        condition = extra.get("condition", {})
-        offset = condition.get("offset")
-        saved = extra.get("generation", {})
         known = {f.name for f in fields(GenerationConfig)}
         unknown = set(generation) - known
         if unknown:
             raise PairfreeError(
                 f"unknown generation options {sorted(unknown)}; known: {sorted(known)}"
             )
-        gen = replace(
-            GenerationConfig(**{k: v for k, v in saved.items() if k in known}), **generation
-        )
-        memory = None
+        conditioning = card.conditioning
         if project_to is not None:
-            store = FeatureStore(project_to)
-            if store.kind != "text":
-                raise PairfreeError(
-                    f"{project_to} holds {store.kind} features; projection needs text"
-                )
-            if store.encoder != encoder.name:
-                raise PairfreeError(
-                    f"{project_to} was encoded with {store.encoder}, the captioner uses {encoder.name}"
-                )
-            memory = store.tensor()
+            conditioning = replace(conditioning, project_to=str(project_to), tau=tau)
         return cls(
             model,
             tokenizer,
             encoder,
-            normalize=condition.get("normalize", True),
-            offset=torch.tensor(offset) if offset is not None else None,
-            memory=memory,
-            tau=tau,
-            generation=gen,
+            conditioning=conditioning,
+            generation=replace(card.generation, **generation),
         )
 
     def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Turn CLIP image embeddings into what the decoder was trained to read."""
-        x = image_embeds.float()
-        if self.normalize:
-            x = F.normalize(x, dim=-1)
-        if self.offset is not None:
-            x = x + self.offset
-            x = F.normalize(x, dim=-1) if self.normalize else x
-        if self.memory is not None:
-            x = project_to_memory(x, self.memory, self.tau)
-        return x
+        return condition(
+            image_embeds.float(), self.conditioning, training=False, memory=self.memory
+        )
 
     @torch.no_grad()
     def caption_embeddings(self, image_embeds: torch.Tensor, *, batch_size: int = 64) -> list[str]:
         """Captions for precomputed CLIP image embeddings (e.g. from a feature store)."""
         device = next(self.model.parameters()).device
-        g = self.generation
+        settings = self.generation.generate_kwargs(self.tokenizer)
         texts: list[str] = []
         for start in range(0, len(image_embeds), batch_size):
             cond = self.conditions(image_embeds[start : start + batch_size]).to(device)
-            ids = self.model.generate(
-                cond,
-                num_beams=g.num_beams,
-                max_new_tokens=g.max_new_tokens,
-                stop_token_ids=self.generation.stop_token_ids(self.tokenizer),
-                eos_token_id=self.tokenizer.eos_token_id,
-                length_penalty=g.length_penalty,
-            )
+            ids = self.model.generate(cond, **settings)
             texts += [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         return texts
 
@@ -155,3 +107,20 @@ class Captioner:
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         embeds = self.clip.encode_images(pil, batch_size=batch_size) if pil else torch.empty(0)
         return self.caption_embeddings(embeds, batch_size=batch_size)
+
+
+def _projection_memory(conditioning: Conditioning, clip: ClipEncoder) -> torch.Tensor | None:
+    """The DeCap memory the conditioning projects onto, checked to match the CLIP in use."""
+    if conditioning.project_to is None:
+        return None
+    store = FeatureStore(conditioning.project_to)
+    if store.kind != "text":
+        raise PairfreeError(
+            f"{conditioning.project_to} holds {store.kind} features; projection needs text"
+        )
+    if store.encoder != clip.name:
+        raise PairfreeError(
+            f"{conditioning.project_to} was encoded with {store.encoder}, "
+            f"the captioner uses {clip.name}"
+        )
+    return store.tensor()

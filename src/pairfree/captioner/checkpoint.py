@@ -1,14 +1,13 @@
 """Captioner checkpoints: a directory with ``model.safetensors``, ``config.json`` and the
 tokenizer files.
 
-``config.json`` holds the captioner config, the LM's own config and free-form ``extra`` data
-(recipe, metrics, ...). Loading rebuilds the LM from that config, so it needs neither the hub
-nor the training code, and never unpickles anything.
+``config.json`` holds the captioner config, the LM's own config and the typed checkpoint card
+(recipe, CLIP, conditioning, decoding). Loading rebuilds the LM from that config, so it needs
+neither the hub nor the training code, and never unpickles anything.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -25,9 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.model import PrefixCaptioner
-from pairfree.errors import BadInputError
+from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_write_json, read_json_config
 
 FORMAT = "pairfree-captioner"
@@ -64,17 +64,15 @@ def save_captioner(
     model: PrefixCaptioner,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
-    *,
-    extra: dict | None = None,
+    card: CheckpointCard,
 ) -> None:
     """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint)."""
     meta = {
         "format": FORMAT,
         "captioner": model.config.to_dict(),
         "lm_config": model.lm.config.to_dict(),
-        "extra": extra or {},
+        "card": card.to_dict(),
     }
-    json.dumps(meta)  # fail before writing anything if `extra` is not JSON-serializable
     with _atomic_dir(Path(out_dir)) as tmp:
         save_model(model, str(tmp / WEIGHTS_NAME))
         atomic_write_json(tmp / CONFIG_NAME, meta)
@@ -83,9 +81,9 @@ def save_captioner(
 
 def load_captioner(
     path: str | Path, *, device: str | torch.device = "cpu"
-) -> tuple[PrefixCaptioner, PreTrainedTokenizerBase, dict]:
+) -> tuple[PrefixCaptioner, PreTrainedTokenizerBase, CheckpointCard]:
     """Load a checkpoint written by :func:`save_captioner`; returns the model in eval mode,
-    its tokenizer and the ``extra`` dict."""
+    its tokenizer and its card."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     meta = read_json_config(config_path, FORMAT, "pairfree captioner")
@@ -97,6 +95,12 @@ def load_captioner(
         lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(config_path, f"bad captioner or LM config: {e!r}") from e
+    if "card" not in meta:
+        raise BadInputError(config_path, 'no "card" (written by an older pairfree?)')
+    try:
+        card = CheckpointCard.from_dict(meta["card"])
+    except PairfreeError as e:
+        raise BadInputError(config_path, str(e)) from e
 
     model = PrefixCaptioner(config, lm=AutoModelForCausalLM.from_config(lm_config))
     try:
@@ -107,4 +111,4 @@ def load_captioner(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise BadInputError(path, f"cannot load the tokenizer: {e}") from e
-    return model.to(device).eval(), tokenizer, meta.get("extra", {})
+    return model.to(device).eval(), tokenizer, card

@@ -6,17 +6,49 @@ re-indexed with them), so a batch of images costs about as much as its longest c
 
 Beam search scores a finished hypothesis as Hugging Face does:
 ``sum of token log-probs / length ** length_penalty``, the length counting the stop token.
+
+:class:`GenerationConfig` is the one definition of a checkpoint's decoding settings; it is
+saved in the checkpoint card and turned into :func:`generate`'s arguments by
+:meth:`GenerationConfig.generate_kwargs`.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 EARLY_STOPPING = (False, True, "never")
+
+
+@dataclass
+class GenerationConfig:
+    """How a captioner decodes: beam width, length, where a caption stops."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 67
+    stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
+    length_penalty: float = 1.0
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """The token that ends a caption at ``stop`` (its last token), if any."""
+        if not self.stop:
+            return []
+        return tokenizer(self.stop, add_special_tokens=False)["input_ids"][-1:]
+
+    def generate_kwargs(self, tokenizer) -> dict[str, Any]:
+        """These settings as keyword arguments of :func:`generate`."""
+        return {
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "stop_token_ids": self.stop_token_ids(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "length_penalty": self.length_penalty,
+        }
 
 
 class _Stepper:
@@ -32,8 +64,11 @@ class _Stepper:
         self.device = prefix.device
         self.inputs = prefix
         self.cache = None
-        accepts_keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
-        self.extra = {"logits_to_keep": 1} if accepts_keep else {}
+        accepts = inspect.signature(lm.forward).parameters
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        # transformers >= 5.24 names the KV cache `cache` (in and out); older releases, and
+        # models that have not moved yet, call it `past_key_values`
+        self.cache_name = "cache" if "cache" in accepts else "past_key_values"
 
     def start(self) -> torch.Tensor:
         logits = self._run(inputs_embeds=self.inputs)
@@ -55,7 +90,7 @@ class _Stepper:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)[:, None]
         if self.use_cache:
-            return self._run(input_ids=tokens, past_key_values=self.cache)
+            return self._run(input_ids=tokens, **{self.cache_name: self.cache})
         embeds = self.lm.get_input_embeddings()(tokens).to(self.inputs.dtype)
         self.inputs = torch.cat((self.inputs, embeds), dim=1)
         return self._run(inputs_embeds=self.inputs)
@@ -63,7 +98,7 @@ class _Stepper:
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.lm(**inputs, use_cache=self.use_cache, **self.extra)
         if self.use_cache:
-            self.cache = out.past_key_values
+            self.cache = out[self.cache_name]
         return out.logits[:, -1].float()
 
 

@@ -3,8 +3,8 @@ and a causal LM continues them with the caption."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,46 +78,16 @@ class PrefixCaptioner(nn.Module):
         return caption_log_probs(logits, input_ids, attention_mask, length_normalize)
 
     @torch.no_grad()
-    def generate(
-        self,
-        condition: torch.Tensor,
-        *,
-        num_beams: int = 1,
-        max_new_tokens: int = 67,
-        stop_token_ids: Sequence[int] = (),
-        eos_token_id: int | None = None,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        num_return_sequences: int = 1,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> list[list[int]]:
-        """Caption token ids for each condition; see :func:`pairfree.captioner.generation.generate`.
+    def generate(self, condition: torch.Tensor, **options: Any) -> list[list[int]]:
+        """Caption token ids for each condition; ``options`` are those of
+        :func:`pairfree.captioner.generation.generate` (beams, length, stop tokens, sampling).
 
         Decoding runs in whatever mode the model is in: call ``.eval()`` first unless dropout
         noise is wanted.
         """
         embedding = self.lm.get_input_embeddings().weight
         prefix = self.prefix_embeds(condition.to(embedding.device)).to(embedding.dtype)
-        return generation.generate(
-            self.lm,
-            prefix,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            eos_token_id=eos_token_id,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            num_return_sequences=num_return_sequences,
-            generator=generator,
-            use_cache=use_cache,
-        )
+        return generation.generate(self.lm, prefix, **options)
 
     def _caption_logits(
         self, condition: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

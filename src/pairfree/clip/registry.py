@@ -23,21 +23,13 @@ _BUILTIN: dict[str, str] = {
     "open_clip": "pairfree.clip.openclip:load_open_clip",
     "world": "pairfree.world.clip:load_world_clip",
 }
-_USER: dict[str, ClipFactory] = {}
-
-
-def register_clip_backend(prefix: str, factory: ClipFactory) -> None:
-    """Add a backend (or override a built-in one) under ``prefix``."""
-    _USER[prefix] = factory
 
 
 def clip_backends() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_USER))
+    return sorted(_BUILTIN)
 
 
 def _factory(prefix: str) -> ClipFactory:
-    if prefix in _USER:
-        return _USER[prefix]
     module, _, func = _BUILTIN[prefix].partition(":")
     return getattr(importlib.import_module(module), func)
 

@@ -50,21 +50,20 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from pairfree.data import collect_image_paths, image_id_for, load_image, read_images
-    from pairfree.errors import BadInputError, PairfreeError, SkipLog
+    from pairfree.data import image_sources, load_images
+    from pairfree.errors import PairfreeError, SkipLog
     from pairfree.io import atomic_write_json
     from pairfree.pipeline import Captioner
 
     if not args.images and not args.dataset:
         raise PairfreeError("give image files/folders/globs or --dataset")
     skip_log = SkipLog(strict=args.strict)
-    if args.dataset:
-        items = read_images(
-            args.dataset, split=args.split, image_root=args.image_root, skip_log=skip_log
-        )
-        pairs = [(it.image_id, it.path) for it in items]
-    else:
-        pairs = [(image_id_for(p), p) for p in collect_image_paths(args.images, skip_log=skip_log)]
+    pairs = image_sources(
+        args.dataset or args.images,
+        split=args.split,
+        image_root=args.image_root,
+        skip_log=skip_log,
+    )
     overrides = {}
     if args.beams is not None:
         overrides["num_beams"] = args.beams
@@ -96,13 +95,7 @@ def run(args: argparse.Namespace) -> int:
         tqdm(total=len(todo), desc="caption", unit="img") as bar,
     ):
         for start in range(0, len(todo), args.batch_size):
-            ids, images = [], []
-            for image_id, path in todo[start : start + args.batch_size]:
-                try:
-                    images.append(load_image(path))
-                    ids.append(image_id)
-                except BadInputError as err:
-                    skip_log.skip(err)
+            ids, images = load_images(todo[start : start + args.batch_size], skip_log)
             for image_id, text in zip(
                 ids, captioner.caption(images, batch_size=args.batch_size), strict=True
             ):

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from pairfree.commands.common import add_strict, report_skips
 
-DTYPES = {"float32": "float32", "float16": "float16"}
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -48,7 +46,9 @@ def register(sub) -> None:
     p.add_argument("--normalize", action="store_true", help="store L2-normalized embeddings")
     p.add_argument("--batch-size", type=int, default=None, help="items per forward pass")
     p.add_argument("--shard-size", type=int, default=None, help="items per shard file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype")
+    p.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float32", help="storage dtype"
+    )
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -61,23 +61,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from accelerate import PartialState
 
     from pairfree.clip import load_clip
-    from pairfree.data import collect_image_paths, image_id_for, read_captions, read_images
+    from pairfree.data import image_sources, read_captions
     from pairfree.encoding import encode_captions, encode_images
-    from pairfree.errors import SkipLog
+    from pairfree.job import Job
 
-    state = PartialState()
-    skip_log = SkipLog(strict=args.strict)
-    common = dict(
-        normalize=args.normalize,
-        dtype=args.dtype,
-        skip_log=skip_log,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        barrier=state.wait_for_everyone,
-    )
+    job = Job.create(strict=args.strict)
+    common = dict(normalize=args.normalize, dtype=args.dtype, job=job)
     if args.batch_size:
         common["batch_size"] = args.batch_size
     if args.shard_size:
@@ -85,23 +76,18 @@ def run(args: argparse.Namespace) -> int:
     # read (and validate) the inputs before loading a model
     if args.captions:
         captions = read_captions(
-            args.captions, format=args.format, split=args.split or "train", skip_log=skip_log
+            args.captions, format=args.format, split=args.split or "train", skip_log=job.skip_log
         )
     else:
-        if args.images:
-            paths = collect_image_paths(args.images, skip_log=skip_log)
-            pairs = [(image_id_for(p), p) for p in paths]
-        else:
-            items = read_images(
-                args.dataset,
-                format=args.format,
-                split=args.split or "test",
-                image_root=args.image_root,
-                skip_log=skip_log,
-            )
-            pairs = [(it.image_id, it.path) for it in items]
+        pairs = image_sources(
+            args.images or args.dataset,
+            split=args.split or "test",
+            image_root=args.image_root,
+            format=args.format,
+            skip_log=job.skip_log,
+        )
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    clip = load_clip(args.clip, device=state.device, dtype=dtype)
+    clip = load_clip(args.clip, device=job.state.device, dtype=dtype)
     if args.captions:
         store = encode_captions(clip, captions, args.out, **common)
     else:

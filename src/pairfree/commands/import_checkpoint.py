@@ -53,8 +53,13 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pairfree.captioner import save_captioner
-    from pairfree.captioner.convert import load_original_checkpoint
+    from pairfree.captioner import (
+        CheckpointCard,
+        Conditioning,
+        GenerationConfig,
+        load_original_checkpoint,
+        save_captioner,
+    )
     from pairfree.tokenizers import gpt2_tokenizer
 
     lm_config = None
@@ -76,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         tokenizer = gpt2_tokenizer()
-    extra = {
-        "recipe": "imported",
-        "clip": args.clip,
-        "condition": {"normalize": args.normalize, "offset": None},
-        "generation": {"num_beams": 5, "max_new_tokens": 67, "stop": args.stop},
-        "source": str(args.checkpoint),
-    }
-    save_captioner(model, tokenizer, args.out, extra=extra)
+    card = CheckpointCard(
+        recipe="imported",
+        clip=args.clip,
+        conditioning=Conditioning(normalize=args.normalize),
+        generation=GenerationConfig(num_beams=5, max_new_tokens=67, stop=args.stop),
+        source=str(args.checkpoint),
+    )
+    save_captioner(model, tokenizer, args.out, card)
     n = sum(p.numel() for p in model.parameters())
     print(f"imported {args.checkpoint} ({n / 1e6:.1f}M parameters) -> {args.out}")
     return 0

@@ -32,23 +32,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pairfree.captioner import modality_offset, save_offset
     from pairfree.clip import load_clip
-    from pairfree.data import load_image, read_images
-    from pairfree.errors import BadInputError, PairfreeError, SkipLog
-    from pairfree.recipes.capdec import modality_offset, save_offset
+    from pairfree.data import dataset_images, load_images
+    from pairfree.errors import PairfreeError, SkipLog
 
     skip_log = SkipLog(strict=args.strict)
-    items = read_images(
+    items = dataset_images(
         args.dataset, split=args.split, image_root=args.image_root, skip_log=skip_log
     )
     items = [it for it in items if it.references][: args.max_images]
-    images, texts = [], []
-    for it in items:
-        try:
-            images.append(load_image(it.path))
-            texts.extend(it.references)
-        except BadInputError as err:
-            skip_log.skip(err)
+    ids, images = load_images([(it.image_id, it.path) for it in items], skip_log)
+    references = {it.image_id: it.references for it in items}
+    texts = [text for image_id in ids for text in references[image_id]]
     if not images:
         raise PairfreeError(f"{args.dataset}: no readable paired images in split {args.split!r}")
     clip = load_clip(args.clip, device=args.device)

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
-# recipe name -> (module, config class, train function)
-RECIPES = {
-    "capdec": ("pairfree.recipes.capdec", "CapDecConfig", "train_capdec"),
-    "cgtgan": ("pairfree.recipes.cgtgan", "CgtGanConfig", "train_cgtgan"),
-    "scst-gan": ("pairfree.recipes.scst_gan", "ScstGanConfig", "train_scst_gan"),
-}
+from pairfree.recipes import recipe_names
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train a captioner with a recipe (capdec, ...)",
+        help=f"train a captioner with a recipe ({', '.join(recipe_names())})",
         description=(
             "Train a captioner. Settings come from the recipe's paper defaults, then --config "
             "YAML, then key.path=value overrides (e.g. train.lr=1e-5 noise.variance=0). "
@@ -25,7 +19,7 @@ def register(sub) -> None:
             "`accelerate launch -m pairfree.cli train ...`."
         ),
     )
-    p.add_argument("recipe", choices=sorted(RECIPES), help="which recipe to train")
+    p.add_argument("recipe", choices=recipe_names(), help="which recipe to train")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.add_argument("--config", type=Path, default=None, help="YAML config file")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
@@ -34,35 +28,25 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def resolve(recipe: str, data: dict | None, overrides: list[str]):
-    """(config, train function) of ``recipe`` from config data and overrides."""
-    from pairfree.config import build_config
-    from pairfree.errors import PairfreeError
-
-    if recipe not in RECIPES:
-        raise PairfreeError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
-    module_name, cls_name, fn_name = RECIPES[recipe]
-    module = importlib.import_module(module_name)
-    return build_config(getattr(module, cls_name), data, overrides), getattr(module, fn_name)
-
-
 def run(args: argparse.Namespace) -> int:
     import yaml
 
     from pairfree.config import read_yaml, to_dict
     from pairfree.errors import PairfreeError
+    from pairfree.recipes import get_recipe
 
     data = read_yaml(args.config) if args.config else {}
     # an experiment YAML (`pairfree run`) also names its recipe and how to evaluate
-    recipe = data.pop("recipe", args.recipe)
-    if recipe != args.recipe:
-        raise PairfreeError(f"{args.config} is a {recipe} config, not {args.recipe}")
+    named = data.pop("recipe", args.recipe)
+    if named != args.recipe:
+        raise PairfreeError(f"{args.config} is a {named} config, not {args.recipe}")
     data.pop("evaluation", None)
-    cfg, train = resolve(args.recipe, data, args.overrides)
+    recipe = get_recipe(args.recipe)
+    cfg = recipe.build_config(data, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    result = train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    result = recipe.train(cfg, resume=not args.no_resume, progress=not args.no_progress)
     best = (
         f"; best {cfg.train.select_metric} {result.best_metric:.4g} -> {result.best_dir}"
         if result.best_dir

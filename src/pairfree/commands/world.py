@@ -85,12 +85,10 @@ def register_train_clip(world_sub) -> None:
 
 def run_train_clip(args: argparse.Namespace) -> int:
     import json
-    import logging
 
     from pairfree.world.clip import WorldClipConfig
     from pairfree.world.clip_training import train_world_clip
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     metrics = train_world_clip(
         WorldClipConfig(gap=args.gap, modality_specific=args.modality_specific),
         args.worlds.split(","),

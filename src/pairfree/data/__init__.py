@@ -1,4 +1,4 @@
-"""Corpus and image readers, and corpus cleaning."""
+"""Corpus and image readers, image sources, corpus cleaning and editing."""
 
 from pairfree.data.cleaning import CleaningConfig, clean_caption, clean_captions, split_sentences
 from pairfree.data.corpus import (
@@ -10,6 +10,12 @@ from pairfree.data.corpus import (
     read_images,
     read_references,
 )
+from pairfree.data.editing import (
+    GENDER_MODES,
+    mix_open_text,
+    open_text_sentences,
+    rebalance_gender,
+)
 from pairfree.data.images import (
     IMAGE_EXTENSIONS,
     collect_image_paths,
@@ -17,9 +23,11 @@ from pairfree.data.images import (
     is_image_file,
     load_image,
 )
+from pairfree.data.sources import dataset_images, image_sources, is_dataset_file, load_images
 
 __all__ = [
     "CORPUS_FORMATS",
+    "GENDER_MODES",
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "Caption",
@@ -28,11 +36,18 @@ __all__ = [
     "clean_caption",
     "clean_captions",
     "collect_image_paths",
+    "dataset_images",
     "image_id_for",
+    "image_sources",
+    "is_dataset_file",
     "is_image_file",
     "load_image",
+    "load_images",
+    "mix_open_text",
+    "open_text_sentences",
     "read_captions",
     "read_images",
     "read_references",
+    "rebalance_gender",
     "split_sentences",
 ]

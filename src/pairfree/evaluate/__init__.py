@@ -2,7 +2,7 @@
 
 from pairfree.evaluate.clipscore import clip_scores, clip_scores_per_image
 from pairfree.evaluate.coco import METRICS, caption_metrics, nocaps_metrics
-from pairfree.evaluate.report import EvaluationReport, evaluate
+from pairfree.evaluate.report import EvaluationReport, evaluate, format_score, markdown_table
 from pairfree.evaluate.spice import spice_status
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "clip_scores",
     "clip_scores_per_image",
     "evaluate",
+    "format_score",
+    "markdown_table",
     "nocaps_metrics",
     "spice_status",
 ]

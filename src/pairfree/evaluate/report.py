@@ -49,15 +49,13 @@ class EvaluationReport:
     def to_markdown(self) -> str:
         present = {key for group in self.scores.values() for key in group}
         columns = [(key, header) for key, header in COLUMNS if key in present]
-        lines = [
-            "| " + " | ".join(["group"] + [header for _, header in columns]) + " |",
-            "|---" + "|---:" * len(columns) + "|",
+        rows = [
+            [name, *(format_score(group.get(key)) for key, _ in columns)]
+            for name, group in self.scores.items()
         ]
-        for name, group in self.scores.items():
-            cells = [_cell(group.get(key)) for key, _ in columns]
-            lines.append("| " + " | ".join([name, *cells]) + " |")
-        lines += [""] + [f"- {note}" for note in self.notes]
-        return "\n".join(lines).rstrip() + "\n"
+        table = markdown_table(["group", *(header for _, header in columns)], rows)
+        notes = "".join(f"\n- {note}" for note in self.notes)
+        return f"{table}\n{notes}".rstrip() + "\n"
 
     def write(self, out_prefix: str | Path) -> tuple[Path, Path]:
         """Write ``<out_prefix>.json`` and ``<out_prefix>.md``, each atomically."""
@@ -67,8 +65,17 @@ class EvaluationReport:
         return json_path, md_path
 
 
-def _cell(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def format_score(value: float | None) -> str:
+    """A score cell: one decimal, or "n/a" for a metric that does not apply."""
+    return "n/a" if value is None or value != value else f"{value:.1f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, labels: int = 1) -> str:
+    """The one markdown table writer: the first ``labels`` columns left-aligned (names), the
+    rest right-aligned (numbers)."""
+    align = ["---"] * labels + ["---:"] * (len(header) - labels)
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
 
 def evaluate(

@@ -16,37 +16,35 @@ over 1000 steps; lr 1e-5 with a constant schedule). What this module implements:
    whatever the LM's width; MMD is the biased squared estimate over the two batches;
    lambda1 = 0.3, lambda2 = 1.0. The MMD term pulls the prefixes that images produce onto
    those that texts produce, so the text-trained decoder reads images from the start.
-2. Adversarial SCST exactly as in :mod:`pairfree.recipes.cgtgan` (same discriminator, rewards
-   and baseline), with lambda (the CLIP reward's weight) ramped from 0 at step 0 to 0.5 at
-   step 1000, lr 1e-5, constant schedule without warm-up.
+2. Adversarial SCST exactly as CgT-GAN's (:mod:`pairfree.training.adversarial`: same
+   discriminator, rewards and baseline), with lambda (the CLIP reward's weight) ramped from 0
+   at step 0 to 0.5 at step 1000, lr 1e-5, constant schedule without warm-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 
-from pairfree.captioner import PrefixCaptioner, save_captioner
+from pairfree.captioner import CheckpointCard, PrefixCaptioner, condition
 from pairfree.clip import load_clip
-from pairfree.errors import SkipLog
-from pairfree.recipes.capdec import CaptionEmbeddingDataset, split_train_val
-from pairfree.recipes.cgtgan import (
+from pairfree.job import Job
+from pairfree.recipes import register_recipe
+from pairfree.training.adversarial import (
     AdversarialConfig,
-    CgtGanConfig,
     InitConfig,
-    condition,
+    UnpairedConfig,
+    adversarial_train_config,
     init_output_dir,
     prepare_unpaired,
     train_gan,
 )
-from pairfree.recipes.rewards import gaussian_mmd
-from pairfree.recipes.text_data import pad_collate, tokenize_captions
-from pairfree.recipes.trainer import OptimizerSpec, TrainConfig, Trainer, TrainResult
+from pairfree.training.rewards import gaussian_mmd
+from pairfree.training.text_only import caption_val_step, fit_captioner, text_only_setup
+from pairfree.training.trainer import TrainConfig, TrainResult
 
 
 @dataclass
@@ -57,24 +55,12 @@ class MmdInitConfig(InitConfig):
 
 
 @dataclass
-class ScstGanConfig(CgtGanConfig):
+class ScstGanConfig(UnpairedConfig):
     init: MmdInitConfig = field(default_factory=MmdInitConfig)
     gan: AdversarialConfig = field(
         default_factory=lambda: AdversarialConfig(hold_steps=0, ramp_steps=1000)
     )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=50,
-            batch_size=128,
-            lr=1e-5,
-            weight_decay=0.05,
-            warmup_steps=0,
-            schedule="constant",
-            grad_clip=1.0,
-            select_metric="CIDEr",
-            select_mode="max",
-        )
-    )
+    train: TrainConfig = field(default_factory=lambda: adversarial_train_config(warmup_steps=0))
 
 
 def prefix_points(captioner: PrefixCaptioner, cond: torch.Tensor) -> torch.Tensor:
@@ -82,36 +68,25 @@ def prefix_points(captioner: PrefixCaptioner, cond: torch.Tensor) -> torch.Tenso
     return F.normalize(captioner.prefix_embeds(cond).flatten(1).float(), dim=-1)
 
 
-def initialize_with_mmd(
-    cfg: ScstGanConfig, *, resume: bool = True, progress: bool = True
-) -> TrainResult:
+def initialize_with_mmd(cfg: ScstGanConfig, *, resume: bool, progress: bool) -> TrainResult:
     """Step 1: text-conditioned captioning plus the MMD between image and text prefixes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     init = cfg.init
-    skip_log = SkipLog()
-    clip = load_clip(cfg.clip, device=PartialState(cpu=init.train.cpu).device)
-    data = prepare_unpaired(cfg, clip, skip_log, progress=progress)
-    if skip_log:
-        print(skip_log.summary())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
-    tokens = tokenize_captions(tokenizer, data.corpus.texts, max_tokens=cfg.corpus.max_tokens)
-    texts, images = data.corpus.tensor(), data.images.tensor()
-    train_idx, val_idx = split_train_val(len(tokens), cfg.corpus.val_fraction, init.train.seed)
-    train_data = CaptionEmbeddingDataset(texts[train_idx], tokens.subset(train_idx))
-    val_data = CaptionEmbeddingDataset(texts[val_idx], tokens.subset(val_idx))
-
-    model_cfg = cfg.model
-    model_cfg.embed_dim = data.corpus.dim
-    torch.manual_seed(init.train.seed)  # the mapper's initialization is part of the run
-    model = PrefixCaptioner(model_cfg, AutoModelForCausalLM.from_pretrained(model_cfg.lm))
+    job = Job.create(cpu=init.train.cpu, progress=progress)
+    clip = load_clip(cfg.clip, device=job.state.device)
+    data = prepare_unpaired(cfg, clip, job)
+    job.log_skips()
+    images = data.images.tensor()
+    setup = text_only_setup(
+        data.corpus.texts, data.corpus.tensor(), cfg.model, cfg.corpus, seed=init.train.seed
+    )
+    conditioning = cfg.conditioning
 
     def step(ctx, batch):
         emb, ids, mask = batch
-        text_cond = condition(emb, cfg.normalize)
+        text_cond = condition(emb, conditioning, training=True)
         # an unpaired image batch from the global RNG, which resume restores exactly
         rows = torch.randint(len(images), (len(emb),))
-        image_cond = condition(images[rows].to(ctx.device), cfg.normalize)
+        image_cond = condition(images[rows].to(ctx.device), conditioning, training=False)
         caption_loss = ctx.modules["captioner"](text_cond, ids, mask).loss
         captioner = ctx.unwrap("captioner")
         mmd = gaussian_mmd(
@@ -121,44 +96,22 @@ def initialize_with_mmd(
         ctx.optimize("captioner", loss)
         return {"loss": loss.detach(), "caption_loss": caption_loss.detach(), "mmd": mmd.detach()}
 
-    def val_step(ctx, batch):
-        emb, ids, mask = batch
-        captioner = ctx.unwrap("captioner")
-        cond = condition(emb, cfg.normalize)
-        return {"val_loss": -captioner.sequence_log_probs(cond, ids, mask, length_normalize=True)}
-
-    def save(modules, path: Path) -> None:
-        save_captioner(
-            modules["captioner"],
-            tokenizer,
-            path,
-            extra={
-                "recipe": "scst-gan-init",
-                "clip": cfg.clip,
-                "condition": {"normalize": cfg.normalize, "offset": None},
-                "generation": asdict(cfg.generation),
-            },
-        )
-
-    trainer = Trainer(
-        replace(init.train, output_dir=str(init_output_dir(cfg))),
-        {"captioner": model},
-        [OptimizerSpec("captioner", "captioner")],
-        train_data,
+    return fit_captioner(
+        replace(init.train, output_dir=str(init_output_dir(cfg, init))),
+        setup,
         step,
-        save,
-        collate=pad_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        val_data=val_data if len(val_data) else None,
-        val_step=val_step,
+        caption_val_step(conditioning, seed=init.train.seed),
+        CheckpointCard("scst-gan-init", cfg.clip, conditioning, cfg.generation),
         run_config={"recipe": "scst-gan-init", "config": asdict(cfg)},
+        resume=resume,
         progress=progress,
     )
-    return trainer.fit(resume=resume)
 
 
+@register_recipe("scst-gan", ScstGanConfig)
 def train_scst_gan(
     cfg: ScstGanConfig, *, resume: bool = True, progress: bool = True
 ) -> TrainResult:
-    """Initialize with the MMD term (or load ``init.from_checkpoint``), then train adversarially."""
+    """SCST-GAN: an MMD-aligned text initialization, then adversarial SCST (our reading)."""
     initialize = partial(initialize_with_mmd, cfg, resume=resume, progress=progress)
-    return train_gan(cfg, initialize, recipe="scst-gan", resume=resume, progress=progress)
+    return train_gan(cfg, cfg.init, initialize, recipe="scst-gan", resume=resume, progress=progress)

@@ -23,6 +23,7 @@ from torch import nn
 
 from pairfree.errors import PairfreeError
 from pairfree.features import FeatureStore, Item, StoreInfo, write_store
+from pairfree.job import Job
 from pairfree.projection import softmax_pool
 
 
@@ -67,16 +68,13 @@ def write_aggregated_store(
     chunk: int = 65536,
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
-    process_index: int = 0,
-    num_processes: int = 1,
-    barrier=None,
-    progress: bool = True,
+    job: Job | None = None,
 ) -> FeatureStore | None:
     """Aggregated embeddings of every image of ``image_store``, cached as a feature store.
 
     Rows keep the image ids. The store's encoder name records the temperature and the plan
     digests of both input stores, so a changed corpus or image set is never served stale rows.
-    Returns the store on rank 0 (``None`` elsewhere), as :func:`write_store` does.
+    Returns the store on the main process (``None`` elsewhere), as :func:`write_store` does.
     """
     if image_store.kind != "image" or corpus_store.kind != "text":
         raise PairfreeError(
@@ -107,10 +105,7 @@ def write_aggregated_store(
         StoreInfo(encoder=source, kind="aggregated", normalized=False),
         batch_size=batch_size,
         shard_size=max(batch_size, 8192),
-        process_index=process_index,
-        num_processes=num_processes,
-        barrier=barrier,
-        progress=progress,
+        job=job,
     )
 
 

@@ -14,6 +14,7 @@ plain tensors and numbers that are read back with ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,16 +67,11 @@ class TrainConfig:
 
 @dataclass
 class OptimizerSpec:
-    """An AdamW over one module's trainable parameters, with its own schedule."""
+    """An AdamW over the trainable parameters of module ``name``, with its own schedule."""
 
     name: str
-    module: str
     lr: float | None = None  # None: TrainConfig.lr
-    weight_decay: float | None = None
-    warmup_steps: int | None = None
-    schedule: str | None = None
-    grad_clip: float | None = None
-    params: Callable[[nn.Module], Sequence[nn.Parameter]] | None = None  # default: trainable
+    warmup_steps: int | None = None  # None: TrainConfig.warmup_steps
 
 
 @dataclass
@@ -88,15 +86,13 @@ class TrainResult:
 class EpochSampler(Sampler[int]):
     """A random permutation fixed by (seed, epoch), identical on every process."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
@@ -137,12 +133,10 @@ class StepContext:
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` into optimizer ``name``'s module and step it when due."""
         t = self._t
-        spec, opt, sched = t.opt_specs[name], t.optimizers[name], t.schedulers[name]
+        opt, sched = t.optimizers[name], t.schedulers[name]
         self.accelerator.backward(loss)
-        if self.accelerator.sync_gradients:
-            clip = spec.grad_clip if spec.grad_clip is not None else t.config.grad_clip
-            if clip:
-                self.accelerator.clip_grad_norm_(t.opt_params[name], clip)
+        if self.accelerator.sync_gradients and t.config.grad_clip:
+            self.accelerator.clip_grad_norm_(t.opt_params[name], t.config.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -213,22 +207,19 @@ class Trainer:
         self.steps_per_epoch = len(loader) // config.grad_accum
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
 
-        self.opt_specs = {s.name: s for s in optimizers}
         self.opt_params: dict[str, list[nn.Parameter]] = {}
         raw_opts, raw_scheds = {}, {}
         for s in optimizers:
-            module = modules[s.module]
-            params = list(s.params(module) if s.params else module.parameters())
-            params = [p for p in params if p.requires_grad]
+            params = [p for p in modules[s.name].parameters() if p.requires_grad]
             self.opt_params[s.name] = params
             raw_opts[s.name] = torch.optim.AdamW(
                 params,
                 lr=s.lr if s.lr is not None else config.lr,
-                weight_decay=s.weight_decay if s.weight_decay is not None else config.weight_decay,
+                weight_decay=config.weight_decay,
             )
             warmup = s.warmup_steps if s.warmup_steps is not None else config.warmup_steps
             raw_scheds[s.name] = torch.optim.lr_scheduler.LambdaLR(
-                raw_opts[s.name], lr_lambda(warmup, self.total_steps, s.schedule or config.schedule)
+                raw_opts[s.name], lr_lambda(warmup, self.total_steps, config.schedule)
             )
 
         names = list(modules)
@@ -429,7 +420,8 @@ class Trainer:
             atomic_write_json(saved_config, self._config_record())
         if checkpoints and resume:
             self.load_checkpoint(checkpoints[-1])
-            acc.print(f"resumed from {checkpoints[-1]} (step {self.global_step})")
+            if acc.is_main_process:
+                logger.info("resumed from %s (step %d)", checkpoints[-1], self.global_step)
         ctx = StepContext(self)
         for module in self.modules.values():
             module.train()

@@ -1,0 +1,29 @@
+"""The checkpoint card: everything besides the weights that captioning raw images needs.
+
+Saved as ``"card"`` in a checkpoint's ``config.json`` and read back strictly: a missing or
+unknown key is an error that names it, never a silent default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pairfree.captioner.conditioning import Conditioning
+from pairfree.captioner.generation import GenerationConfig
+from pairfree.config import from_dict
+
+
+@dataclass
+class CheckpointCard:
+    recipe: str  # the recipe that trained it ("imported" for original checkpoints)
+    clip: str  # the CLIP spec whose embeddings it reads
+    conditioning: Conditioning = field(default_factory=Conditioning)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None  # where an imported checkpoint came from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str = "card") -> CheckpointCard:
+        return from_dict(cls, data, where=where, complete=True)

@@ -1,0 +1,121 @@
+"""How a CLIP embedding becomes the decoder's condition, in training and at inference.
+
+One typed spec (:class:`Conditioning`) is saved in every checkpoint card and applied by one
+function (:func:`condition`) in both places, so a decoder is always fed at inference what it
+was trained to read:
+
+- ``normalize``: L2-normalize first and last (CapDec); the GANs use raw CLIP embeddings;
+- noise (training only): ``x = normalize(normalize(t) + eps)``, eps Gaussian with variance
+  ``noise_variance`` per dimension, or uniform in a ball of radius ``sqrt(noise_variance)``
+  (CapDec's ``noise_injection``);
+- a modality offset (mean image minus mean text embedding, from ``pairfree offset``): added to
+  text embeddings in training (``offset_mode="train"``) or subtracted from image embeddings at
+  inference (``offset_mode="inference"``);
+- DeCap projection (inference): the result is replaced by its softmax-weighted average over a
+  memory of caption text embeddings (``project_to``, a text feature store; ``tau``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pairfree.errors import PairfreeError
+from pairfree.projection import project_to_memory
+
+NOISE_KINDS = ("gaussian", "uniform")
+OFFSET_MODES = ("none", "train", "inference")
+
+
+@dataclass
+class Conditioning:
+    normalize: bool = True
+    noise_variance: float = 0.0
+    noise_kind: str = "gaussian"  # gaussian | uniform (in a ball of radius sqrt(variance))
+    offset: list[float] | None = None  # the modality offset, when offset_mode is not "none"
+    offset_mode: str = "none"  # none | train (added to text) | inference (subtracted from images)
+    project_to: str | None = None  # text feature store: DeCap projection memory at inference
+    tau: float = 0.01  # projection temperature
+
+    def __post_init__(self) -> None:
+        if self.noise_kind not in NOISE_KINDS:
+            raise PairfreeError(
+                f"unknown noise kind {self.noise_kind!r}: expected one of {NOISE_KINDS}"
+            )
+        if self.offset_mode not in OFFSET_MODES:
+            raise PairfreeError(
+                f"offset mode must be one of {OFFSET_MODES}, not {self.offset_mode!r}"
+            )
+        if self.offset_mode != "none" and self.offset is None:
+            raise PairfreeError(
+                f"offset mode {self.offset_mode!r} needs the offset (run `pairfree offset`)"
+            )
+        if self.noise_variance < 0:
+            raise PairfreeError(f"noise variance must be >= 0, not {self.noise_variance}")
+
+
+def uniform_ball(shape: torch.Size, radius: float, generator: torch.Generator | None = None):
+    """Points uniform in a d-ball of ``radius``: a random direction times radius * U^(1/d)."""
+    direction = F.normalize(torch.randn(shape, generator=generator), dim=-1)
+    u = torch.rand(shape[:-1] + (1,), generator=generator)
+    return direction * radius * u ** (1.0 / shape[-1])
+
+
+def condition(
+    x: torch.Tensor,
+    spec: Conditioning,
+    *,
+    training: bool,
+    memory: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The decoder's condition for embeddings ``x`` [B, d] under ``spec``.
+
+    ``training`` selects the training side (noise, a train-mode offset) or the inference side
+    (an inference-mode offset, projection onto ``memory``). ``generator`` draws the noise
+    (default: the global RNG).
+    """
+    if spec.normalize:
+        x = F.normalize(x, dim=-1)
+    # renormalize after adding anything; training always does (CapDec's noise_injection
+    # renormalizes even at zero noise), so training and inference agree bit for bit with it
+    renormalize = training
+    if training and spec.noise_variance > 0:
+        std = math.sqrt(spec.noise_variance)
+        if spec.noise_kind == "gaussian":
+            noise = torch.randn(x.shape, generator=generator) * std
+        else:
+            noise = uniform_ball(x.shape, std, generator)
+        x = x + noise.to(x.device, x.dtype)
+    if spec.offset_mode == ("train" if training else "inference"):
+        offset = torch.tensor(spec.offset, dtype=x.dtype, device=x.device)
+        x = x + offset if training else x - offset
+        renormalize = True
+    if spec.normalize and renormalize:
+        x = F.normalize(x, dim=-1)
+    if not training and spec.project_to is not None:
+        if memory is None:
+            raise PairfreeError(f"projection onto {spec.project_to} needs its memory loaded")
+        x = project_to_memory(x, memory.to(x.device), spec.tau)
+    return x
+
+
+def modality_offset(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Mean normalized image embedding minus mean normalized text embedding (the gap)."""
+    return F.normalize(image_embeds, dim=-1).mean(0) - F.normalize(text_embeds, dim=-1).mean(0)
+
+
+def save_offset(path: str | Path, offset: torch.Tensor, *, clip: str, pairs: int) -> None:
+    save_file({"offset": offset.contiguous()}, str(path), {"clip": clip, "pairs": str(pairs)})
+
+
+def load_offset(path: str | Path) -> list[float]:
+    path = Path(path)
+    if not path.is_file():
+        raise PairfreeError(f"offset file {path} does not exist (run `pairfree offset`)")
+    return load_file(str(path))["offset"].tolist()

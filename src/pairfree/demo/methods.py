@@ -1,0 +1,212 @@
+"""What the demo trains (named methods, each one's recipe config at world scale) and what a
+method's result holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pairfree.recipes import get_recipe
+from pairfree.world import WorldPaths, make_world
+
+WORLD_CLIP = "world:builtin"
+
+
+@dataclass
+class Method:
+    """A named way of training a captioner and of running it.
+
+    ``recipe`` trains it (a registered recipe name) with config ``overrides``; ``artifact``
+    is the checkpoint of the run that is scored (a GAN's ``best``, or its text-only
+    ``init/last`` to compare against); ``project`` adds DeCap projection onto the training
+    corpus at inference."""
+
+    name: str
+    overrides: dict[str, object] = field(default_factory=dict)
+    project: bool = False
+    recipe: str = "capdec"
+    artifact: str = "last"
+
+    @property
+    def needs_images(self) -> bool:
+        """Trained on world images (the GANs' unpaired ones, the upper bound's paired ones)."""
+        return self.recipe != "capdec" or self.overrides.get("condition") == "image"
+
+    @property
+    def training_key(self) -> str:
+        """Methods that differ only at inference share one trained run."""
+        options = ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
+        return f"{self.recipe}:{options}"
+
+
+DEMO_METHODS = (
+    Method("CapDec, noise 0.016", {"noise.variance": 0.016}),
+    Method("no noise", {"noise.variance": 0.0}),
+)
+TEXT_METHODS = (
+    *DEMO_METHODS,
+    Method("no noise + DeCap projection", {"noise.variance": 0.0}, project=True),
+)
+NOISE_SWEEP = tuple(
+    Method(f"CapDec, noise {v}", {"noise.variance": v}) for v in (0.001, 0.004, 0.064)
+)
+GAN_METHODS = (
+    Method("CgT-GAN: its text-only init", recipe="cgtgan", artifact="init/last"),
+    Method("CgT-GAN", recipe="cgtgan", artifact="best"),
+    Method("SCST-GAN: its MMD init", recipe="scst-gan", artifact="init/last"),
+    Method("SCST-GAN", recipe="scst-gan", artifact="best"),
+)
+PAIRED_UPPER_BOUND = Method(
+    "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
+)
+FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, PAIRED_UPPER_BOUND, *GAN_METHODS)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    test_preset: str  # the world whose held-out images were captioned
+    scores: dict[str, float | None]
+    captions: dict[str, str]
+    train_seconds: float
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    preset: str = "default"
+    seed: int = 0
+    n_corpus: int = 6000
+    n_test: int = 200
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 2e-3
+    clip: str = WORLD_CLIP
+    beams: int = 3
+    # the unpaired recipes also need images without captions (and a few with, to validate)
+    n_train_images: int = 0
+    n_val: int = 0
+    gan_steps: int = 150
+    gan_batch_size: int = 32
+    gan_lr: float = 2e-5
+
+    def with_images(self, n_train_images: int = 1500, n_val: int = 100) -> DemoConfig:
+        return replace(self, n_train_images=n_train_images, n_val=n_val)
+
+    @property
+    def lm_dir(self) -> Path:
+        """The untrained world GPT-2 every method starts from."""
+        return Path(self.out) / "world-lm"
+
+    @property
+    def encoder_dir(self) -> Path:
+        """The untrained world RoBERTa the GANs' discriminators start from."""
+        return Path(self.out) / "world-encoder"
+
+    @property
+    def corpus_features(self) -> Path:
+        """The encoded corpus the text-only runs share (and DeCap projects onto)."""
+        return Path(self.out) / "features" / f"{self.preset}-{self.seed}-{self.n_corpus}-corpus"
+
+    def world(self, preset: str | None = None) -> WorldPaths:
+        """The world of ``preset`` (default: the training preset), made once."""
+        preset = preset or self.preset
+        counts = (self.n_train_images, self.n_val, self.n_test, self.n_corpus)
+        return make_world(
+            Path(self.out) / f"world-{preset}-{self.seed}-{'-'.join(map(str, counts))}",
+            preset=preset,
+            n_train_images=self.n_train_images,
+            n_val=self.n_val,
+            n_test=self.n_test,
+            n_corpus=self.n_corpus,
+            seed=self.seed,
+        )
+
+    def run_dir(self, method: Method) -> Path:
+        slug = "".join(c if c.isalnum() else "-" for c in method.training_key)
+        return Path(self.out) / "runs" / f"{slug}-{self.preset}-{self.seed}"
+
+
+def capdec_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2. The paired upper
+    bound (``condition=image``) trains the same way on the world's captioned train images."""
+    world = cfg.world()
+    paired = method.overrides.get("condition") == "image"
+    features = cfg.corpus_features
+    return {
+        "clip": cfg.clip,
+        "features": str(
+            features.with_name(f"{cfg.preset}-{cfg.seed}-paired") if paired else features
+        ),
+        "corpus": {
+            "path": str(world.dataset if paired else world.corpus),
+            "val_fraction": 0.02,
+            "max_tokens": 48,
+        },
+        "model": {"lm": str(cfg.lm_dir), "mapper": "mlp", "prefix_length": 10},
+        "train": {
+            "output_dir": str(cfg.run_dir(method)),
+            "max_steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "warmup_steps": cfg.steps // 10,
+            "checkpoint_every": cfg.steps,
+            "log_every": 50,
+            "eval_every": cfg.steps,
+            "seed": cfg.seed,
+        },
+        "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": None},
+    }
+
+
+def gan_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
+    an untrained 2-layer world RoBERTa as the discriminator (trained at 1e-3), the paper's
+    reward schedule shortened to the run (lambda held at 0 for a sixth of it, then ramped
+    over half of it), the best checkpoint by validation CIDEr."""
+    world = cfg.world()
+    return {
+        "clip": cfg.clip,
+        "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-unpaired"),
+        "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
+        "images": {"path": str(world.dataset), "split": "train"},
+        "val": {"dataset": str(world.dataset), "split": "val"},
+        "model": {"lm": str(cfg.lm_dir), "mapper": "mlp", "prefix_length": 10},
+        "init": {
+            "train": {
+                "max_steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "warmup_steps": cfg.steps // 10,
+                "seed": cfg.seed,
+                "log_every": 50,
+            }
+        },
+        "gan": {
+            "discriminator": str(cfg.encoder_dir),
+            # untrained, unlike roberta-base: at the generator's 2e-5 it would barely learn
+            "discriminator_lr": 1e-3,
+            "hold_steps": cfg.gan_steps // 6,
+            "ramp_steps": cfg.gan_steps // 2,
+        },
+        "train": {
+            "output_dir": str(cfg.run_dir(method)),
+            "max_steps": cfg.gan_steps,
+            "batch_size": cfg.gan_batch_size,
+            "lr": cfg.gan_lr,
+            "warmup_steps": 10,
+            "eval_every": cfg.gan_steps // 4,
+            "checkpoint_every": cfg.gan_steps // 4,
+            "log_every": 20,
+            "seed": cfg.seed,
+        },
+        "generation": {"num_beams": 1, "max_new_tokens": 48, "stop": None},
+    }
+
+
+def method_config(cfg: DemoConfig, method: Method) -> Any:
+    """The recipe config of ``method``'s run on ``cfg``'s world."""
+    settings = capdec_settings if method.recipe == "capdec" else gan_settings
+    overrides = [f"{k}={v}" for k, v in method.overrides.items()]
+    return get_recipe(method.recipe).build_config(settings(cfg, method), overrides)

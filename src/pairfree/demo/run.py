@@ -1,0 +1,138 @@
+"""Train the demo's methods on a world and score them on held-out world images.
+
+Scoring is the experiment runner's (:mod:`pairfree.experiment`: caption the test set, COCO
+metrics and CLIPScore with the world CLIP) plus the world's truth metrics, which parse each
+caption back into objects and compare them with the scene the image was rendered from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from pairfree.clip import ClipEncoder, load_clip
+from pairfree.demo.methods import DEMO_METHODS, DemoConfig, Method, MethodResult, method_config
+from pairfree.demo.report import html_report, results_table
+from pairfree.errors import PairfreeError
+from pairfree.experiment import TestSet, caption_test_set, score_captions, train_recipe
+from pairfree.io import atomic_write_json, atomic_write_text
+from pairfree.job import Job
+from pairfree.pipeline import Captioner
+from pairfree.training.text_only import encode_corpus
+from pairfree.world import load_scenes, truth_metrics
+from pairfree.world.lm import build_world_encoder, build_world_lm
+
+DEMO_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def train_one(cfg: DemoConfig, method: Method, progress: bool = True) -> tuple[Path, float]:
+    """Train ``method``'s run from scratch; returns (run directory, seconds)."""
+    start = time.time()
+    config = method_config(cfg, method)
+    train_recipe(method.recipe, config, resume=False, progress=progress)
+    return Path(config.train.output_dir), time.time() - start
+
+
+def train_methods(
+    cfg: DemoConfig, methods: Sequence[Method], *, progress: bool = True, jobs: int = 1
+) -> dict[str, tuple[Path, float]]:
+    """Train every distinct run the methods need on ``cfg.preset``'s world, from scratch.
+
+    With ``jobs > 1`` the text-only runs, which share one encoded corpus, train in that many
+    processes at once (the corpus is encoded first, here, so no two processes write it); the
+    others run one after another. Returns training key -> (run directory, seconds)."""
+    if any(m.needs_images for m in methods) and (cfg.n_train_images < 1 or cfg.n_val < 1):
+        raise PairfreeError("these methods train on world images: use DemoConfig.with_images()")
+    cfg.world()
+    if not (cfg.lm_dir / "config.json").exists():
+        build_world_lm(cfg.lm_dir)
+    if (
+        any(m.recipe != "capdec" for m in methods)
+        and not (cfg.encoder_dir / "config.json").exists()
+    ):
+        build_world_encoder(cfg.encoder_dir)
+    runs = {m.training_key: m for m in methods}
+    parallel = [m for m in runs.values() if m.recipe == "capdec" and not m.needs_images]
+    trained: dict[str, tuple[Path, float]] = {}
+    if jobs > 1 and len(parallel) > 1:
+        corpus = method_config(cfg, parallel[0]).corpus
+        encode_corpus(load_clip(cfg.clip), corpus, cfg.corpus_features, Job(progress=progress))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:  # fmt: skip
+            futures = {m.training_key: pool.submit(train_one, cfg, m, False) for m in parallel}
+            trained = {key: future.result() for key, future in futures.items()}
+    for key, method in runs.items():
+        if key not in trained:
+            trained[key] = train_one(cfg, method, progress)
+    return trained
+
+
+def score_world_captions(
+    captions: dict[str, str], test: TestSet, scenes: dict, clip: ClipEncoder
+) -> dict[str, float | None]:
+    """COCO metrics, CLIPScore (world CLIP) and the world's truth metrics of ``captions``."""
+    report = score_captions(captions, test, clip=clip, metrics=DEMO_METRICS, by_domain=False)
+    scores = dict(report.scores["overall"])
+    scores.update(truth_metrics(captions, {i: scenes[i] for i in captions}))
+    return scores
+
+
+def run_methods(
+    cfg: DemoConfig,
+    methods: Sequence[Method] = DEMO_METHODS,
+    *,
+    test_presets: Sequence[str] = (),
+    progress: bool = True,
+    jobs: int = 1,
+) -> list[MethodResult]:
+    """Train each method on ``cfg.preset``'s world and score it on the held-out images of each
+    of ``test_presets`` (default: the training world)."""
+    trained = train_methods(cfg, methods, progress=progress, jobs=jobs)
+    clip = load_clip(cfg.clip)
+    results = []
+    for preset in test_presets or (cfg.preset,):
+        world = cfg.world(preset)
+        test = TestSet.load(world.dataset, split="test")
+        scenes = load_scenes(world.scenes)
+        for method in methods:
+            run, seconds = trained[method.training_key]
+            captioner = Captioner.from_pretrained(
+                run / method.artifact,
+                clip=clip,
+                project_to=cfg.corpus_features if method.project else None,
+            )
+            captions = caption_test_set(captioner, test)
+            scores = score_world_captions(captions, test, scenes, clip)
+            results.append(MethodResult(method.name, preset, scores, captions, seconds))
+    return results
+
+
+def run_demo(
+    cfg: DemoConfig,
+    methods: Sequence[Method] = DEMO_METHODS,
+    *,
+    progress: bool = True,
+    jobs: int = 1,
+) -> tuple[str, Path]:
+    """Run the demo; returns the markdown table and the path of the HTML report."""
+    results = run_methods(cfg, methods, progress=progress, jobs=jobs)
+    out = Path(cfg.out)
+    atomic_write_json(
+        out / "results.json",
+        [
+            {"method": r.method, "scores": r.scores, "train_seconds": r.train_seconds}
+            for r in results
+        ],
+    )
+    report = out / "report.html"
+    atomic_write_text(report, html_report(results, cfg.world()))
+    return results_table(results), report

@@ -1,0 +1,56 @@
+"""The one object a batch job carries through its stages: which process it is among how many,
+what it skipped, and whether it shows progress.
+
+Every stage (encoding, aggregation, training data preparation) takes a :class:`Job` instead of
+loose rank / world-size / barrier / skip-log / progress arguments, so the same code runs as one
+process or under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from accelerate import PartialState
+
+from pairfree.errors import SkipLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Processes (accelerate's :class:`PartialState`), the skip log and the progress switch."""
+
+    state: PartialState = field(default_factory=PartialState)
+    skip_log: SkipLog = field(default_factory=SkipLog)
+    progress: bool = True
+
+    @classmethod
+    def create(cls, *, cpu: bool = False, strict: bool = False, progress: bool = True) -> Job:
+        return cls(PartialState(cpu=cpu), SkipLog(strict=strict), progress)
+
+    @property
+    def process_index(self) -> int:
+        return self.state.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars are drawn by the main process only."""
+        return self.progress and self.is_main_process
+
+    def wait_for_everyone(self) -> None:
+        self.state.wait_for_everyone()
+
+    def log_skips(self) -> None:
+        """Report what was skipped so far (once, from the main process)."""
+        if self.skip_log and self.is_main_process:
+            logger.warning(self.skip_log.summary())
