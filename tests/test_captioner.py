@@ -275,6 +275,9 @@ class RefClipCaptionModel(nn.Module):
         return self.gpt(inputs_embeds=embedding_cat, attention_mask=mask).logits
 
 
+REF_LM = GPT2Config(vocab_size=100, n_positions=32, n_embd=128, n_layer=2, n_head=2)
+
+
 def original_checkpoint(mapper: str):
     torch.manual_seed(0)
     reference = RefClipCaptionModel(mapper, prefix_length=5).eval()
@@ -295,7 +298,7 @@ def original_checkpoint(mapper: str):
 @pytest.mark.parametrize("mapper", ["mlp", "transformer"])
 def test_imported_original_checkpoint_matches_the_reference(mapper, tmp_path):
     state_dict, inputs, expected = original_checkpoint(mapper)
-    model = import_clipcap_state_dict(state_dict, mapper=mapper, prefix_length=5)
+    model = import_clipcap_state_dict(state_dict, mapper=mapper, prefix_length=5, lm_config=REF_LM)
     assert model.config.mapper == mapper and model.config.embed_dim == EMBED_DIM
     if mapper == "transformer":
         assert (model.config.clip_length, model.config.mapper_layers) == (3, 2)
@@ -304,9 +307,32 @@ def test_imported_original_checkpoint_matches_the_reference(mapper, tmp_path):
 
     path = tmp_path / "coco_prefix-009.pt"
     torch.save(state_dict, path)
-    loaded = load_original_checkpoint(path)  # every size inferred
+    loaded = load_original_checkpoint(path, lm_config=REF_LM)  # the mapper's sizes inferred
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_importer_refuses_to_guess_the_head_count(tmp_path):
+    """No tensor shows GPT-2's head count: a non-released size needs the LM's config, and a
+    wrong one would give wrong logits without any error."""
+    state_dict, inputs, expected = original_checkpoint("mlp")
+    path = tmp_path / "small.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(BadInputError, match="small.pt.*head count.*--lm-config"):
+        load_original_checkpoint(path)
+    wrong = GPT2Config(vocab_size=100, n_positions=32, n_embd=128, n_layer=2, n_head=4)
+    with torch.no_grad():
+        logits = load_original_checkpoint(path, lm_config=wrong)(*inputs).logits
+    assert not torch.allclose(logits, expected, atol=1e-3)
+    # the released sizes are known: GPT-2 small is 12 layers of width 768, 12 heads
+    from pairfree.captioner.convert import _gpt2_config
+
+    meta = {"transformer.wte.weight": torch.empty(50257, 768, device="meta"),
+            "transformer.wpe.weight": torch.empty(1024, 768, device="meta"),
+            "transformer.h.0.mlp.c_fc.weight": torch.empty(768, 3072, device="meta")}  # fmt: skip
+    meta.update({f"transformer.h.{i}.ln_1.weight": torch.empty(768) for i in range(12)})
+    config = _gpt2_config(meta)
+    assert (config.n_head, config.n_layer, config.n_inner) == (12, 12, 3072)
 
 
 class NotATensor:
@@ -318,14 +344,14 @@ def test_original_checkpoint_errors_name_the_file(tmp_path):
     path = tmp_path / "coco_prefix-009.pt"
     torch.save(state_dict, path)
     with pytest.raises(BadInputError, match="coco_prefix-009.pt.*prefix_length=40"):
-        load_original_checkpoint(path, prefix_length=40)
+        load_original_checkpoint(path, prefix_length=40, lm_config=REF_LM)
     with pytest.raises(BadInputError, match="transformer"):
-        load_original_checkpoint(path, mapper="transformer")
+        load_original_checkpoint(path, mapper="transformer", lm_config=REF_LM)
     state_dict["gpt.lm_head.weight"] = state_dict["gpt.lm_head.weight"] + 1.0
     untied = tmp_path / "untied.pt"
     torch.save(state_dict, untied)
     with pytest.raises(BadInputError, match="untied.pt.*tied weights differ"):
-        load_original_checkpoint(untied)
+        load_original_checkpoint(untied, lm_config=REF_LM)
     pickled = tmp_path / "arbitrary.pt"
     torch.save({"model": NotATensor()}, pickled)
     with pytest.raises(BadInputError, match="arbitrary.pt"):

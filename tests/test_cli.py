@@ -219,6 +219,13 @@ def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
     )
     torch.testing.assert_close(imported(cond, ids, mask).logits, model(cond, ids, mask).logits)
     assert card.clip == "hf:none" and card.recipe == "imported"
+    # decoded as the original generate_beam: its search, beam 5, no end-of-text stop
+    generation = card.generation
+    assert (generation.search, generation.num_beams, generation.stop_at_eos) == (
+        "clipcap",
+        5,
+        False,
+    )
 
 
 def test_encode_under_accelerate_launch_covers_every_item_once(world, tiny_clip_dir, tmp_path):

@@ -3,7 +3,9 @@
 Those are ``torch.save(model.state_dict())`` of ClipCap's ``ClipCaptionModel``: ``gpt.*`` is a
 ``GPT2LMHeadModel`` and ``clip_project.*`` the mapper. Our mappers keep ClipCap's parameter
 names, so importing is a rename (``gpt.`` -> ``lm.``, ``clip_project.`` -> ``mapper.``), with
-every size read from the tensors themselves.
+every size read from the tensors themselves - except GPT-2's attention head count, which no
+tensor shows: it is taken from the released GPT-2 sizes, or from the LM config the user gives
+(whose other sizes the tensors must then match), and never guessed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.errors import BadInputError
 
-GPT2_HEAD_DIM = 64  # every released GPT-2 size uses 64-dim heads
+# the released GPT-2 sizes, (width, layers) -> attention heads: the head count is the one size
+# a state dict does not show, so it is inferred only for these
+RELEASED_GPT2_HEADS = {(768, 12): 12, (1024, 24): 16, (1280, 36): 20, (1600, 48): 25}
 LEGACY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old GPT-2 versions saved
 
 
@@ -102,19 +106,23 @@ def _layer_count(state: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def _gpt2_config(lm_state: dict[str, torch.Tensor]) -> GPT2Config:
+    """GPT-2's config read off its tensors; the head count only for a released size."""
     wte = _tensor(lm_state, "transformer.wte.weight", "gpt.")
     wpe = _tensor(lm_state, "transformer.wpe.weight", "gpt.")
-    n_embd = wte.shape[1]
-    if n_embd % GPT2_HEAD_DIM:
+    n_embd, n_layer = wte.shape[1], _layer_count(lm_state, "transformer.h.")
+    n_head = RELEASED_GPT2_HEADS.get((n_embd, n_layer))
+    if n_head is None:
         raise ValueError(
-            f"GPT-2 width {n_embd} is not a multiple of {GPT2_HEAD_DIM}; pass lm_config"
+            f"gpt.* is a {n_layer}-layer, {n_embd}-wide GPT-2, not a released size, and its "
+            "attention head count cannot be read from the tensors: give the LM's config "
+            "(--lm-config DIR_OR_HUB_ID)"
         )
     return GPT2Config(
         vocab_size=wte.shape[0],
         n_positions=wpe.shape[0],
         n_embd=n_embd,
-        n_layer=_layer_count(lm_state, "transformer.h."),
-        n_head=n_embd // GPT2_HEAD_DIM,
+        n_layer=n_layer,
+        n_head=n_head,
         n_inner=_tensor(lm_state, "transformer.h.0.mlp.c_fc.weight", "gpt.").shape[1],
     )
 

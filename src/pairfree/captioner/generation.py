@@ -4,8 +4,15 @@ The prefix is fed once as ``inputs_embeds``; after that the LM sees one token pe
 and reads the past from its KV cache. Rows that finish leave the batch (the cache is
 re-indexed with them), so a batch of images costs about as much as its longest caption.
 
-Beam search scores a finished hypothesis as Hugging Face does:
-``sum of token log-probs / length ** length_penalty``, the length counting the stop token.
+Two beam searches (``search=``):
+
+- ``"hf"``: as Hugging Face's: ``num_beams`` hypotheses keep growing while finished ones wait in
+  a separate list, scored ``sum of token log-probs / length ** length_penalty`` (the length
+  counting the stop token);
+- ``"clipcap"``: as ClipCap's and CapDec's ``generate_beam``: finished hypotheses keep their beam
+  slot (extended by token 0 at no cost), every slot is re-ranked each step by its mean token
+  log-probability, so fewer beams keep growing as beams finish; the best is the one with the
+  highest mean. Greedy decoding in this mode is their ``generate2``, which also stops at " .".
 
 :class:`GenerationConfig` is the one definition of a checkpoint's decoding settings; it is
 saved in the checkpoint card and turned into :func:`generate`'s arguments by
@@ -23,6 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 EARLY_STOPPING = (False, True, "never")
+SEARCHES = ("hf", "clipcap")
 
 
 @dataclass
@@ -32,13 +40,22 @@ class GenerationConfig:
     num_beams: int = 5
     max_new_tokens: int = 67
     stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
-    length_penalty: float = 1.0
+    length_penalty: float = 1.0  # "hf" beam search only
+    search: str = "hf"  # "hf" | "clipcap" (see the module docstring)
+    stop_at_eos: bool = True  # end-of-text ends a caption (the original ClipCap never stops there)
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, not {self.search!r}")
 
     def stop_token_ids(self, tokenizer) -> list[int]:
-        """The token that ends a caption at ``stop`` (its last token), if any."""
-        if not self.stop:
-            return []
-        return tokenizer(self.stop, add_special_tokens=False)["input_ids"][-1:]
+        """The tokens that end a caption: ``stop``'s last token, and in ClipCap's greedy
+        decoding (``generate2``) also the last token of " ." (GPT-2's 764)."""
+        stops = [self.stop] if self.stop else []
+        if self.search == "clipcap" and self.num_beams == 1:
+            stops.append(" .")
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"][-1:] for text in stops]
+        return sorted({i for tokens in ids for i in tokens})
 
     def generate_kwargs(self, tokenizer) -> dict[str, Any]:
         """These settings as keyword arguments of :func:`generate`."""
@@ -46,8 +63,9 @@ class GenerationConfig:
             "num_beams": self.num_beams,
             "max_new_tokens": self.max_new_tokens,
             "stop_token_ids": self.stop_token_ids(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.eos_token_id if self.stop_at_eos else None,
             "length_penalty": self.length_penalty,
+            "search": self.search,
         }
 
 
@@ -119,6 +137,7 @@ def generate(
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    search: str = "hf",
 ) -> list[list[int]]:
     """Continue each prefix ``[B, k, h]`` with greedy decoding, beam search or sampling.
 
@@ -127,7 +146,10 @@ def generate(
     ``eos_token_id`` (dropped), or after ``max_new_tokens``. ``early_stopping`` ends a beam search
     as Hugging Face's does: ``False`` once no running beam is likely to beat the finished ones,
     ``True`` as soon as ``num_beams`` hypotheses finished, ``"never"`` only when none can.
+    ``search="clipcap"`` runs ClipCap's beam search instead (see the module docstring).
     """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     _check_args(
         prefix,
         num_beams=num_beams,
@@ -142,7 +164,16 @@ def generate(
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
     stepper = _Stepper(lm, prefix, use_cache)
     logits = stepper.start()
-    if num_beams > 1:
+    if num_beams > 1 and search == "clipcap":
+        sequences = _clipcap_beam_search(
+            stepper,
+            logits,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+        )
+    elif num_beams > 1:
         sequences = _beam_search(
             stepper,
             logits,
@@ -167,6 +198,65 @@ def generate(
         for seq in sequences:
             if seq and seq[-1] == eos_token_id:
                 seq.pop()
+    return sequences
+
+
+def _clipcap_beam_search(
+    stepper: _Stepper,
+    logits: torch.Tensor,
+    *,
+    num_beams: int,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+) -> list[list[int]]:
+    """ClipCap's ``generate_beam``, batched over inputs and run on the KV cache.
+
+    Every input keeps ``num_beams`` slots. A slot that produced a stop token stays in the race
+    with its score frozen (it may only add token 0, at log-probability 0, and its length stops
+    growing); each step all ``num_beams * V`` continuations are ranked by mean token
+    log-probability (ClipCap's ``softmax().log()``, not ``log_softmax``). An input is done when
+    all its slots are stopped; its slots are then ranked by mean log-probability.
+    """
+    batch, k = logits.shape[0], num_beams
+    vocab = logits.shape[-1]
+    device = logits.device
+    stop_ids = stop_ids.to(device)
+    scores, first = logits.softmax(-1).log().topk(k, -1)  # [B, k]
+    tokens = first[..., None]  # [B, k, t]
+    lengths = torch.ones(batch, k, device=device)
+    stopped = torch.isin(first, stop_ids)
+    done = stopped.all(dim=1)
+    stepper.select(torch.arange(batch).repeat_interleave(k))
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        step = stepper.step(tokens[..., -1].reshape(-1)).softmax(-1).log().view(batch, k, vocab)
+        step[stopped] = -float("inf")
+        step[..., 0][stopped] = 0.0
+        grown = lengths + (~stopped).float()
+        mean = (scores[..., None] + step) / grown[..., None]
+        best, index = mean.view(batch, k * vocab).topk(k, -1)
+        source, token = index // vocab, index % vocab
+        new_lengths = grown.gather(1, source)
+        new_tokens = torch.cat(
+            (tokens.gather(1, source[..., None].expand_as(tokens)), token[..., None]), -1
+        )
+        new_stopped = stopped.gather(1, source) | torch.isin(token, stop_ids)
+        keep = done[:, None]  # finished inputs stay as they were (ClipCap stopped there)
+        lengths = torch.where(keep, lengths, new_lengths)
+        pad = torch.zeros_like(token)[..., None]
+        tokens = torch.where(keep[..., None], torch.cat((tokens, pad), -1), new_tokens)
+        scores = torch.where(keep, scores, best * new_lengths)
+        stopped = torch.where(keep, stopped, new_stopped)
+        order = torch.where(keep, torch.arange(k, device=device).expand(batch, k), source)
+        stepper.select((torch.arange(batch, device=device)[:, None] * k + order).reshape(-1))
+        done = stopped.all(dim=1)
+    sequences = []
+    for b in range(batch):
+        mean = scores[b] / lengths[b]
+        for slot in mean.argsort(descending=True)[:num_return_sequences].tolist():
+            sequences.append(tokens[b, slot, : int(lengths[b, slot])].tolist())
     return sequences
 
 

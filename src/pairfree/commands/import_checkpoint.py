@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         recipe="imported",
         clip=args.clip,
         conditioning=Conditioning(normalize=args.normalize),
-        generation=GenerationConfig(num_beams=5, max_new_tokens=67, stop=args.stop),
+        # as the original generate_beam: its beam search, beam 5, 67 tokens, no end-of-text stop
+        generation=GenerationConfig(
+            num_beams=5, max_new_tokens=67, stop=args.stop, search="clipcap", stop_at_eos=False
+        ),
         source=str(args.checkpoint),
     )
     save_captioner(model, tokenizer, args.out, card)

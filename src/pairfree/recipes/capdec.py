@@ -6,7 +6,9 @@ uniform in a ball of radius sigma, and minimize the caption's token cross-entrop
 covers the region where image embeddings of the same content fall, so at inference the
 normalized CLIP *image* embedding can be fed in its place. Options from the paper and its
 code: no normalization, a modality offset (mean image minus mean text embedding) added in
-training or subtracted at inference, gender rebalancing of the corpus, open-text mixing.
+training or subtracted at inference, gender rebalancing of the text CLIP encodes, open-text
+mixing. Captions are decoded as CapDec's ``generate_beam`` does (``search="clipcap"``, beam 5,
+stop at "."); see :mod:`pairfree.captioner.conditioning` for how the embedding is fed.
 
 ``condition=image`` trains the same decoder on each caption's own image embedding instead: the
 paired ClipCap upper bound to compare text-only runs with (it needs a captioned dataset).
@@ -75,7 +77,9 @@ class CapDecConfig:
         default_factory=lambda: TrainConfig(epochs=10, lr=2e-5, warmup_steps=5000, batch_size=40)
     )
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=5, max_new_tokens=67, stop=".")
+        default_factory=lambda: GenerationConfig(
+            num_beams=5, max_new_tokens=67, stop=".", search="clipcap"
+        )
     )
 
     @property
