@@ -1,4 +1,6 @@
 import math
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 
 from pairfree.captioner import Conditioning, condition, modality_offset
 from pairfree.captioner.conditioning import uniform_ball
-from pairfree.data import mix_open_text, open_text_sentences, rebalance_gender
+from pairfree.data import mix_open_text, open_text_sentences, randomize_gender
 from pairfree.errors import PairfreeError
 
 
@@ -70,28 +72,105 @@ def test_offset_is_added_where_configured():
 MALE = ["a man riding a horse", "a boy and his father"]
 FEMALE = ["a woman holding her bag", "two girls playing"]
 NEUTRAL = ["a dog on a bench"]
+# CapDec's gender_terms_map, word by word (embeddings_generator.py): every word must be known
+CAPDEC_MALE = [
+    "boy",
+    "brother",
+    "dad",
+    "husband",
+    "man",
+    "groom",
+    "male",
+    "guy",
+    "men",
+    "males",
+    "boys",
+    "guys",
+    "dads",
+    "dude",
+    "policeman",
+    "policemen",
+    "boyfriend",
+    "father",
+    "son",
+    "fireman",
+    "he",
+    "actor",
+    "gentleman",
+    "mans",
+    "his",
+    "actors",
+]
+CAPDEC_FEMALE = [
+    "girl",
+    "sister",
+    "mom",
+    "wife",
+    "woman",
+    "bride",
+    "female",
+    "lady",
+    "women",
+    "girls",
+    "ladies",
+    "females",
+    "moms",
+    "actress",
+    "nun",
+    "policewoman",
+    "girlfriend",
+    "mother",
+    "daughter",
+    "she",
+    "actress",
+    "lady",
+    "women",
+    "her",
+    "actresses",
+]  # its "fire woman" is two words, which its word-by-word matching never met
 
 
-def test_gender_rebalancing_swaps_with_probability_p_in_the_configured_direction():
+def capdec_randomize(caption: str, rng: random.Random) -> str:
+    """CapDec's change_gender_randomly re-derived: each gendered word independently becomes
+    the male or the female form with probability 1/2 (our pairs in place of its columns)."""
+    from pairfree.data.editing import FEMALE_TO_MALE, MALE_TO_FEMALE
+
+    words = []
+    for word in caption.split(" "):
+        male = word if word in MALE_TO_FEMALE else FEMALE_TO_MALE.get(word)
+        if male is None:
+            words.append(word)
+        else:
+            words.append([male, MALE_TO_FEMALE[male]][rng.randint(0, 1)])
+    return " ".join(words)
+
+
+def test_gender_words_flip_independently_with_probability_p_in_qualifying_captions():
+    from pairfree.data.editing import FEMALE_TO_MALE, MALE_TO_FEMALE
+
+    assert set(CAPDEC_MALE) <= MALE_TO_FEMALE.keys()
+    assert set(CAPDEC_FEMALE) <= FEMALE_TO_MALE.keys()
     texts = MALE * 500 + FEMALE * 500 + NEUTRAL * 10
-    both = rebalance_gender(texts, "both", p=0.5, seed=0)
-    swapped = [a != b for a, b in zip(texts, both, strict=True)]
-    assert abs(sum(swapped[:1000]) / 1000 - 0.5) < 0.06
-    assert abs(sum(swapped[1000:2000]) / 1000 - 0.5) < 0.06
+    both = randomize_gender(texts, "both", p=0.5, seed=0)
     assert both[2000:] == NEUTRAL * 10
-    assert "a woman riding a horse" in both and "a girl and her mother" in both
-    assert "a man holding his bag" in both and "two boys playing" in both
+    # "a boy and his father": three gendered words, each flipped on its own
+    variants = Counter(both[1:1000:2])
+    assert len(variants) == 8 and all(40 < n < 90 for n in variants.values())
+    assert "a girl and his mother" in variants  # per word, not per caption
+    # the same distribution as CapDec's per-word coin (a flip with p = 1/2 = a random form)
+    rng = random.Random(1)
+    reference = Counter(capdec_randomize(MALE[1], rng) for _ in range(500))
+    assert set(reference) == set(variants)
 
-    male_only = rebalance_gender(texts, "male-only", p=1.0)
-    assert male_only[:1000] == ["a woman riding a horse", "a girl and her mother"] * 500
+    male_only = randomize_gender(texts, "male-only", p=1.0)
+    assert male_only[:2] == ["a woman riding a horse", "a girl and her mother"]
     assert male_only[1000:] == texts[1000:]
-    female_only = rebalance_gender(texts, "female-only", p=1.0)
-    assert female_only[:1000] == texts[:1000]
-    assert female_only[1000:1002] == ["a man holding his bag", "two boys playing"]
-    assert rebalance_gender(texts, "none") == texts
-    assert rebalance_gender(["A Man walks"], "both", p=1.0) == ["A Woman walks"]
+    mixed = randomize_gender(["a man and a woman"], "female-only", p=1.0)
+    assert mixed == ["a woman and a man"]  # qualifies by its female word; every word flips
+    assert randomize_gender(texts, "none") == texts
+    assert randomize_gender(["A Man walks."], "both", p=1.0) == ["A Woman walks."]
     with pytest.raises(PairfreeError):
-        rebalance_gender(texts, "sideways")
+        randomize_gender(texts, "sideways")
 
 
 def test_open_text_keeps_sentences_of_4_to_20_words(tmp_path):
@@ -120,15 +199,23 @@ def test_one_conditioning_spec_drives_training_and_inference():
     )
     torch.testing.assert_close(condition(x, train_mode, training=False), unit)
     at_inference = Conditioning(offset=offset.tolist(), offset_mode="inference")
-    torch.testing.assert_close(
-        condition(x, at_inference, training=False), F.normalize(unit - offset, dim=-1)
-    )
+    # CapDec's predictions_runner subtracts the offset from the normalized image embedding
+    # and feeds the result as it is
+    torch.testing.assert_close(condition(x, at_inference, training=False), unit - offset)
     torch.testing.assert_close(condition(x, at_inference, training=True), unit)
     noisy = Conditioning(noise_variance=0.5)
     assert not torch.allclose(condition(x, noisy, training=True), unit)
     assert torch.equal(condition(x, noisy, training=False), unit)  # no noise at inference
     raw = Conditioning(normalize=False)
     assert torch.equal(condition(x, raw, training=False), x)
+    assert torch.equal(condition(x, raw, training=True), x)
+    # with noise, CapDec renormalizes even when it was told not to normalize
+    raw_noisy = Conditioning(normalize=False, noise_variance=0.016)
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * math.sqrt(0.016)
+    torch.testing.assert_close(
+        condition(x, raw_noisy, training=True, generator=g), F.normalize(x + eps, dim=-1)
+    )
 
 
 def test_conditioning_rejects_what_it_cannot_apply():

@@ -215,6 +215,42 @@ def gan_args(world, clip_dir, gpt2_dir, roberta_dir, out, features, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def test_discriminator_rewards_come_before_its_update(
+    world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path, monkeypatch
+):
+    """CgT-GAN scores captions with the discriminator as it was before the step's update:
+    every reward pass (eval mode) sees the weights of the step's loss pass (train mode), and
+    CLIP reads the generated captions without their final period."""
+    from pairfree.training import adversarial
+
+    calls = []
+    forward = TextDiscriminator.forward
+
+    def spy(self, input_ids, attention_mask):
+        calls.append((self.training, float(self.head[0].weight.detach().sum())))
+        return forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(TextDiscriminator, "forward", spy)
+    read = []
+    original_reward_text = adversarial.without_final_period
+    monkeypatch.setattr(
+        adversarial, "without_final_period", lambda t: read.append(t) or original_reward_text(t)
+    )
+    out = tmp_path / "run"
+    args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, out,
+                    tmp_path / "features", **{"train.max_steps": 3, "train.lr": 0.1})  # fmt: skip
+    assert main(["train", "cgtgan", "--no-progress", *args]) == 0
+    pairs = list(zip(calls[::2], calls[1::2], strict=True))
+    assert len(pairs) == 3
+    for (loss_training, loss_weights), (reward_training, reward_weights) in pairs:
+        assert loss_training and not reward_training
+        assert reward_weights == loss_weights  # not yet updated
+    assert pairs[0][0][1] != pairs[1][0][1]  # ... but updated after the rewards
+    # the 32 corpus captions, read by the initialization and by the GAN phase, and every
+    # sampled and greedy caption of 3 steps of 4 images
+    assert len(read) == 2 * 32 + 3 * 4 * (3 + 1)
+
+
 @pytest.mark.parametrize(
     ("recipe", "options"),
     [
@@ -302,6 +338,9 @@ def test_paper_configs_resolve(path):
     recipe = data.pop("recipe")
     data.pop("evaluation")
     cfg = get_recipe(recipe).build_config(data)
+    # the initialization as CgT-GAN's initialization.py: batch 16, constant after warm-up
+    assert cfg.init.train.batch_size == 16 and cfg.init.train.schedule == "constant"
+    assert cfg.init.train.weight_decay == 0.05 and cfg.init.train.warmup_steps == 5000
     assert cfg.model.mapper == "mlp" and cfg.model.prefix_length == 10 and not cfg.normalize
     assert cfg.gan.temperature == (175 if Path(path).stem.startswith("coco_") else 100)
     assert cfg.train.select_metric == "CIDEr" and cfg.train.lr == 1e-5

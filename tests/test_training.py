@@ -153,3 +153,51 @@ def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
 
     with pytest.raises(PairfreeError, match="condition must be text or image"):
         train_capdec(build_config(CapDecConfig, None, [*args, "condition=images"]), progress=False)
+
+
+def test_clip_reads_the_edited_text_while_the_store_keeps_the_caption(tiny_clip_dir, tmp_path):
+    """CgT-GAN encodes captions without their final period; CapDec's gender rebalancing edits
+    only what CLIP reads. Either way the store's texts (the targets) are the captions."""
+    from pairfree.training.rewards import without_final_period
+    from pairfree.training.text_only import CorpusConfig, encode_corpus
+
+    captions = ["A man rides a horse.", "A dog sits ."]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(captions) + "\n")
+    clip, job = load_clip(f"hf:{tiny_clip_dir}"), Job(progress=False)
+
+    gan = encode_corpus(
+        clip, CorpusConfig(path=str(path)), tmp_path / "gan", job, clip_text=without_final_period
+    )
+    assert gan.texts == captions
+    expected = clip.encode_texts(["A man rides a horse", "A dog sits"])
+    torch.testing.assert_close(gan.tensor(), expected)
+
+    flipped = CorpusConfig(path=str(path), gender="both", gender_p=1.0)
+    capdec = encode_corpus(clip, flipped, tmp_path / "capdec", job)
+    assert capdec.texts == captions
+    expected = clip.encode_texts(["A woman rides a horse.", "A dog sits ."])
+    torch.testing.assert_close(capdec.tensor(), expected)
+    plain = encode_corpus(clip, CorpusConfig(path=str(path)), tmp_path / "plain", job)
+    assert not torch.allclose(plain.tensor()[0], capdec.tensor()[0])
+
+
+def test_weight_decay_spares_biases_and_layer_norm_weights():
+    """The originals' AdamW groups: names containing "bias" or "LayerNorm.weight" get none."""
+    from pairfree.training.trainer import TrainConfig, parameter_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = torch.nn.Linear(4, 4)
+            self.LayerNorm = torch.nn.LayerNorm(4)
+            self.ln_f = torch.nn.LayerNorm(4)  # GPT-2's name for a norm: decayed, as there
+
+    block = Block()
+    groups = parameter_groups(list(block.named_parameters()), 0.05, TrainConfig().no_decay)
+    names = {id(p): n for n, p in block.named_parameters()}
+    decayed = sorted(names[id(p)] for p in groups[0]["params"])
+    spared = sorted(names[id(p)] for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert decayed == ["dense.weight", "ln_f.weight"]
+    assert spared == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "ln_f.bias"]

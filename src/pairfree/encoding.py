@@ -31,22 +31,37 @@ def encode_captions(
     captions: Sequence[Caption],
     out_dir: str | Path,
     *,
+    clip_texts: Sequence[str] | None = None,
     normalize: bool = False,
     batch_size: int = 256,
     shard_size: int = 8192,
     dtype: str = "float32",
     job: Job | None = None,
 ) -> FeatureStore | None:
-    """Text-tower embeddings of ``captions``; empty captions are skipped and reported."""
+    """Text-tower embeddings of ``captions``; empty captions are skipped and reported.
 
-    def check(item: Item[Caption]) -> str:
-        if not item.value.text.strip():
-            raise BadInputError(
-                item.value.source, "empty caption", line=item.value.line, item_id=item.id
-            )
-        return item.value.text
+    ``clip_texts`` is what CLIP reads for each caption where that differs from the caption
+    (CapDec's gender rebalancing, CgT-GAN's captions without their final period); the store
+    keeps the captions themselves as its texts, the training targets.
+    """
+    if clip_texts is None:
+        clip_texts = [c.text for c in captions]
+    if len(clip_texts) != len(captions):
+        raise ValueError(f"{len(clip_texts)} CLIP texts for {len(captions)} captions")
 
-    items = [Item(i, c) for i, c in zip(caption_ids(captions), captions, strict=True)]
+    def caption_of(item: Item) -> Caption:
+        return item.value[0] if isinstance(item.value, tuple) else item.value
+
+    def check(item: Item) -> str:
+        caption = caption_of(item)
+        clip_text = item.value[1] if isinstance(item.value, tuple) else caption.text
+        if not caption.text.strip() or not clip_text.strip():
+            raise BadInputError(caption.source, "empty caption", line=caption.line, item_id=item.id)
+        return clip_text
+
+    # a caption CLIP reads as written is keyed as it always was, so existing stores stay valid
+    values = [c if t == c.text else (c, t) for c, t in zip(captions, clip_texts, strict=True)]
+    items = [Item(i, v) for i, v in zip(caption_ids(captions), values, strict=True)]
     info = StoreInfo(encoder=clip.name, kind="text", normalized=normalize, dtype=dtype)
     return write_store(
         out_dir,
@@ -54,6 +69,7 @@ def encode_captions(
         lambda texts: clip.encode_texts(texts, normalize=normalize, batch_size=len(texts)),
         info,
         load=check,
+        row_text=lambda item: caption_of(item).text,
         shard_size=shard_size,
         batch_size=batch_size,
         job=job,

@@ -68,6 +68,7 @@ def write_store(
     info: StoreInfo,
     *,
     load: Callable[[Item[T]], Any] | None = None,
+    row_text: Callable[[Item[T]], str] | None = None,
     shard_size: int = 4096,
     batch_size: int = 256,
     job: Job | None = None,
@@ -77,7 +78,8 @@ def write_store(
     Items are loaded and encoded ``batch_size`` at a time (only one batch of images is ever
     decoded in memory). ``load`` turns an item into what ``encode`` takes (an image path into a
     PIL image) and may raise :class:`BadInputError`; such items are skipped (recorded in the
-    shard and in ``job.skip_log``) unless the skip log is strict. Returns the opened store on
+    shard and in ``job.skip_log``) unless the skip log is strict. A text store keeps each
+    row's text: ``row_text(item)``, by default what was encoded. Returns the opened store on
     the main process (``None`` elsewhere).
     """
     out = Path(out_dir)
@@ -129,7 +131,9 @@ def write_store(
                 except BadInputError as err:
                     job.skip_log.skip(err)
                     skipped.append(err.to_record())
-            texts += values if info.kind == "text" else []
+                    continue
+                if info.kind == "text":
+                    texts.append(row_text(it) if row_text is not None else values[-1])
             if values:
                 arrays.append(encode(values).to(torch.float32).numpy().astype(info.dtype))
             bar.update(len(shard_items[b : b + batch_size]))

@@ -4,13 +4,20 @@ One typed spec (:class:`Conditioning`) is saved in every checkpoint card and app
 function (:func:`condition`) in both places, so a decoder is always fed at inference what it
 was trained to read:
 
-- ``normalize``: L2-normalize first and last (CapDec); the GANs use raw CLIP embeddings;
+- ``normalize``: L2-normalize the CLIP embedding first (CapDec); the GANs use it raw;
 - noise (training only): ``x = normalize(normalize(t) + eps)``, eps Gaussian with variance
   ``noise_variance`` per dimension, or uniform in a ball of radius ``sqrt(noise_variance)``
-  (CapDec's ``noise_injection``);
+  (CapDec's ``noise_injection``). As there, the noisy vector is renormalized even with
+  ``normalize=False``;
 - a modality offset (mean image minus mean text embedding, from ``pairfree offset``): added to
-  text embeddings in training (``offset_mode="train"``) or subtracted from image embeddings at
-  inference (``offset_mode="inference"``);
+  text embeddings before that renormalization in training (``offset_mode="train"``), or
+  subtracted from image embeddings at inference (``offset_mode="inference"``) without
+  renormalizing, as CapDec's ``predictions_runner`` does.
+
+One deliberate difference: CapDec's ``noise_injection`` returns its input untouched at zero
+noise variance, so a train-mode offset is silently dropped there; here the offset is added
+(and the result renormalized) whatever the variance, since asking for it and losing it is a
+bug. Apart from that, zero noise and no offset leave the (normalized) embedding as it is.
 - DeCap projection (inference): the result is replaced by its softmax-weighted average over a
   memory of caption text embeddings (``project_to``, a text feature store; ``tau``).
 """
@@ -82,9 +89,7 @@ def condition(
     """
     if spec.normalize:
         x = F.normalize(x, dim=-1)
-    # renormalize after adding anything; training always does (CapDec's noise_injection
-    # renormalizes even at zero noise), so training and inference agree bit for bit with it
-    renormalize = training
+    perturbed = False
     if training and spec.noise_variance > 0:
         std = math.sqrt(spec.noise_variance)
         if spec.noise_kind == "gaussian":
@@ -92,11 +97,14 @@ def condition(
         else:
             noise = uniform_ball(x.shape, std, generator)
         x = x + noise.to(x.device, x.dtype)
+        perturbed = True
     if spec.offset_mode == ("train" if training else "inference"):
         offset = torch.tensor(spec.offset, dtype=x.dtype, device=x.device)
-        x = x + offset if training else x - offset
-        renormalize = True
-    if spec.normalize and renormalize:
+        if training:
+            x, perturbed = x + offset, True
+        else:
+            x = x - offset
+    if perturbed:  # CapDec renormalizes a perturbed text embedding, with or without normalize
         x = F.normalize(x, dim=-1)
     if not training and spec.project_to is not None:
         if memory is None:

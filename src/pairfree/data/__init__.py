@@ -14,7 +14,7 @@ from pairfree.data.editing import (
     GENDER_MODES,
     mix_open_text,
     open_text_sentences,
-    rebalance_gender,
+    randomize_gender,
 )
 from pairfree.data.images import (
     IMAGE_EXTENSIONS,
@@ -48,6 +48,6 @@ __all__ = [
     "read_captions",
     "read_images",
     "read_references",
-    "rebalance_gender",
+    "randomize_gender",
     "split_sentences",
 ]

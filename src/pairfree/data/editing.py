@@ -1,4 +1,5 @@
-"""Corpus editing options of CapDec's code: gender rebalancing and open-text mixing."""
+"""Corpus editing options of CapDec's code: gender rebalancing (of the text CLIP encodes)
+and open-text mixing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from pairfree.data.cleaning import split_sentences
 from pairfree.errors import PairfreeError
 
-# Word pairs for gender rebalancing; female->male maps "her" to "his".
+# (male, female) word pairs. CapDec's list has 26 columns; every word of it is here, each with
+# its right partner (CapDec's columns pair some words wrongly: "boys" with "ladies", "males"
+# with "girls", "policeman" with "nun"), plus common words it lacks ("him", "uncle", ...).
 GENDER_PAIRS: tuple[tuple[str, str], ...] = (
     ("man", "woman"), ("men", "women"), ("boy", "girl"), ("boys", "girls"),
     ("he", "she"), ("his", "her"), ("him", "her"), ("himself", "herself"),
@@ -19,8 +22,11 @@ GENDER_PAIRS: tuple[tuple[str, str], ...] = (
     ("brothers", "sisters"), ("husband", "wife"), ("king", "queen"), ("gentleman", "lady"),
     ("gentlemen", "ladies"), ("guy", "gal"), ("guys", "gals"), ("boyfriend", "girlfriend"),
     ("uncle", "aunt"), ("nephew", "niece"), ("groom", "bride"), ("dad", "mom"),
-    ("grandfather", "grandmother"), ("grandpa", "grandma"), ("businessman", "businesswoman"),
-    ("policeman", "policewoman"), ("gentleman's", "lady's"), ("man's", "woman's"),
+    ("dads", "moms"), ("grandfather", "grandmother"), ("grandpa", "grandma"),
+    ("businessman", "businesswoman"), ("policeman", "policewoman"),
+    ("policemen", "policewomen"), ("fireman", "firewoman"), ("firemen", "firewomen"),
+    ("actor", "actress"), ("actors", "actresses"), ("monk", "nun"), ("dude", "gal"),
+    ("mans", "womans"), ("gentleman's", "lady's"), ("man's", "woman's"),
 )  # fmt: skip
 MALE_TO_FEMALE = {m: f for m, f in GENDER_PAIRS}
 FEMALE_TO_MALE = {f: m for m, f in reversed(GENDER_PAIRS)}
@@ -28,22 +34,16 @@ GENDER_MODES = ("none", "both", "male-only", "female-only")
 _WORD = re.compile(r"[A-Za-z']+")
 
 
-def _swap(text: str, table: dict[str, str]) -> str:
-    def repl(m: re.Match) -> str:
-        word = m.group(0)
-        out = table.get(word.lower())
-        if out is None:
-            return word
-        return out.capitalize() if word[0].isupper() else out
+def randomize_gender(texts: Sequence[str], mode: str, p: float = 0.5, seed: int = 0) -> list[str]:
+    """CapDec's gender rebalancing: in each caption that qualifies, every gendered word
+    independently takes the other gender's form with probability ``p``.
 
-    return _WORD.sub(repl, text)
-
-
-def rebalance_gender(texts: Sequence[str], mode: str, p: float = 0.5, seed: int = 0) -> list[str]:
-    """Swap gendered words with probability ``p`` per caption, in the directions of ``mode``.
-
-    ``both``: male captions become female and female ones male; ``male-only``: only captions
-    with male words are swapped (to female); ``female-only``: only female ones (to male).
+    A caption qualifies if it has a gendered word (``both``), a male one (``male-only``) or a
+    female one (``female-only``). CapDec applies this to the text it CLIP-encodes only, so the
+    decoder learns to say what the caption says whatever gender the embedding suggests; the
+    caller keeps the caption itself as the training target. CapDec lowercases and splits on
+    spaces, so "man." never matched there; here words are matched without their punctuation
+    and keep their capitalization.
     """
     if mode not in GENDER_MODES:
         raise PairfreeError(f"unknown gender mode {mode!r}: expected one of {GENDER_MODES}")
@@ -53,14 +53,23 @@ def rebalance_gender(texts: Sequence[str], mode: str, p: float = 0.5, seed: int 
     out = []
     for text in texts:
         words = {w.lower() for w in _WORD.findall(text)}
-        is_male = bool(words & MALE_TO_FEMALE.keys())
-        is_female = bool(words & FEMALE_TO_MALE.keys())
-        table = None
-        if is_male and not is_female and mode in ("both", "male-only"):
-            table = MALE_TO_FEMALE
-        elif is_female and not is_male and mode in ("both", "female-only"):
-            table = FEMALE_TO_MALE
-        out.append(_swap(text, table) if table is not None and rng.random() < p else text)
+        qualifies = {
+            "both": words & (MALE_TO_FEMALE.keys() | FEMALE_TO_MALE.keys()),
+            "male-only": words & MALE_TO_FEMALE.keys(),
+            "female-only": words & FEMALE_TO_MALE.keys(),
+        }[mode]
+        if not qualifies:
+            out.append(text)
+            continue
+
+        def flip(m: re.Match) -> str:
+            word = m.group(0)
+            other = MALE_TO_FEMALE.get(word.lower()) or FEMALE_TO_MALE.get(word.lower())
+            if other is None or rng.random() >= p:
+                return word
+            return other.capitalize() if word[0].isupper() else other
+
+        out.append(_WORD.sub(flip, text))
     return out
 
 

@@ -29,13 +29,13 @@ from pairfree.recipes import register_recipe
 from pairfree.training.adversarial import (
     InitConfig,
     UnpairedConfig,
+    encode_unpaired_corpus,
     init_output_dir,
     train_gan,
 )
 from pairfree.training.text_only import (
     caption_step,
     caption_val_step,
-    encode_corpus,
     fit_captioner,
     text_only_setup,
 )
@@ -53,7 +53,7 @@ def initialize_on_text(cfg: CgtGanConfig, *, resume: bool, progress: bool) -> Tr
     """Step 1: caption cross-entropy given each caption's own (un-noised) CLIP text embedding."""
     job = Job.create(cpu=cfg.init.train.cpu, progress=progress)
     clip = load_clip(cfg.clip, device=job.state.device)
-    store = encode_corpus(clip, cfg.corpus, cfg.features_root / "corpus", job)
+    store = encode_unpaired_corpus(cfg, clip, job)
     job.log_skips()
     seed = cfg.init.train.seed
     setup = text_only_setup(store.texts, store.tensor(), cfg.model, cfg.corpus, seed=seed)

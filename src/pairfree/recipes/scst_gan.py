@@ -19,6 +19,19 @@ over 1000 steps; lr 1e-5 with a constant schedule). What this module implements:
 2. Adversarial SCST exactly as CgT-GAN's (:mod:`pairfree.training.adversarial`: same
    discriminator, rewards and baseline), with lambda (the CLIP reward's weight) ramped from 0
    at step 0 to 0.5 at step 1000, lr 1e-5, constant schedule without warm-up.
+
+What the command lines do not settle, and what we chose:
+
+- the initialization command in the method's README comments out its lambda1 / lambda2 /
+  sigma arguments (a ``#`` line inside a backslash-continued command), so those values never
+  reached its script, yet its GAN run loads an initialization named ``..._0.5_0.1``. We use
+  the values the command lines name (lambda1 = 0.3, lambda2 = 1.0, sigma = 0.1), each an
+  explicit setting (``init.mmd_weight``, ``init.caption_weight``, ``init.sigma``);
+- the initialization's batch (16), epochs (1), learning rate (2e-5), weight decay (0.05) and
+  constant schedule after 5000 warm-up steps are CgT-GAN's initialization's, and the image
+  batch of the MMD term is as large as the caption batch;
+- lambda is not held at 0 before its ramp (``gan.hold_steps = 0``), the GAN batch is 128 and
+  the best checkpoint is chosen by validation CIDEr, as in CgT-GAN.
 """
 
 from __future__ import annotations

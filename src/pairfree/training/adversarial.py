@@ -3,15 +3,25 @@
 Per batch of unpaired training images (CLIP embedding v, aggregated textual embedding a):
 
 1. sample k captions per image (and a greedy one as the baseline) from the generator;
-2. update the discriminator once on corpus sentences (real) vs the samples (fake), BCE;
-3. reward each caption with the CLIP reward against a (optionally blended with v) and with
-   the discriminator's logit;
+2. reward each caption with the CLIP reward against a (optionally blended with v; CLIP reads
+   the caption without its final ".", as the corpus was encoded) and with the logit of the
+   discriminator as it is before this step's update;
+3. update the discriminator once on corpus sentences (real) vs the samples (fake), BCE;
 4. update the generator with ``lambda * L_clip + (1 - lambda) * L_disc``, each
    ``-mean((r - b) * logp)`` with length-normalized log-probabilities, lambda following
    :func:`~pairfree.training.rewards.reward_mix`.
 
 The best checkpoint is the one with the highest validation CIDEr. The generator reads image
 embeddings as it will at inference (``condition(..., training=False)``).
+
+One deliberate difference from CgT-GAN's code: it samples the k captions with the generator
+in train mode (dropout on) and differentiates the log-probabilities of that sampling pass.
+Here the captions are sampled without dropout by the KV-cached, gradient-free decoder - the
+same network that gives the greedy baseline and that captions at inference, so sample and
+baseline are scored under one policy - and their log-probabilities come from one teacher-
+forced pass through the (DDP-wrapped) generator in train mode, so that gradients are
+synchronized across processes. Differentiating through a multi-process incremental decode is
+what that would take otherwise.
 
 :class:`UnpairedConfig` holds the settings of the unpaired setting that both recipes share; its
 defaults are CgT-GAN's paper settings, which a recipe's config overrides where its method
@@ -53,6 +63,7 @@ from pairfree.training.rewards import (
     leave_one_out_baseline,
     reward_mix,
     self_critical_loss,
+    without_final_period,
     write_aggregated_store,
 )
 from pairfree.training.text_only import CorpusConfig, encode_corpus, pad_collate, save_with_card
@@ -124,7 +135,8 @@ class InitConfig:
             lr=2e-5,
             weight_decay=0.05,
             warmup_steps=5000,
-            batch_size=40,
+            schedule="constant",
+            batch_size=16,
         )
     )
 
@@ -187,10 +199,18 @@ class UnpairedData:
     images: FeatureStore  # CLIP image embeddings of the unpaired training images
 
 
+def encode_unpaired_corpus(cfg: UnpairedConfig, clip: ClipEncoder, job: Job) -> FeatureStore:
+    """The corpus as CgT-GAN encodes it (each caption without its final period), shared by
+    the initialization, the aggregation and the discriminator's real sentences."""
+    return encode_corpus(
+        clip, cfg.corpus, cfg.features_root / "corpus", job, clip_text=without_final_period
+    )
+
+
 def prepare_unpaired(cfg: UnpairedConfig, clip: ClipEncoder, job: Job) -> UnpairedData:
     """Encode (or reuse) the corpus and the image pool, sharded over the processes."""
     root = cfg.features_root
-    corpus = encode_corpus(clip, cfg.corpus, root / "corpus", job)
+    corpus = encode_unpaired_corpus(cfg, clip, job)
     if not cfg.images.path:
         raise PairfreeError("images.path is not set: give the unpaired training images")
     pairs = image_sources(
@@ -325,13 +345,13 @@ def train_adversarial(
         generator.train()
         sample_texts, greedy_texts = decode(samples), decode(greedy)
 
-        # the discriminator first: as many corpus sentences (real) as samples (fake)
+        # the discriminator's loss on as many corpus sentences (real) as samples (fake)
         real = [corpus_texts[i] for i in torch.randint(len(corpus_texts), (n * k,)).tolist()]
         logits = ctx.modules["discriminator"](*disc.tokenize(real + sample_texts, ctx.device))
         d_loss = discriminator_loss(logits[: n * k], logits[n * k :])
-        ctx.optimize("discriminator", d_loss)
 
-        # rewards of the samples and the greedy captions, from the updated discriminator
+        # rewards of the samples and the greedy captions, from the discriminator as it was
+        # before this step's update (as CgT-GAN's code does) and from CLIP
         texts = sample_texts + greedy_texts
         rows = torch.arange(n, device=cond.device).repeat_interleave(k)
         if greedy:
@@ -340,7 +360,8 @@ def train_adversarial(
             disc.eval()
             r_disc = disc(*disc.tokenize(texts, ctx.device)).float()
             disc.train()
-            e = clip.encode_texts(texts, batch_size=len(texts)).to(ctx.device)
+            clip_texts = [without_final_period(t) for t in texts]
+            e = clip.encode_texts(clip_texts, batch_size=len(texts)).to(ctx.device)
             r_clip = clip_reward(
                 e,
                 agg[rows],
@@ -349,6 +370,7 @@ def train_adversarial(
                 cos_weight=g.cos_weight,
                 clip_weight=g.clip_weight,
             )
+        ctx.optimize("discriminator", d_loss)
 
         def with_baseline(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             sampled = r[: n * k].view(n, k)

@@ -110,6 +110,13 @@ def write_aggregated_store(
 
 
 # --------------------------------------------------------------------------- CLIP reward
+def without_final_period(caption: str) -> str:
+    """What CLIP reads of a caption in CgT-GAN: stripped, without its final ".". Its corpus
+    is encoded this way for the aggregation, and each generated caption for its reward."""
+    text = caption.strip()
+    return text[:-1] if text.endswith(".") else text
+
+
 def clip_reward(
     text_embeds: torch.Tensor,
     aggregated: torch.Tensor,

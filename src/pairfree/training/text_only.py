@@ -32,8 +32,8 @@ from pairfree.data import (
     clean_captions,
     mix_open_text,
     open_text_sentences,
+    randomize_gender,
     read_captions,
-    rebalance_gender,
 )
 from pairfree.encoding import encode_captions
 from pairfree.errors import PairfreeError
@@ -57,34 +57,47 @@ class CorpusConfig:
     format: str = "auto"
     split: str = "train"
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
-    gender: str = "none"  # none | both | male-only | female-only
-    gender_p: float = 0.5
+    gender: str = "none"  # none | both | male-only | female-only (in the text CLIP encodes)
+    gender_p: float = 0.5  # chance that a gendered word takes the other gender's form
     open_text: str | None = None  # a plain-text file to draw 4-20-word sentences from
     open_text_ratio: float = 0.0  # open sentences added per corpus caption
-    seed: int = 0  # draws the gender swaps and the open-text sample
+    seed: int = 0  # draws the gender flips and the open-text sample
     val_fraction: float = 0.01  # captions held out for the validation loss
     max_tokens: int = 40  # longer captions are truncated
 
 
 def prepare_corpus(corpus: CorpusConfig, job: Job) -> list[Caption]:
-    """Read, clean and edit the corpus: the exact captions the model will be trained on."""
+    """Read, clean and extend the corpus: the exact captions the model will be trained on."""
     if not corpus.path:
         raise PairfreeError("corpus.path is not set: give the caption corpus to train on")
     captions = read_captions(
         corpus.path, format=corpus.format, split=corpus.split, skip_log=job.skip_log
     )
     texts = clean_captions((cap.text for cap in captions), corpus.cleaning)
-    texts = rebalance_gender(texts, corpus.gender, corpus.gender_p, seed=corpus.seed)
     if corpus.open_text:
         sentences = open_text_sentences(corpus.open_text)
         texts = mix_open_text(texts, sentences, corpus.open_text_ratio, seed=corpus.seed)
     return [Caption(text=t, image_id=None, source=corpus.path, line=None) for t in texts]
 
 
-def encode_corpus(clip: ClipEncoder, corpus: CorpusConfig, out_dir: Path, job: Job) -> FeatureStore:
+def encode_corpus(
+    clip: ClipEncoder,
+    corpus: CorpusConfig,
+    out_dir: Path,
+    job: Job,
+    *,
+    clip_text: Callable[[str], str] | None = None,
+) -> FeatureStore:
     """The prepared corpus' CLIP text embeddings, encoded once (sharded over the processes)
-    and reused by every later run that asks for the same captions and encoder."""
-    encode_captions(clip, prepare_corpus(corpus, job), out_dir, job=job)
+    and reused by every later run that asks for the same captions and encoder.
+
+    CLIP reads each caption through ``clip_text`` (if given) and with its gendered words
+    randomized (``corpus.gender``); the store keeps the captions as written, the targets.
+    """
+    captions = prepare_corpus(corpus, job)
+    texts = [clip_text(c.text) if clip_text else c.text for c in captions]
+    texts = randomize_gender(texts, corpus.gender, corpus.gender_p, seed=corpus.seed)
+    encode_captions(clip, captions, out_dir, clip_texts=texts, job=job)
     job.wait_for_everyone()  # the main process marks the store complete after the others return
     return FeatureStore(out_dir)
 

@@ -50,6 +50,9 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.0
+    # parameters whose names contain one of these get no weight decay (the originals' groups;
+    # GPT-2 names its norms ln_*, so, as there, only its biases are spared)
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "LayerNorm.weight"])
     warmup_steps: int = 5000
     schedule: str = "linear"  # "linear": warm-up then linear decay to 0; "constant": warm-up only
     grad_clip: float | None = None
@@ -98,6 +101,16 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def parameter_groups(
+    named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, no_decay: Sequence[str]
+) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on every parameter but those named like ``no_decay``."""
+    spared = [p for n, p in named if any(key in n for key in no_decay)]
+    decayed = [p for n, p in named if not any(key in n for key in no_decay)]
+    groups = [{"params": decayed, "weight_decay": weight_decay}]
+    return groups + ([{"params": spared, "weight_decay": 0.0}] if spared else [])
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -210,12 +223,11 @@ class Trainer:
         self.opt_params: dict[str, list[nn.Parameter]] = {}
         raw_opts, raw_scheds = {}, {}
         for s in optimizers:
-            params = [p for p in modules[s.name].parameters() if p.requires_grad]
-            self.opt_params[s.name] = params
+            named = [(n, p) for n, p in modules[s.name].named_parameters() if p.requires_grad]
+            self.opt_params[s.name] = [p for _, p in named]
             raw_opts[s.name] = torch.optim.AdamW(
-                params,
+                parameter_groups(named, config.weight_decay, config.no_decay),
                 lr=s.lr if s.lr is not None else config.lr,
-                weight_decay=config.weight_decay,
             )
             warmup = s.warmup_steps if s.warmup_steps is not None else config.warmup_steps
             raw_scheds[s.name] = torch.optim.lr_scheduler.LambdaLR(
