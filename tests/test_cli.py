@@ -79,10 +79,11 @@ def test_encode_train_caption_evaluate(world, tiny_clip_dir, tiny_gpt2_dir, tmp_
     assert "broken.png" in capsys.readouterr().err
 
     # an interrupted run resumes: captions already in the partial file are kept, not redone
+    # (the strict run left one: its settings line, then its captions)
     partial = out.with_name(out.name + ".partial.jsonl")
-    partial.write_text(
-        json.dumps({"image_id": images[0].stem, "caption": "kept from before"}) + "\n{cut"
-    )
+    settings = partial.read_text().splitlines()[0]
+    kept = json.dumps({"image_id": images[0].stem, "caption": "kept from before"})
+    partial.write_text(f"{settings}\n{kept}\n{{cut")
     assert main(args[:2] + [str(images[0]), str(images[1])] + args[-8:]) == 0
     assert "resuming: 1 images" in capsys.readouterr().out
     assert json.loads(out.read_text())[0]["caption"] == "kept from before" and not partial.exists()

@@ -46,7 +46,7 @@ def hf_reference(tiny_clip_dir):
 
 def test_hf_loads_through_registry(hf, tiny_clip_dir):
     assert isinstance(hf, ClipEncoder)
-    assert hf.name == f"hf:{tiny_clip_dir}"
+    assert hf.name.startswith(f"hf:{tiny_clip_dir}#")
     assert hf.embed_dim == 16
 
 
@@ -186,7 +186,7 @@ def test_open_clip_checkpoint_loads_saved_weights(tiny_open_clip, images, name):
     model, preprocess, path = tiny_open_clip[name]
     enc = load_clip(f"open_clip:{name}@{path}")
     assert isinstance(enc, ClipEncoder)
-    assert enc.name == f"open_clip:{name}@{path}"
+    assert enc.name.startswith(f"open_clip:{name}@{path}#")
     assert enc.embed_dim == 16
     saved = torch.load(path, weights_only=True)
     loaded = enc.model.state_dict()
@@ -228,7 +228,7 @@ def test_open_clip_vit_grid_is_output_tokens(tiny_open_clip, images):
 
 def test_open_clip_bare_name_is_random_init_and_batching_is_exact(tiny_open_clip, images):
     enc = load_clip("open_clip:pairfree-test-TinyRN")
-    assert enc.name == "open_clip:pairfree-test-TinyRN"
+    assert enc.name.startswith("open_clip:pairfree-test-TinyRN#")
     assert not enc.model.training
     batched = enc.encode_images(images, batch_size=2, normalize=True)
     single = torch.cat([enc.encode_images([im], normalize=True) for im in images])

@@ -37,8 +37,14 @@ def _coerce(value: Any, hint: Any, where: str, complete: bool) -> Any:
         (item,) = typing.get_args(hint)[:1] or (Any,)
         items = [_coerce(v, item, f"{where}[{i}]", complete) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if hint is int and isinstance(value, float):
+        if not value.is_integer():
+            raise PairfreeError(f"config {where}: {value!r} is not a whole number")
+        return int(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise PairfreeError(f"config {where}: {value!r} is not a number")
     try:
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        if hint is float and isinstance(value, (int, str)):
             return float(value)
         if hint is int and isinstance(value, str):
             return int(value)
@@ -48,6 +54,8 @@ def _coerce(value: Any, hint: Any, where: str, complete: bool) -> Any:
             return value.lower() in ("true", "yes", "1")
     except ValueError:
         raise PairfreeError(f"config {where}: {value!r} is not a valid {hint.__name__}") from None
+    if hint in (int, float) and not isinstance(value, (int, float)):
+        raise PairfreeError(f"config {where}: {value!r} is not a number")
     if hint is str and not isinstance(value, str):
         return str(value)
     return value
@@ -74,7 +82,7 @@ def from_dict(
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", complete) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError, PairfreeError) as err:
         raise PairfreeError(f"config {where or cls.__name__}: {err}") from None
 
 

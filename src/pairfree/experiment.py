@@ -24,7 +24,7 @@ from pairfree.config import apply_overrides, from_dict, read_yaml
 from pairfree.data import dataset_images, load_images
 from pairfree.errors import PairfreeError, SkipLog
 from pairfree.evaluate import METRICS, EvaluationReport, evaluate
-from pairfree.io import atomic_write_json
+from pairfree.io import atomic_write_json, check_output
 from pairfree.pipeline import Captioner
 from pairfree.recipes import get_recipe
 from pairfree.training.trainer import TrainResult
@@ -126,8 +126,11 @@ def run_experiment(
     ev = from_dict(EvaluationConfig, data.pop("evaluation", {}), where="evaluation")
     if not ev.dataset:
         raise PairfreeError(f"{config_path}: evaluation.dataset is not set")
+    if not Path(ev.dataset).is_file():
+        raise PairfreeError(f"evaluation.dataset: {ev.dataset} does not exist")
     recipe = get_recipe(recipe_name)
     cfg = recipe.build_config(data)
+    check_output(Path(cfg.train.output_dir), folder=True)
     result = recipe.train(cfg, progress=progress)
 
     ckpt = result.best_dir if ev.checkpoint == "best" and result.best_dir else result.last_dir

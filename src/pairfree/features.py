@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def write_store(
     """
     out = Path(out_dir)
     job = job if job is not None else Job()
+    if not items:
+        raise PairfreeError(f"nothing to encode into {out}: no items ({job.skip_log.summary()})")
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -94,9 +97,14 @@ def write_store(
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("plan_digest") != digest:
+            what = "its items or shard size differ"
+            if manifest.get("encoder") != info.encoder:
+                what = (
+                    f"it was encoded with {manifest.get('encoder')}, this run uses "
+                    f"{info.encoder} (other weights or preprocessing)"
+                )
             raise PairfreeError(
-                f"{out} already holds a different store (encoder, items or shard size differ); "
-                "choose another --out or delete it"
+                f"{out} already holds a different store: {what}; choose another output or delete it"
             )
     elif job.is_main_process:
         manifest = {
@@ -155,6 +163,12 @@ def write_store(
     shapes = [np.load(out / f"{_shard_name(s)}.npy", mmap_mode="r").shape for s in range(n_shards)]
     manifest = json.loads(manifest_path.read_text())
     manifest["count"] = sum(shape[0] for shape in shapes)
+    if not manifest["count"]:  # an empty store would only block the corrected rerun
+        shutil.rmtree(out)
+        raise PairfreeError(
+            f"every one of the {len(items)} items was skipped; nothing written to {out} "
+            f"({job.skip_log.summary()})"
+        )
     manifest["dim"] = next((int(shape[-1]) for shape in shapes if shape[0]), 0)
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pairfree.errors import BadInputError
+from pairfree.errors import BadInputError, PairfreeError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -44,8 +45,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None``: JSON has no NaN, and
+    strict readers reject it (a metric that does not apply is null, shown as n/a)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Strict JSON (see :func:`strict_json`), written atomically."""
+    text = json.dumps(strict_json(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def read_json_config(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
@@ -60,3 +75,23 @@ def read_json_config(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise BadInputError(path, f'not a {fmt} config (no "format": "{fmt}")')
     return meta
+
+
+def check_output(
+    path: Path, *, inputs: Iterable[Path | str | None] = (), folder: bool = False
+) -> None:
+    """Refuse, before any work, an output that would overwrite an input, a file where a folder
+    belongs (or the reverse), or a place that cannot be written."""
+    target = path.resolve()
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve() == target:
+            raise PairfreeError(f"{path} is an input of this command; choose another output")
+    if folder and path.exists() and not path.is_dir():
+        raise PairfreeError(f"{path} exists and is a file, not a folder")
+    if not folder and path.is_dir():
+        raise PairfreeError(f"{path} is a folder; give a file name for the output")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PairfreeError(f"cannot write {path}: {parent} is not writable")

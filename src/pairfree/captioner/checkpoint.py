@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers import (
     CONFIG_MAPPING,
@@ -105,6 +106,8 @@ def load_captioner(
     model = PrefixCaptioner(config, lm=AutoModelForCausalLM.from_config(lm_config))
     try:
         load_model(model, weights_path, strict=True)
+    except SafetensorError as e:
+        raise BadInputError(weights_path, f"damaged or not a safetensors file ({e})") from e
     except RuntimeError as e:
         raise BadInputError(weights_path, f"weights do not match the config: {e}") from e
     try:

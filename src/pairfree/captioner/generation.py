@@ -47,6 +47,9 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, not {self.search!r}")
+        for name in ("num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """The tokens that end a caption: ``stop``'s last token, and in ClipCap's greedy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -11,6 +12,23 @@ import torch.nn.functional as F
 from PIL import Image
 
 T = TypeVar("T")
+
+
+def fingerprint(model: torch.nn.Module, preprocessing: str) -> str:
+    """A short digest of a model's weights and its preprocessing, for encoder names.
+
+    Feature stores are keyed by the encoder's name, so a checkpoint re-trained or re-saved at
+    the same path, or loaded with other preprocessing, must not reuse the old embeddings. The
+    digest covers every tensor's name, shape and a strided sample of its values (fine-tuning
+    moves them all), which costs milliseconds where hashing a large model would take seconds.
+    """
+    digest = hashlib.sha256(preprocessing.encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float32)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:10]
 
 
 def encode_batched(

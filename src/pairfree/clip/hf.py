@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel, ProcessorMixin
 
-from pairfree.clip.batching import BatchedClipEncoder
+from pairfree.clip.batching import BatchedClipEncoder, fingerprint
 
 
 class HFClip(BatchedClipEncoder):
@@ -56,7 +56,9 @@ class HFClip(BatchedClipEncoder):
 def load_hf_clip(
     model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> HFClip:
-    """Load ``model`` (a hub id or a local directory) with ``from_pretrained``."""
+    """Load ``model`` (a hub id or a local directory) with ``from_pretrained``; its name
+    carries a fingerprint of the weights and the image preprocessing."""
     clip = CLIPModel.from_pretrained(model, dtype=dtype).to(device)
     processor = AutoProcessor.from_pretrained(model)
-    return HFClip(clip, processor, name=f"hf:{model}")
+    digest = fingerprint(clip, processor.image_processor.to_json_string())
+    return HFClip(clip, processor, name=f"hf:{model}#{digest}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pairfree.clip.batching import BatchedClipEncoder
+from pairfree.clip.batching import BatchedClipEncoder, fingerprint
 from pairfree.errors import PairfreeError
 
 try:
@@ -142,7 +142,7 @@ def load_open_clip(
         clip,
         preprocess,
         open_clip.get_tokenizer(name),
-        name=f"open_clip:{model}",
+        name=f"open_clip:{model}#{fingerprint(clip, repr(preprocess))}",
         embed_dim=open_clip.get_model_config(name)["embed_dim"],
         device=device,
         dtype=dtype,

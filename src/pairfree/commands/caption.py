@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from pairfree.commands.common import add_device, add_strict, report_skips
+from pairfree.commands.common import (
+    add_device,
+    add_strict,
+    positive_int,
+    report_skips,
+)
 
 
 def register(sub) -> None:
@@ -38,9 +43,11 @@ def register(sub) -> None:
         "--project-to", type=Path, default=None, help="text feature store: DeCap projection memory"
     )
     p.add_argument("--tau", type=float, default=0.01, help="projection temperature (default 0.01)")
-    p.add_argument("--beams", type=int, default=None, help="beam size (default: the checkpoint's)")
-    p.add_argument("--max-tokens", type=int, default=None, help="maximum new tokens")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--beams", type=positive_int, default=None, help="beam size (default: the checkpoint's)"
+    )
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="maximum new tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--quiet", action="store_true", help="do not print the caption table")
     add_device(p)
     add_strict(p)
@@ -48,15 +55,18 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
 
     from pairfree.data import image_sources, load_images
     from pairfree.errors import PairfreeError, SkipLog
-    from pairfree.io import atomic_write_json
+    from pairfree.io import atomic_write_json, check_output
     from pairfree.pipeline import Captioner
 
     if not args.images and not args.dataset:
         raise PairfreeError("give image files/folders/globs or --dataset")
+    check_output(args.out, inputs=[args.dataset, *args.images])
     skip_log = SkipLog(strict=args.strict)
     pairs = image_sources(
         args.dataset or args.images,
@@ -77,23 +87,24 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         **overrides,
     )
+    settings = {
+        "checkpoint": str(args.checkpoint.resolve()),
+        "clip": captioner.clip.name,
+        "conditioning": asdict(captioner.conditioning),
+        "generation": asdict(captioner.generation),
+    }
 
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
-    done: dict[str, str] = {}
-    if partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                done[str(rec["image_id"])] = rec["caption"]
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by the interruption; that image is captioned again
-        print(f"resuming: {len(done)} images already captioned in {partial}")
+    fresh = not partial.exists()
+    done = read_partial(partial, settings)
     todo = [(i, p) for i, p in pairs if i not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(partial, "a", encoding="utf-8") as log,
         tqdm(total=len(todo), desc="caption", unit="img") as bar,
     ):
+        if fresh:
+            log.write(json.dumps({"settings": settings}) + "\n")
         for start in range(0, len(todo), args.batch_size):
             ids, images = load_images(todo[start : start + args.batch_size], skip_log)
             for image_id, text in zip(
@@ -104,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
             log.flush()
             bar.update(len(todo[start : start + args.batch_size]))
     order = [i for i, _ in pairs if i in done]
+    report_skips([e.to_record() for e in skip_log.items], args.out)
+    if not order:
+        partial.unlink()
+        raise PairfreeError(
+            f"nothing could be captioned: every one of {len(skip_log)} inputs was skipped"
+        )
     results = [{"image_id": int(i) if i.isdigit() else i, "caption": done[i]} for i in order]
     atomic_write_json(args.out, results)
     partial.unlink()
@@ -112,6 +129,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'image_id':<{width}}  caption")
         for i in order:
             print(f"{i:<{width}}  {done[i]}")
-    report_skips([e.to_record() for e in skip_log.items], args.out)
     print(f"captioned {len(results)} images -> {args.out}")
     return 0
+
+
+def read_partial(partial: Path, settings: dict) -> dict[str, str]:
+    """The captions an interrupted run left, if it ran with the same ``settings``."""
+    from pairfree.errors import PairfreeError
+
+    if not partial.exists():
+        return {}
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    try:
+        saved = json.loads(lines[0])["settings"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        saved = None
+    if saved != settings:
+        changed = sorted(k for k in settings if not saved or saved.get(k) != settings[k])
+        raise PairfreeError(
+            f"{partial} holds captions made with other settings ({', '.join(changed) or 'unknown'}"
+            "); rerun with the same ones to resume, or delete it to start over"
+        )
+    done: dict[str, str] = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+            done[str(rec["image_id"])] = rec["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by the interruption; that image is captioned again
+    print(f"resuming: {len(done)} images already captioned in {partial}")
+    return done

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import add_strict, report_skips
+from pairfree.commands.common import add_strict, positive_int, report_skips
 
 
 def register(sub) -> None:
@@ -44,8 +44,8 @@ def register(sub) -> None:
         "--grid", action="store_true", help="store patch (grid) features instead of embeddings"
     )
     p.add_argument("--normalize", action="store_true", help="store L2-normalized embeddings")
-    p.add_argument("--batch-size", type=int, default=None, help="items per forward pass")
-    p.add_argument("--shard-size", type=int, default=None, help="items per shard file")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="items per forward pass")
+    p.add_argument("--shard-size", type=positive_int, default=None, help="items per shard file")
     p.add_argument(
         "--dtype", choices=["float16", "float32"], default="float32", help="storage dtype"
     )
@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.clip import load_clip
     from pairfree.data import image_sources, read_captions
     from pairfree.encoding import encode_captions, encode_images
+    from pairfree.io import check_output
     from pairfree.job import Job
 
+    check_output(args.out, inputs=[args.captions, args.dataset], folder=True)
     job = Job.create(strict=args.strict)
     common = dict(normalize=args.normalize, dtype=args.dtype, job=job)
     if args.batch_size:
@@ -93,6 +95,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         store = encode_images(clip, pairs, args.out, grid=args.grid, **common)
     if store is not None:
-        report_skips(store.skipped, args.out)
+        report_skips([e.to_record() for e in job.skip_log.items], args.out)
         print(f"wrote {len(store)} {store.kind} features of dim {store.dim} to {args.out}")
     return 0

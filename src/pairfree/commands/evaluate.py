@@ -17,7 +17,8 @@ def register(sub) -> None:
             "Karpathy/COCO/NoCaps JSON with pycocoevalcap's scorers and PTB tokenizer (Java). "
             "SPICE runs when the Stanford CoreNLP 3.6.0 jars are present and is reported "
             "unavailable otherwise. --clip adds CLIPScore/RefCLIPScore (needs the images). "
-            "NoCaps files are also scored per domain. Writes OUT.json and OUT.md (x100)."
+            "NoCaps files are also scored per domain. Writes OUT.json and OUT.md (x100); by "
+            "default OUT is the predictions file's name with .scores (preds.scores.json)."
         ),
     )
     p.add_argument("predictions", type=Path, help="COCO results JSON")
@@ -28,7 +29,10 @@ def register(sub) -> None:
     p.add_argument("--clip", default=None, help="CLIP spec for CLIPScore/RefCLIPScore")
     p.add_argument("--spice-dir", default=None, help="folder with SPICE and its CoreNLP jars")
     p.add_argument(
-        "--out", type=Path, default=None, help="output prefix (default: next to predictions)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output prefix: writes OUT.json and OUT.md (default: PREDICTIONS.scores)",
     )
     add_device(p)
     p.set_defaults(func=run)
@@ -40,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.data import load_image, read_images
     from pairfree.errors import BadInputError, PairfreeError
     from pairfree.evaluate import evaluate
+    from pairfree.io import check_output
+
+    out = args.out or args.predictions.with_suffix("").with_name(
+        args.predictions.with_suffix("").name + ".scores"
+    )
+    json_out, md_out = Path(f"{out}.json"), Path(f"{out}.md")
+    for path in (json_out, md_out):
+        check_output(path, inputs=[args.predictions, args.references])
 
     try:
         predictions = json.loads(args.predictions.read_text(encoding="utf-8"))
@@ -68,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(
         predictions, references, domains=domains, clip=clip, images=images, spice_dir=args.spice_dir
     )
-    out = args.out or args.predictions.with_suffix("")
+    print(report.to_markdown())  # first, so a failing write below loses no scores
     json_path, md_path = report.write(out)
-    print(report.to_markdown())
     print(f"wrote {json_path} and {md_path}")
     return 0

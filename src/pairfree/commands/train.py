@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pairfree.config import read_yaml, to_dict
     from pairfree.errors import PairfreeError
+    from pairfree.io import check_output
     from pairfree.recipes import get_recipe
 
     data = read_yaml(args.config) if args.config else {}
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    check_output(Path(cfg.train.output_dir), folder=True)
     result = recipe.train(cfg, resume=not args.no_resume, progress=not args.no_progress)
     best = (
         f"; best {cfg.train.select_metric} {result.best_metric:.4g} -> {result.best_dir}"

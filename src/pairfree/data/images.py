@@ -7,13 +7,14 @@ name, and can be skipped there instead of crashing a batch halfway through encod
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pairfree.errors import BadInputError, SkipLog
+from pairfree.errors import BadInputError, PairfreeError, SkipLog
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -25,6 +26,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".tif",
     ".tiff",
 )
+
+MAX_PIXELS_VARIABLE = "PAIRFREE_MAX_IMAGE_PIXELS"
 
 # COCO 2014 file names (COCO_val2014_000000391895) and 2017 ones (000000391895) carry the
 # integer image id that COCO annotations and results files use.
@@ -43,8 +46,15 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInputError(path, "no such image file")
     if path.stat().st_size == 0:
         raise BadInputError(path, "empty image file")
+    limit = max_image_pixels()
     try:
         with Image.open(path) as image:
+            if limit and image.width * image.height > limit:
+                raise BadInputError(
+                    path,
+                    f"{image.width}x{image.height} pixels is over the limit of {limit} "
+                    f"(set {MAX_PIXELS_VARIABLE} to raise it)",
+                )
             image.load()
             image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -52,8 +62,25 @@ def load_image(path: str | Path) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # PIL's own check, at twice its limit
+        raise BadInputError(path, f"{error} (set {MAX_PIXELS_VARIABLE} to raise it)") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadInputError(path, f"cannot decode image: {error}") from error
+
+
+def max_image_pixels() -> int | None:
+    """The largest image (width x height) decoded: ``$PAIRFREE_MAX_IMAGE_PIXELS``, else PIL's
+    decompression-bomb limit (about 89 M pixels); 0 for none. A file whose header claims more
+    is skipped like any bad image, before its pixels are read."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE)
+    if value is None:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise PairfreeError(f"{MAX_PIXELS_VARIABLE}={value!r} is not a whole number") from None
+    Image.MAX_IMAGE_PIXELS = limit or None  # PIL's own check must not stop a larger limit
+    return limit or None
 
 
 def is_image_file(path: str | Path) -> bool:

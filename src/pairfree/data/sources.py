@@ -14,7 +14,7 @@ from PIL import Image
 
 from pairfree.data.corpus import ImageItem, read_images
 from pairfree.data.images import collect_image_paths, image_id_for, load_image
-from pairfree.errors import BadInputError, SkipLog
+from pairfree.errors import BadInputError, PairfreeError, SkipLog
 
 DATASET_SUFFIXES = (".json", ".jsonl", ".ndjson")
 
@@ -54,7 +54,9 @@ def image_sources(
     skip_log: SkipLog | None = None,
 ) -> list[tuple[str, Path]]:
     """``(image_id, path)`` pairs: of a dataset file's ``split`` when ``inputs`` is one dataset
-    file (.json/.jsonl), else of image files, folders and globs."""
+    file (.json/.jsonl), else of image files, folders and globs. Two files that would get the
+    same id (``a/x.png`` and ``b/x.png``, ``7.png`` and ``007.png``) are refused, since one's
+    caption would overwrite the other's."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if len(inputs) == 1 and is_dataset_file(inputs[0]):
@@ -62,7 +64,22 @@ def image_sources(
             inputs[0], split=split, image_root=image_root, format=format, skip_log=skip_log
         )
         return [(item.image_id, item.path) for item in items]
-    return [(image_id_for(p), p) for p in collect_image_paths(inputs, skip_log=skip_log)]
+    pairs = [(image_id_for(p), p) for p in collect_image_paths(inputs, skip_log=skip_log)]
+    by_id: dict[str, list[Path]] = {}
+    for image_id, path in pairs:
+        by_id.setdefault(image_id, []).append(path)
+    clashes = {image_id: paths for image_id, paths in by_id.items() if len(paths) > 1}
+    if clashes:
+        shown = "; ".join(
+            f"{' and '.join(map(str, paths))} -> {image_id!r}"
+            for image_id, paths in list(clashes.items())[:5]
+        )
+        more = f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise PairfreeError(
+            f"{len(clashes)} image ids would be given to more than one file: {shown}{more}; "
+            "image ids come from file names, so rename the files or run them separately"
+        )
+    return pairs
 
 
 def load_images(

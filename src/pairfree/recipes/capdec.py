@@ -39,6 +39,7 @@ from pairfree.training.text_only import (
     CorpusConfig,
     caption_step,
     caption_val_step,
+    check_corpus,
     encode_corpus,
     fit_captioner,
     text_only_setup,
@@ -120,6 +121,7 @@ def paired_image_condition(
 def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
     """CapDec: text-only training on noise-injected CLIP text embeddings."""
     conditioning = cfg.conditioning  # checked (offset file, modes) before any encoding
+    check_corpus(cfg.corpus)
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     clip = load_clip(cfg.clip, device=job.state.device)
     features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"

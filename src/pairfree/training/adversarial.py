@@ -48,7 +48,7 @@ from pairfree.captioner import (
     load_captioner,
 )
 from pairfree.clip import ClipEncoder, load_clip
-from pairfree.data import dataset_images, image_sources
+from pairfree.data import dataset_images, image_sources, is_dataset_file
 from pairfree.encoding import encode_images
 from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
@@ -66,7 +66,13 @@ from pairfree.training.rewards import (
     without_final_period,
     write_aggregated_store,
 )
-from pairfree.training.text_only import CorpusConfig, encode_corpus, pad_collate, save_with_card
+from pairfree.training.text_only import (
+    CorpusConfig,
+    check_corpus,
+    encode_corpus,
+    pad_collate,
+    save_with_card,
+)
 from pairfree.training.trainer import OptimizerSpec, TrainConfig, Trainer, TrainResult
 
 
@@ -167,6 +173,16 @@ class UnpairedConfig:
         """The un-normalized CLIP embedding (text in the initialization, image after)."""
         return Conditioning(normalize=self.normalize)
 
+    def check_inputs(self) -> None:
+        """Fail in a second on data that is not there, before any model is loaded."""
+        check_corpus(self.corpus)
+        if not self.images.path:
+            raise PairfreeError("images.path is not set: give the unpaired training images")
+        if is_dataset_file(self.images.path) and not Path(self.images.path).is_file():
+            raise PairfreeError(f"images.path: {self.images.path} does not exist")
+        if self.val.dataset and not Path(self.val.dataset).is_file():
+            raise PairfreeError(f"val.dataset: {self.val.dataset} does not exist")
+
 
 def init_output_dir(cfg: UnpairedConfig, init: InitConfig) -> Path:
     return Path(init.train.output_dir or Path(cfg.train.output_dir) / "init")
@@ -183,6 +199,7 @@ def train_gan(
 ) -> TrainResult:
     """Start from ``init.from_checkpoint``, else from ``<init dir>/last`` (trained by
     ``initialize`` unless an earlier run finished it), and train adversarially from there."""
+    cfg.check_inputs()
     if init.from_checkpoint:
         start = Path(init.from_checkpoint)
     else:

@@ -66,10 +66,18 @@ class CorpusConfig:
     max_tokens: int = 40  # longer captions are truncated
 
 
-def prepare_corpus(corpus: CorpusConfig, job: Job) -> list[Caption]:
-    """Read, clean and extend the corpus: the exact captions the model will be trained on."""
+def check_corpus(corpus: CorpusConfig) -> None:
+    """Fail in a second on a corpus that is not there, before any model is loaded."""
     if not corpus.path:
         raise PairfreeError("corpus.path is not set: give the caption corpus to train on")
+    for key, path in (("corpus.path", corpus.path), ("corpus.open_text", corpus.open_text)):
+        if path and not Path(path).is_file():
+            raise PairfreeError(f"{key}: {path} does not exist")
+
+
+def prepare_corpus(corpus: CorpusConfig, job: Job) -> list[Caption]:
+    """Read, clean and extend the corpus: the exact captions the model will be trained on."""
+    check_corpus(corpus)
     captions = read_captions(
         corpus.path, format=corpus.format, split=corpus.split, skip_log=job.skip_log
     )
@@ -95,6 +103,10 @@ def encode_corpus(
     randomized (``corpus.gender``); the store keeps the captions as written, the targets.
     """
     captions = prepare_corpus(corpus, job)
+    if not captions:
+        raise PairfreeError(
+            f"{corpus.path}: the corpus has no usable sentences ({job.skip_log.summary()})"
+        )
     texts = [clip_text(c.text) if clip_text else c.text for c in captions]
     texts = randomize_gender(texts, corpus.gender, corpus.gender_p, seed=corpus.seed)
     encode_captions(clip, captions, out_dir, clip_texts=texts, job=job)
@@ -188,12 +200,16 @@ def text_only_setup(
     ``embeddings``' dimension (its mapper initialized from ``seed``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.lm)
-    tokens = tokenize_captions(tokenizer, texts, max_tokens=corpus.max_tokens)
-    train_idx, val_idx = split_train_val(len(tokens), corpus.val_fraction, seed)
-    model.embed_dim = embeddings.shape[1]
-    torch.manual_seed(seed)  # the mapper's initialization is part of the run
-    captioner = PrefixCaptioner(model, AutoModelForCausalLM.from_pretrained(model.lm))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.lm)
+        tokens = tokenize_captions(tokenizer, texts, max_tokens=corpus.max_tokens)
+        train_idx, val_idx = split_train_val(len(tokens), corpus.val_fraction, seed)
+        model.embed_dim = embeddings.shape[1]
+        torch.manual_seed(seed)  # the mapper's initialization is part of the run
+        captioner = PrefixCaptioner(model, AutoModelForCausalLM.from_pretrained(model.lm))
+    except OSError as err:  # not on disk, and the hub unreachable or the id unknown
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PairfreeError(f"cannot load the LM model.lm={model.lm!r}: {first}") from err
     return TextOnlySetup(
         captioner,
         tokenizer,

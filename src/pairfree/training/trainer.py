@@ -34,9 +34,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from pairfree.errors import PairfreeError
-from pairfree.io import atomic_write_json
+from pairfree.io import atomic_write_json, strict_json
 
 logger = logging.getLogger(__name__)
+SCHEDULES = ("linear", "constant")
+PRECISIONS = ("no", "fp16", "bf16")
+MODES = ("min", "max")
 
 
 @dataclass
@@ -66,6 +69,25 @@ class TrainConfig:
     select_mode: str = "min"  # "min" | "max"
     num_workers: int = 0
     cpu: bool = False
+
+    def __post_init__(self) -> None:
+        at_least_one = ["epochs", "batch_size", "grad_accum", "checkpoint_every",
+                        "keep_checkpoints", "log_every"]  # fmt: skip
+        for name in at_least_one + ["max_steps", "eval_every"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        for name in ("weight_decay", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, not {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or null for none), not {self.grad_clip}")
+        choices = {"schedule": SCHEDULES, "mixed_precision": PRECISIONS, "select_mode": MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
 @dataclass
@@ -114,8 +136,8 @@ def parameter_groups(
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
-    if schedule not in ("linear", "constant"):
-        raise PairfreeError(f"unknown schedule {schedule!r}: expected 'linear' or 'constant'")
+    if schedule not in SCHEDULES:
+        raise PairfreeError(f"unknown schedule {schedule!r}: expected one of {SCHEDULES}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -383,7 +405,7 @@ class Trainer:
         self.history.append(record)
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json(record)) + "\n")
 
     def _evaluate_and_select(self, ctx: StepContext) -> None:
         self.last_eval_step = self.global_step
