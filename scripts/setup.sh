@@ -8,3 +8,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+# pycocoevalcap's PTB tokenizer and METEOR run on Java
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "warning: no Java found; install a JRE (e.g. apt-get install default-jre-headless) for METEOR and the PTB tokenizer" >&2
+  fi
+fi

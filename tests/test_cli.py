@@ -4,8 +4,12 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from pairfree.cli import main
+from pairfree.features import FeatureStore
 from pairfree.world import make_world
 
 
@@ -74,7 +78,21 @@ def test_encode_train_caption_evaluate(world, tiny_clip_dir, tiny_gpt2_dir, tmp_
     assert {r["source"].rsplit("/", 1)[-1] for r in skipped} == {"broken.png", "empty.png"}
     preds = json.loads(out.read_text())
     assert [p["image_id"] for p in preds] == [p.stem for p in images]
-    assert all(isinstance(p["caption"], str) for p in preds)
+    # --project-to fed the decoder DeCap projections onto the encoded corpus: the captions are
+    # the ones the projected conditions give, not the raw image embeddings'
+    from pairfree.pipeline import Captioner
+    from pairfree.projection import project_to_memory
+
+    projected = Captioner.from_pretrained(
+        run / "last", project_to=store, num_beams=2, max_new_tokens=6
+    )
+    embeds = projected.clip.encode_images([Image.open(p).convert("RGB") for p in images])
+    memory = FeatureStore(store).tensor()
+    expected = project_to_memory(F.normalize(embeds, dim=-1), memory, 0.01)
+    torch.testing.assert_close(projected.conditions(embeds), expected)
+    assert [p["caption"] for p in preds] == projected.caption_embeddings(embeds)
+    raw = Captioner.from_pretrained(run / "last", num_beams=2, max_new_tokens=6)
+    assert not torch.allclose(raw.conditions(embeds), expected, atol=1e-3)
     assert main(args + ["--strict"]) == 2  # strict: the first bad image is fatal
     assert "broken.png" in capsys.readouterr().err
 
@@ -151,6 +169,7 @@ def test_errors_are_clear(world, tmp_path, capsys):
 def test_offset_then_capdec_subtracts_it_at_inference(
     world, tiny_clip_dir, tiny_gpt2_dir, tmp_path
 ):
+    import torch
     from safetensors.torch import load_file
 
     from pairfree.captioner import load_captioner
@@ -173,7 +192,15 @@ def test_offset_then_capdec_subtracts_it_at_inference(
         == 0
     )
     gap = load_file(str(offset))["offset"]
-    assert gap.shape == (16,) and gap.norm() > 0
+    # the mean normalized image embedding minus the mean normalized caption embedding
+    from pairfree.clip import load_clip
+    from pairfree.data import load_image, read_images
+
+    clip = load_clip(f"hf:{tiny_clip_dir}")
+    items = read_images(world.dataset, split="test")
+    image = clip.encode_images([load_image(it.path) for it in items], normalize=True).mean(0)
+    text = clip.encode_texts([r for it in items for r in it.references], normalize=True).mean(0)
+    torch.testing.assert_close(gap, image - text, rtol=1e-5, atol=1e-6)
     run = tmp_path / "run"
     args = train_args(world, tiny_clip_dir, tiny_gpt2_dir, run)
     assert (
@@ -229,7 +256,7 @@ def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
     )
 
 
-def test_encode_under_accelerate_launch_covers_every_item_once(world, tiny_clip_dir, tmp_path):
+def test_encode_in_two_processes_covers_every_item_once(world, tiny_clip_dir, tmp_path):
     import os
     import subprocess
     import sys
@@ -239,11 +266,12 @@ def test_encode_under_accelerate_launch_covers_every_item_once(world, tiny_clip_
     from pairfree.features import FeatureStore
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "pairfree.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pairfree.cli",
            "encode", "--captions", str(world.corpus), "--clip", f"hf:{tiny_clip_dir}", "--out", str(tmp_path / "two"),
            "--shard-size", "5"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("wrote 24 text features") == 1  # one store, by two ranks
     assert (
         main(
             [

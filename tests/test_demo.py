@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,6 +16,25 @@ from pairfree.demo import (
 )
 from pairfree.training.rewards import TextDiscriminator
 from pairfree.world.lm import build_world_encoder, build_world_lm
+
+
+def table_rows(text: str) -> dict[str, dict[str, str]]:
+    """The markdown table in ``text``: method -> column label -> cell."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+def strict_json(path):
+    def reject(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def test_world_lm_round_trips_through_from_pretrained(tmp_path):
@@ -31,12 +51,19 @@ def test_demo_runs_end_to_end_at_a_reduced_size(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--steps", "30", "--corpus", "300", "--test-images", "12"]
     assert main([*args, "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "| CapDec, noise 0.016 |" in printed and "| no noise |" in printed
-    assert "obj P" in printed and "exact" in printed
+    rows = table_rows(capsys.readouterr().out)
+    assert list(rows) == ["CapDec, noise 0.016", "no noise"]
+    results = strict_json(out / "results.json")
+    for result in results:
+        row = rows[result["method"]]
+        for label, key in (("C", "CIDEr"), ("obj P", "object_precision"), ("exact", "exact_scene")):
+            value = result["scores"][key]
+            assert row[label] == ("n/a" if value is None else f"{value:.1f}")
+        for label in ("B@4", "M", "R", "obj P", "obj R", "exact", "size", "pos"):
+            assert 0 <= float(row[label]) <= 100, (label, row)
+        assert float(row["train s"]) == pytest.approx(result["train_seconds"], abs=0.5)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 12 and "no noise" in page
-    assert (out / "results.json").exists()
 
 
 def test_world_encoder_loads_as_a_discriminator(tmp_path):
@@ -59,9 +86,16 @@ def test_full_demo_scores_every_recipe_beside_its_initialization(tmp_path):
     table, report = run_demo(cfg, methods, progress=False)
     for method in methods:
         assert f"| {method.name} |" in table
-    results = {r["method"]: r for r in json.loads((tmp_path / "full" / "results.json").read_text())}
+    results = {r["method"]: r for r in strict_json(tmp_path / "full" / "results.json")}
     assert list(results) == [m.name for m in methods]
+    rows = table_rows(table)
     for method in GAN_METHODS:
         assert (cfg.run_dir(method) / method.artifact / "model.safetensors").exists()
-        assert results[method.name]["scores"]["CIDEr"] >= 0
+        assert rows[method.name]["C"] == f"{results[method.name]['scores']['CIDEr']:.1f}"
+    # a GAN row and its init row are scored from different checkpoints
+    gan, init = (
+        cfg.run_dir(GAN_METHODS[1]) / a
+        for a in ("best/model.safetensors", "init/last/model.safetensors")
+    )
+    assert gan.read_bytes() != init.read_bytes()
     assert all(m in FULL_METHODS for m in methods) and report.exists()

@@ -104,36 +104,69 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tiny_clip_dir, tiny_gpt2
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
-    extra = {"train.max_steps": 4, "noise.variance": 0.0}
-    one = run_cli(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "one", **extra))
-    assert one.wait(timeout=300) == 0, one.stdout.read()
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def launch_two(args: list[str]) -> None:
+    """``pairfree train capdec`` in two CPU processes (torchrun; gloo). ``accelerate launch
+    --cpu --num_processes 2`` would start one process only."""
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--cpu",
-            "-m",
-            "pairfree.cli",
-            "train",
-            "capdec",
-            "--no-progress",
-            *overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "two", **extra),
-        ],
-        env=env,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "-m", "pairfree.cli", "train", "capdec", "--no-progress", *args],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
         capture_output=True,
         text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     assert two.returncode == 0, two.stdout + two.stderr
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[key] - b[key]).abs().max()) for key in a)
+
+
+@pytest.fixture(scope="module")
+def deterministic_gpt2(tiny_gpt2_dir, tmp_path_factory):
+    """The tiny GPT-2 without dropout: dropout masks are drawn per process, like noise."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("gpt2-no-dropout")
+    lm = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, resid_pdrop=0.0, embd_pdrop=0.0,
+                                         attn_pdrop=0.0)  # fmt: skip
+    lm.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path):
+    """Without randomness (no noise, no dropout) two processes learn what one learns: each
+    takes half of every batch, and the loss is weighted by caption tokens across both."""
+    extra = {"train.max_steps": 4, "noise.variance": 0.0}
+    one = run_cli(overrides(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path / "one", **extra))
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    launch_two(overrides(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path / "two", **extra))
+    state = json.loads(
+        next((tmp_path / "two" / "checkpoints").glob("*/trainer_state.json")).read_text()
+    )
+    assert state["num_processes"] == 2
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_noise_under_ddp_is_drawn_per_process_and_reproducible(
+    corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    """The contract with noise on (and dropout): every process draws its own stream, seeded by
+    the run seed and its rank (accelerate's set_seed(device_specific=True)), so a 2-process run
+    is not the 1-process run, but the same launch gives the same weights every time."""
+    extra = {"train.max_steps": 4, "noise.variance": 0.016}
+    for name in ("two-a", "two-b"):
+        launch_two(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / name, **extra))
+    one = run_cli(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "one", **extra))
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    a, b = weights(tmp_path / "two-a"), weights(tmp_path / "two-b")
+    assert max_difference(a, b) == 0.0
+    assert max_difference(a, weights(tmp_path / "one")) > 1e-4
 
 
 def test_paired_upper_bound_conditions_each_caption_on_its_own_image(

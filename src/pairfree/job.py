@@ -9,13 +9,23 @@ process or under ``accelerate launch``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from accelerate import PartialState
 
 from pairfree.errors import SkipLog
 
 logger = logging.getLogger(__name__)
+
+
+def use_cpu(requested: bool) -> bool:
+    """Whether to run on the CPU: when asked, and in a multi-process launch on a machine
+    without CUDA, where accelerate would otherwise start every process as a lone rank 0 (all
+    writing the same files) instead of joining them over gloo."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return requested or (launched and not torch.cuda.is_available())
 
 
 @dataclass
@@ -28,7 +38,7 @@ class Job:
 
     @classmethod
     def create(cls, *, cpu: bool = False, strict: bool = False, progress: bool = True) -> Job:
-        return cls(PartialState(cpu=cpu), SkipLog(strict=strict), progress)
+        return cls(PartialState(cpu=use_cpu(cpu)), SkipLog(strict=strict), progress)
 
     @property
     def process_index(self) -> int:

@@ -227,10 +227,21 @@ def caption_step(conditioning: Conditioning) -> StepFn:
         emb, ids, mask = batch
         cond = condition(emb, conditioning, training=True)
         loss = ctx.modules["captioner"](cond, ids, mask).loss
-        ctx.optimize("captioner", loss)
+        ctx.optimize("captioner", token_weighted(ctx.accelerator, loss, mask))
         return {"loss": loss.detach()}
 
     return step
+
+
+def token_weighted(accelerator, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """This process' mean token loss, rescaled so that DDP's average over processes is the
+    mean over every caption token of the global batch, as one process computes it (a plain
+    average of per-process means would weigh a token by how full its process' batch was)."""
+    if accelerator.num_processes == 1:
+        return loss
+    tokens = mask.sum().float()
+    total = accelerator.reduce(tokens.detach().clone(), reduction="sum")
+    return loss * tokens * accelerator.num_processes / total
 
 
 def caption_val_step(conditioning: Conditioning, seed: int) -> ValFn:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_write_json, strict_json
+from pairfree.job import use_cpu
 
 logger = logging.getLogger(__name__)
 SCHEDULES = ("linear", "constant")
@@ -211,7 +212,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
-            cpu=config.cpu,
+            cpu=use_cpu(config.cpu),
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         acc = self.accelerator
