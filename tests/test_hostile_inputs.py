@@ -325,3 +325,16 @@ def test_a_store_of_other_clip_weights_is_refused(world, tiny_clip_dir, tmp_path
     model.save_pretrained(clip_dir)  # re-trained and saved at the same path
     capsys.readouterr()
     fails_with(capsys, args, "already holds a different store", "other weights")
+
+
+def test_every_command_checks_where_it_writes(world, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep me")
+    fails_with(capsys, ["world", "make", str(a_file)], "is a file")
+    fails_with(capsys, ["demo", "--out", str(a_file)], "is a file")
+    fails_with(capsys, ["offset", "--dataset", str(world.dataset), "--clip", "hf:x", "--out",
+                        str(tmp_path)], "is a folder")  # fmt: skip
+    fails_with(capsys, ["import-checkpoint", str(tmp_path / "missing.pt"), "--out",
+                        str(tmp_path / "imported"), "--mapper", "mlp", "--prefix-length", "10"],
+               "missing.pt")  # fmt: skip
+    assert a_file.read_text() == "keep me" and not (tmp_path / "imported").exists()

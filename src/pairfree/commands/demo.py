@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from pairfree.commands.common import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,16 +28,16 @@ def register(sub) -> None:
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps per method")
-    p.add_argument("--corpus", type=int, default=None, help="corpus captions")
-    p.add_argument("--test-images", type=int, default=None, help="held-out images")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps per method")
+    p.add_argument("--corpus", type=positive_int, default=None, help="corpus captions")
+    p.add_argument("--test-images", type=positive_int, default=None, help="held-out images")
     p.add_argument(
         "--full", action="store_true", help="add the noise sweep and the GAN recipes (~30 min)"
     )
-    p.add_argument("--gan-steps", type=int, default=None, help="GAN-phase steps (--full)")
+    p.add_argument("--gan-steps", type=positive_int, default=None, help="GAN-phase steps (--full)")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=min(2, os.cpu_count() or 1),
         help="text-only runs trained at once in separate processes (default: 2, or 1 on one core)",
     )
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from pairfree.demo import DEMO_METHODS, FULL_METHODS, DemoConfig, run_demo
+    from pairfree.io import check_output
+
+    check_output(args.out, folder=True)
 
     cfg = DemoConfig(out=str(args.out), seed=args.seed)
     if args.steps:

@@ -60,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
         load_original_checkpoint,
         save_captioner,
     )
+    from pairfree.io import check_output
     from pairfree.tokenizers import gpt2_tokenizer
+
+    check_output(args.out, inputs=[args.checkpoint], folder=True)
 
     lm_config = None
     if args.lm_config:

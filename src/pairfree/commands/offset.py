@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.clip import load_clip
     from pairfree.data import dataset_images, load_images
     from pairfree.errors import PairfreeError, SkipLog
+    from pairfree.io import check_output
 
+    check_output(args.out, inputs=[args.dataset])
     skip_log = SkipLog(strict=args.strict)
     items = dataset_images(
         args.dataset, split=args.split, image_root=args.image_root, skip_log=skip_log

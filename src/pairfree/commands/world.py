@@ -38,8 +38,10 @@ def register(sub) -> None:
 
 
 def run_make(args: argparse.Namespace) -> int:
+    from pairfree.io import check_output
     from pairfree.world import make_world
 
+    check_output(args.out, folder=True)
     paths = make_world(
         args.out,
         preset=args.preset,
