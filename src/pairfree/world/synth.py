@@ -141,6 +141,34 @@ class WorldTextToImage:
         return images
 
 
+class WorldTextToImageBackend:
+    """:class:`WorldTextToImage` behind the library's text-to-image protocol
+    (``world:<preset>``): one image per (prompt, seed), never flagged NSFW."""
+
+    def __init__(self, preset: str) -> None:
+        from pairfree.world.variants import world_preset
+
+        self.name = f"world:{preset}"
+        self.renderer = WorldTextToImage(world_preset(preset))
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
+        from pairfree.synth.text_to_image import GeneratedImage
+
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        return [
+            GeneratedImage(self.renderer.generate([prompt], seed)[0], seed, nsfw=False)
+            for prompt, seed in zip(prompts, seeds, strict=True)
+        ]
+
+
+def load_world_text_to_image(
+    preset: str, _settings=None, *, device=None
+) -> WorldTextToImageBackend:
+    """The ``world:<preset>`` text-to-image backend (``default``, ``shifted``, ``novel``)."""
+    return WorldTextToImageBackend(preset or "default")
+
+
 class WorldParaphraser:
     """Rephrases a caption with the world's templates and synonyms, keeping its facts."""
 

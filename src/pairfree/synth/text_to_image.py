@@ -1,0 +1,159 @@
+"""Text-to-image backends behind one small protocol, chosen by name like the CLIP backends.
+
+- ``diffusers:<hub id or local dir>``: Stable Diffusion through diffusers (SaCap: SD 1.5, its
+  default scheduler, 20 steps; ICSD: SD 1.4, DPM-Solver, 20 steps, 512x512), with guidance
+  scale, negative prompt, scheduler by name and fp16/bf16 on a GPU. The pipeline's own safety
+  checker verdict is kept per image.
+- ``world:<preset>``: the shapes world's synthetic-style renderer (the testbed's stand-in).
+
+Every image's seed is :func:`image_seed` of (run seed, prompt, variant), so an image depends on
+neither the batch it was made in, nor the number of processes, nor where a run resumed.
+An all-black image counts as NSFW too: that is what Stable Diffusion's safety checker returns
+in place of a flagged image, and what ICSD's code filters on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pairfree.errors import PairfreeError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    nsfw: bool  # flagged by the pipeline's safety checker, or all black
+
+
+@runtime_checkable
+class TextToImage(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:
+        """One image per prompt, each drawn from its own seed."""
+        ...
+
+
+def image_seed(run_seed: int, prompt: str, variant: int = 0) -> int:
+    """A 63-bit seed fixed by (run seed, prompt, variant) alone."""
+    key = f"{run_seed}\0{variant}\0{prompt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def is_black(image: Image.Image) -> bool:
+    """Stable Diffusion's safety checker returns an all-black image for a flagged one."""
+    return not np.asarray(image.convert("L")).any()
+
+
+@dataclass
+class DiffusionSettings:
+    steps: int = 20
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the pipeline's own
+    height: int | None = None  # None: the pipeline's default
+    width: int | None = None
+    dtype: str = "float32"  # float16 / bfloat16 on a GPU
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+
+
+class DiffusersTextToImage:
+    """A diffusers text-to-image pipeline (Stable Diffusion and compatible)."""
+
+    def __init__(self, pipeline, settings: DiffusionSettings, *, name: str) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.name = name
+        pipeline.set_progress_bar_config(disable=True)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return []
+        s = self.settings
+        device = self.pipeline.device
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        negative = [s.negative_prompt] * len(prompts) if s.negative_prompt else None
+        out = self.pipeline(
+            list(prompts),
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            negative_prompt=negative,
+            height=s.height,
+            width=s.width,
+            generator=generators,
+            output_type="pil",
+        )
+        flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
+        return [
+            GeneratedImage(image, seed, bool(flag) or is_black(image))
+            for image, seed, flag in zip(out.images, seeds, flags, strict=True)
+        ]
+
+
+def load_diffusers(
+    model: str, settings: DiffusionSettings, *, device: str | torch.device = "cpu"
+) -> DiffusersTextToImage:
+    """``DiffusionPipeline.from_pretrained(model)``, with the scheduler swapped if asked."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise PairfreeError(
+            "the diffusers backend needs the synthesis extra: pip install 'pairfree[synthesis]'"
+        ) from err
+    try:
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(
+            model, torch_dtype=DTYPES[settings.dtype]
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PairfreeError(f"cannot load the text-to-image model {model!r}: {first}") from err
+    if settings.scheduler:
+        scheduler_class = getattr(diffusers, settings.scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise PairfreeError(f"unknown diffusers scheduler {settings.scheduler!r}")
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    return DiffusersTextToImage(pipeline.to(device), settings, name=f"diffusers:{model}")
+
+
+# prefix -> "module:function"; each takes (model, settings, *, device). The world's renderer is
+# a testbed backend: named here, imported only when asked for.
+_BACKENDS: dict[str, str] = {
+    "diffusers": "pairfree.synth.text_to_image:load_diffusers",
+    "world": "pairfree.world.synth:load_world_text_to_image",
+}
+
+
+def load_text_to_image(
+    spec: str,
+    settings: DiffusionSettings | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> TextToImage:
+    """The backend named by ``spec`` (``diffusers:<model>`` or ``world:<preset>``)."""
+    prefix, sep, model = spec.partition(":")
+    if not sep or prefix not in _BACKENDS:
+        raise PairfreeError(
+            f"unknown text-to-image spec {spec!r}: expected '<backend>:<model>' with backend "
+            f"one of {sorted(_BACKENDS)}"
+        )
+    module, _, function = _BACKENDS[prefix].partition(":")
+    factory: Callable[..., TextToImage] = getattr(importlib.import_module(module), function)
+    return factory(model, settings or DiffusionSettings(), device=device)

@@ -1,0 +1,126 @@
+"""Text-to-image backends: the real diffusers path on a tiny Stable Diffusion pipeline built
+from configs, and the world's renderer; seeds fixed per image, not per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pairfree.errors import PairfreeError
+from pairfree.synth.text_to_image import (
+    DiffusionSettings,
+    GeneratedImage,
+    TextToImage,
+    image_seed,
+    is_black,
+    load_text_to_image,
+)
+
+PROMPTS = ["a small red circle in the middle", "two blue squares", "a green star on the left"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    """A Stable Diffusion pipeline of the real classes, tiny and random, saved like a hub one."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pairfree.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 77  # as Stable Diffusion's tokenizer
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77)
+    )  # fmt: skip
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("tiny-sd")
+    pipeline.save_pretrained(out)
+    return out
+
+
+def pixels(generated: list[GeneratedImage]) -> list[np.ndarray]:
+    return [np.asarray(g.image, dtype=np.int16) for g in generated]
+
+
+def test_seeds_depend_on_the_run_the_prompt_and_the_variant_only():
+    seeds = {image_seed(0, p, v) for p in PROMPTS for v in range(3)}
+    assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
+    assert image_seed(0, PROMPTS[0], 1) == image_seed(0, PROMPTS[0], 1)
+    assert image_seed(1, PROMPTS[0], 1) != image_seed(0, PROMPTS[0], 1)
+
+
+def test_diffusers_backend_makes_one_image_per_prompt_independent_of_the_batch(tiny_sd_dir):
+    backend = load_text_to_image(f"diffusers:{tiny_sd_dir}", DiffusionSettings(steps=2))
+    assert isinstance(backend, TextToImage) and backend.name == f"diffusers:{tiny_sd_dir}"
+    seeds = [image_seed(0, p) for p in PROMPTS]
+    batch = backend.generate(PROMPTS, seeds)
+    assert [g.seed for g in batch] == seeds and all(g.image.size == (32, 32) for g in batch)
+    alone = [backend.generate([p], [s])[0] for p, s in zip(PROMPTS, seeds, strict=True)]
+    for together, single in zip(pixels(batch), pixels(alone), strict=True):
+        assert np.abs(together - single).max() <= 1  # the same image, up to rounding
+    again = backend.generate(PROMPTS[:1], seeds[:1])
+    assert np.array_equal(pixels(again)[0], pixels(alone[:1])[0])
+    other = backend.generate(PROMPTS[:1], [seeds[0] + 1])
+    assert not np.array_equal(pixels(other)[0], pixels(again)[0])
+
+
+def test_diffusers_settings_reach_the_pipeline(tiny_sd_dir):
+    settings = DiffusionSettings(steps=2, scheduler="DPMSolverMultistepScheduler", height=16,
+                                 width=16, negative_prompt="blurry", guidance_scale=3.0)  # fmt: skip
+    backend = load_text_to_image(f"diffusers:{tiny_sd_dir}", settings)
+    assert type(backend.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    (made,) = backend.generate(PROMPTS[:1], [7])
+    assert made.image.size == (16, 16) and made.nsfw == is_black(made.image)
+    with pytest.raises(PairfreeError, match="unknown diffusers scheduler"):
+        load_text_to_image(f"diffusers:{tiny_sd_dir}", DiffusionSettings(scheduler="Nope"))
+
+
+def test_world_backend_draws_what_the_prompt_says():
+    from pairfree.world import parse_caption
+    from pairfree.world.synth import WorldTextToImage
+    from pairfree.world.variants import world_preset
+
+    backend = load_text_to_image("world:default")
+    seeds = [image_seed(3, p) for p in PROMPTS]
+    made = backend.generate(PROMPTS, seeds)
+    renderer = WorldTextToImage(world_preset("default"))
+    for prompt, seed, generated in zip(PROMPTS, seeds, made, strict=True):
+        assert not generated.nsfw and generated.seed == seed
+        scene = renderer.scene_for(prompt, seed)  # the scene it drew
+        stated = parse_caption(prompt)
+        assert len(scene.objects) == len(stated.objects)
+        assert {o.shape for o in scene.objects} == {o.shape for o in stated.objects}
+
+
+def test_black_images_are_flagged_and_bad_specs_refused():
+    from PIL import Image
+
+    assert is_black(Image.new("RGB", (8, 8))) and not is_black(Image.new("RGB", (8, 8), "red"))
+    with pytest.raises(PairfreeError, match="unknown text-to-image spec"):
+        load_text_to_image("dalle:3")
+    with pytest.raises(PairfreeError, match="cannot load the text-to-image model"):
+        load_text_to_image("diffusers:/no/such/model")
