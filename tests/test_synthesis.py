@@ -124,3 +124,96 @@ def test_black_images_are_flagged_and_bad_specs_refused():
         load_text_to_image("dalle:3")
     with pytest.raises(PairfreeError, match="cannot load the text-to-image model"):
         load_text_to_image("diffusers:/no/such/model")
+
+
+# --------------------------------------------------------------------------- pairfree synthesize
+def synthesize(corpus, backend, out, *extra) -> list[str]:
+    return ["synthesize", "images", str(corpus), "--backend", backend, "--out", str(out),
+            "--no-progress", *extra]  # fmt: skip
+
+
+def folder_bytes(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def test_synthesize_world_images_into_a_dataset_encode_reads(tmp_path, capsys):
+    import json
+
+    from pairfree.cli import main
+    from pairfree.data import read_images
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "syn"
+    assert main(synthesize(corpus, "world:default", out, "--variants", "2", "--seed", "5")) == 0
+    assert "made 6 images" in capsys.readouterr().out
+    records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [p for p in PROMPTS for _ in range(2)]
+    assert [r["seed"] for r in records] == [image_seed(5, p, v) for p in PROMPTS for v in (0, 1)]
+    items = read_images(out / "dataset.jsonl")
+    assert len(items) == 6 and all(it.path.is_file() for it in items)
+    assert [it.references for it in items] == [(p,) for p in PROMPTS for _ in range(2)]
+    store = tmp_path / "features"
+    assert main(["encode", "--dataset", str(out / "dataset.jsonl"), "--split", "train",
+                 "--clip", "world:builtin", "--out", str(store)]) == 0  # fmt: skip
+    assert "wrote 6 image features" in capsys.readouterr().out
+    # the same command again makes nothing new; other settings are refused
+    before = folder_bytes(out)
+    assert main(synthesize(corpus, "world:default", out, "--variants", "2", "--seed", "5")) == 0
+    assert folder_bytes(out) == before
+    assert main(synthesize(corpus, "world:default", out, "--variants", "2", "--seed", "6")) == 2
+    assert "holds a synthesis with other" in capsys.readouterr().err
+
+
+def test_synthesize_with_diffusers_resumes_to_the_same_images(tiny_sd_dir, tmp_path, capsys):
+    import json
+
+    from pairfree.cli import main
+
+    long = " ".join(["a very long caption"] * 30)  # over the text encoder's 77 tokens
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([*PROMPTS, long]) + "\n")
+    args = ["--steps", "2", "--shard-size", "2", "--batch-size", "2"]
+    once = tmp_path / "once"
+    assert main(synthesize(corpus, f"diffusers:{tiny_sd_dir}", once, *args)) == 0
+    assert "made 3 images" in capsys.readouterr().out
+    records = [json.loads(x) for x in (once / "manifest.jsonl").read_text().splitlines()]
+    assert records[-1]["status"].startswith("skipped: prompt of") and records[-1]["image"] is None
+
+    resumed = tmp_path / "resumed"
+    assert main(synthesize(corpus, f"diffusers:{tiny_sd_dir}", resumed, *args)) == 0
+    (resumed / "shards" / "00001.jsonl").unlink()  # as if killed before the last shard ended
+    (resumed / "images" / f"{records[2]['id']}.png").unlink()
+    (resumed / "manifest.jsonl").unlink()
+    assert main(synthesize(corpus, f"diffusers:{tiny_sd_dir}", resumed, *args)) == 0
+    assert folder_bytes(resumed) == folder_bytes(once)
+    assert (resumed / "manifest.jsonl").read_text() == (once / "manifest.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_synthesize_what_one_does(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS * 3) + "\n")
+    runs = {}
+    for name, launcher in (
+        ("one", []),
+        ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+    ):
+        out = tmp_path / name
+        cmd = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "pairfree.cli",
+            *synthesize(corpus, "world:default", out, "--shard-size", "2"),
+        ]
+        done = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count("made 9 images") == 1
+        runs[name] = (folder_bytes(out), (out / "manifest.jsonl").read_text())
+    assert runs["one"] == runs["two"]

@@ -22,6 +22,7 @@ COMMANDS = (
     "run",
     "offset",
     "import_checkpoint",
+    "synthesize",
     "world",
 )
 
