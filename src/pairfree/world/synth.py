@@ -14,6 +14,8 @@ not on the batch it came in.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -281,3 +283,44 @@ class WorldSummarizer:
         if len(selected) < self.min_selected:
             return None
         return Summary(tuple(selected), realize(scene, rng, self.config.phrasing))
+
+
+class WorldLLM:
+    """The world's paraphraser and summarizer behind the library's LLM protocol
+    (``world:<preset>``): it answers the rephrase and select-summarize prompts as JSON, and a
+    caption it cannot rewrite or a group it cannot summarize with an answer that does not
+    parse, as an LLM's failures look."""
+
+    _REPHRASE = re.compile(r"Given a description text: (.*?)\. Please rephrase", re.S)
+    _NUMBERED = re.compile(r"<(\d+)> (.*?)(?=\s*<\d+> |\s*$)", re.S)
+
+    def __init__(self, preset: str) -> None:
+        from pairfree.world.variants import world_preset
+
+        config = world_preset(preset)
+        self.name = f"world:{preset}"
+        self.paraphraser = WorldParaphraser(config)
+        self.summarizer = WorldSummarizer(config)
+
+    def generate(self, prompts: Sequence[str], sampling) -> list[str | None]:
+        return [self._answer(prompt, sampling.seed) for prompt in prompts]
+
+    def _answer(self, prompt: str, seed: int) -> str:
+        rephrase = self._REPHRASE.search(prompt)
+        if rephrase:
+            texts = self.paraphraser.rephrase(rephrase.group(1), 3, seed)
+            if len(texts) < 3:
+                return "I cannot rephrase this description."
+            return json.dumps({str(i): t for i, t in enumerate(texts, 1)})
+        numbered = self._NUMBERED.findall(prompt)
+        if numbered:
+            summary = self.summarizer.summarize([c.strip() for _, c in numbered], seed)
+            if summary is None:
+                return "These sentences do not describe one scene."
+            return str({"index": [i + 1 for i in summary.selected], "summary": summary.text})
+        return "I do not know this task."
+
+
+def load_world_llm(preset: str, **_options) -> WorldLLM:
+    """The ``world:<preset>`` LLM backend."""
+    return WorldLLM(preset or "default")

@@ -1,0 +1,216 @@
+"""LLM backends behind one protocol, chosen by name: ``generate(prompts, sampling)``.
+
+- ``hf:<hub id or folder>`` (or ``hf:<folder>/<file>.gguf``): a transformers causal LM, batched
+  with left padding, through the tokenizer's chat template when it has one (SaCap prompted a
+  base Llama-3-8B without one), bf16/fp16 on a GPU; GGUF checkpoints load with ``gguf_file=``.
+- ``openai:<model>`` with ``api_base``: any OpenAI-compatible chat-completions server (vLLM,
+  llama.cpp's server, TGI, OpenAI itself; how a 70B model on a cluster is used). Requests run
+  with bounded concurrency and a timeout, and are retried with exponential backoff on 429, 5xx,
+  timeouts and refused connections. The key comes from an environment variable and is never
+  logged or written anywhere.
+- ``world:<preset>``: the shapes world's paraphraser and summarizer answering the two task
+  prompts (the testbed's stand-in).
+
+A prompt that gets no answer (retries used up) comes back as ``None``; the caller records it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from pairfree.errors import PairfreeError
+
+logger = logging.getLogger(__name__)
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.6  # SaCap's
+    top_p: float = 0.9
+    do_sample: bool = True
+    seed: int = 0
+
+
+@runtime_checkable
+class LLM(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
+        """One answer per prompt (``None``: no answer could be had)."""
+        ...
+
+
+class HFCausalLM:
+    """A transformers causal LM and its tokenizer, decoding batches with left padding."""
+
+    def __init__(self, model, tokenizer, *, name: str, response_prefix: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.response_prefix = response_prefix  # prefilled at the start of every answer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def _render(self, prompt: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            return text + self.response_prefix
+        return prompt + self.response_prefix
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
+        if not prompts:
+            return []
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        batch = self.tokenizer(
+            [self._render(p) for p in prompts],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not chat,  # a chat template writes its own special tokens
+        ).to(self.model.device)
+        torch.manual_seed(sampling.seed)
+        options = {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.do_sample,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **(options if sampling.do_sample else {}),
+        )
+        answers = self.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        return [self.response_prefix + a for a in answers]
+
+
+def load_hf_llm(
+    model: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    response_prefix: str = "",
+    **_: object,
+) -> HFCausalLM:
+    """``AutoModelForCausalLM.from_pretrained``; a path to a ``.gguf`` file loads that file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = model, {}
+    if model.endswith(".gguf"):
+        source, extra = str(Path(model).parent), {"gguf_file": Path(model).name}
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype], **extra)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PairfreeError(f"cannot load the LLM {model!r}: {first}") from err
+    return HFCausalLM(lm.to(device), tokenizer, name=f"hf:{model}", response_prefix=response_prefix)
+
+
+class OpenAIChat:
+    """An OpenAI-compatible chat-completions endpoint."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_base: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+    ) -> None:
+        if not api_base:
+            raise PairfreeError("the openai: backend needs an API base URL (--api-base)")
+        self.name = f"openai:{model}"
+        self.model = model
+        self.url = api_base.rstrip("/") + "/chat/completions"
+        self.api_key_env = api_key_env
+        self.concurrency, self.timeout = concurrency, timeout
+        self.max_retries, self.backoff = max_retries, backoff
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
+        body = {
+            "model": self.model,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature if sampling.do_sample else 0.0,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+        }
+        with ThreadPoolExecutor(max(1, self.concurrency)) as pool:
+            return list(pool.map(lambda p: self._ask(p, body), prompts))
+
+    def _ask(self, prompt: str, body: dict) -> str | None:
+        data = json.dumps({**body, "messages": [{"role": "user", "content": prompt}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    reply = json.loads(response.read().decode("utf-8"))
+                return reply["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as err:
+                if err.code not in RETRY_STATUS:
+                    logger.warning("%s: HTTP %d, not retried", self.url, err.code)
+                    return None
+                problem = f"HTTP {err.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                problem = type(err).__name__ + (
+                    f" ({err.reason})" if hasattr(err, "reason") else ""
+                )
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+                logger.warning("%s: a reply without choices[0].message.content", self.url)
+                return None
+            if attempt < self.max_retries:
+                time.sleep(min(self.backoff * 2**attempt, 60.0))
+        logger.warning("%s: no answer after %d tries (%s)", self.url, self.max_retries + 1, problem)
+        return None
+
+
+def load_openai(model: str, *, api_base: str = "", **options: object) -> OpenAIChat:
+    known = {"api_key_env", "concurrency", "timeout", "max_retries", "backoff"}
+    return OpenAIChat(model, api_base=api_base, **{k: v for k, v in options.items() if k in known})
+
+
+# prefix -> "module:function"; the world's stand-in is named here, imported only when asked for
+_BACKENDS: dict[str, str] = {
+    "hf": "pairfree.synth.llm:load_hf_llm",
+    "openai": "pairfree.synth.llm:load_openai",
+    "world": "pairfree.world.synth:load_world_llm",
+}
+
+
+def load_llm(spec: str, **options: object) -> LLM:
+    """The LLM named by ``spec`` (``hf:...``, ``openai:...``, ``world:<preset>``)."""
+    prefix, sep, model = spec.partition(":")
+    if not sep or prefix not in _BACKENDS:
+        raise PairfreeError(
+            f"unknown LLM spec {spec!r}: expected '<backend>:<model>' with backend one of "
+            f"{sorted(_BACKENDS)}"
+        )
+    module, _, function = _BACKENDS[prefix].partition(":")
+    factory: Callable[..., LLM] = getattr(importlib.import_module(module), function)
+    return factory(model, **options)

@@ -1,0 +1,189 @@
+"""LLM backends and the two tasks: prompts, tolerant parsing with strict content, the world's
+stand-in, a transformers LM batched with left padding, and an OpenAI-compatible server (a stub
+on 127.0.0.1) with retries, timeouts and a key that is never logged."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pairfree.errors import PairfreeError
+from pairfree.synth.llm import LLM, Sampling, load_llm
+from pairfree.synth.tasks import (
+    REPHRASE_PROMPT,
+    Rejected,
+    load_prompt,
+    parse_rephrasings,
+    parse_selection,
+    rephrase_prompt,
+    summarize_prompt,
+)
+
+GOOD = '{"1": "a red ball on grass", "2": "grass with a red ball", "3": "a ball, red, on grass"}'
+
+
+# --------------------------------------------------------------------------- tasks
+def test_prompts_put_the_input_where_the_original_did(tmp_path):
+    prompt = rephrase_prompt("A red ball on the grass.")
+    assert "Given a description text: A red ball on the grass. Please rephrase" in prompt
+    assert prompt.endswith('{"1": "text1", "2": "text2", "3": "text3"}.')
+    group = summarize_prompt(["a dog", "a brown dog."])
+    assert group.endswith("The given sentences set are: <1> a dog. <2> a brown dog. ")
+    assert "{'index': list,'summary': str}" in group
+    custom = tmp_path / "p.txt"
+    custom.write_text("Reword: {caption}")
+    assert rephrase_prompt("x", load_prompt(custom, REPHRASE_PROMPT, "caption")) == "Reword: x"
+    custom.write_text("no slot")
+    with pytest.raises(PairfreeError, match="caption"):
+        load_prompt(custom, REPHRASE_PROMPT, "caption")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        GOOD,
+        f"Sure! Here they are:\n{GOOD}\nHope this helps.",
+        GOOD.replace('"', "'"),
+        GOOD[:-1] + ",}",
+    ],
+)
+def test_rephrasings_parse_in_any_reasonable_form(answer):
+    assert parse_rephrasings(answer) == [
+        "a red ball on grass",
+        "grass with a red ball",
+        "a ball, red, on grass",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ('{"1": "text1", "2": "text2", "3": "text3"}', "placeholder"),
+        ("I would rather not.", "no JSON object"),
+        ('{"1": "a", "2": "b"}', "string values"),
+        ('{"1": "' + "word " * 16 + '", "2": "b", "3": "c"}', "16 words"),
+    ],
+)
+def test_unusable_rephrasings_are_rejected_with_a_reason(answer, reason):
+    with pytest.raises(Rejected, match=reason):
+        parse_rephrasings(answer)
+
+
+def test_selections_are_checked_against_the_group():
+    chosen = parse_selection("{'index': [1, 3, 4], 'summary': 'A dog runs on a beach.'}", 30)
+    assert chosen.indices == [0, 2, 3] and chosen.summary == "A dog runs on a beach."
+    for answer, reason in [
+        ("{'index': [0, 2], 'summary': 'A dog.'}", "outside 1..30"),
+        ("{'index': [31], 'summary': 'A dog.'}", "outside 1..30"),
+        ("{'index': [2, 2], 'summary': 'A dog.'}", "repeated"),
+        ("{'index': list, 'summary': str}", "no JSON object"),
+        ("{'index': [1], 'summary': 'str'}", "placeholder"),
+        ("{'index': [1], 'summary': '" + "word " * 51 + "'}", "51 words"),
+    ]:
+        with pytest.raises(Rejected, match=reason):
+            parse_selection(answer, 30)
+
+
+# --------------------------------------------------------------------------- backends
+def test_world_llm_answers_both_tasks_with_the_same_facts():
+    from pairfree.world import parse_caption
+
+    llm = load_llm("world:default")
+    assert isinstance(llm, LLM)
+    caption = "a big red circle to the left of a small blue square"
+    (answer,) = llm.generate([rephrase_prompt(caption)], Sampling(seed=1))
+    facts = parse_caption(caption)
+    for text in parse_rephrasings(answer):
+        assert {(o.shape, o.color) for o in parse_caption(text).objects} == {
+            (o.shape, o.color) for o in facts.objects
+        }
+    group = [caption, "a red circle", "a small blue square", "a green star in the middle"]
+    (answer,) = llm.generate([summarize_prompt(group)], Sampling(seed=1))
+    selection = parse_selection(answer, len(group))
+    assert 0 in selection.indices and parse_caption(selection.summary).objects
+
+
+def test_hf_llm_batches_with_left_padding_like_one_at_a_time(tiny_gpt2_dir):
+    llm = load_llm(f"hf:{tiny_gpt2_dir}")
+    prompts = ["a dog", "a much longer prompt about a red ball on the grass"]
+    greedy = Sampling(max_new_tokens=6, do_sample=False)
+    together = llm.generate(prompts, greedy)
+    alone = [llm.generate([p], greedy)[0] for p in prompts]
+    assert together == alone and all(isinstance(a, str) and a for a in together)
+    prefixed = load_llm(f"hf:{tiny_gpt2_dir}", response_prefix='{"1": "')
+    assert all(a.startswith('{"1": "') for a in prefixed.generate(prompts, greedy))
+    with pytest.raises(PairfreeError, match="cannot load the LLM"):
+        load_llm("hf:/no/such/llm")
+
+
+class ChatStub(BaseHTTPRequestHandler):
+    """Answers by the prompt: 'good', 'malformed', 'busy' (429 once, then good), 'hang'."""
+
+    seen: list[tuple[str, str | None]] = []
+    busy_calls = 0
+
+    def do_POST(self):  # noqa: N802 (the http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        ChatStub.seen.append((prompt, self.headers.get("Authorization")))
+        if prompt == "hang":
+            time.sleep(1.0)
+        if prompt == "busy":
+            ChatStub.busy_calls += 1
+            if ChatStub.busy_calls == 1:
+                self.send_response(429)
+                self.end_headers()
+                return
+        content = "not json {" if prompt == "malformed" else GOOD
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply.encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on a hanging answer, as it should
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ChatStub.seen, ChatStub.busy_calls = [], 0
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_backend_retries_times_out_and_keeps_the_key_secret(
+    chat_server, monkeypatch, caplog
+):
+    monkeypatch.setenv("PAIRFREE_TEST_KEY", "sk-secret-123")
+    llm = load_llm("openai:stub-model", api_base=chat_server, api_key_env="PAIRFREE_TEST_KEY",
+                   timeout=0.3, max_retries=2, backoff=0.01, concurrency=4)  # fmt: skip
+    start = time.time()
+    with caplog.at_level("WARNING"):
+        answers = llm.generate(["good", "malformed", "busy", "hang"], Sampling())
+    assert time.time() - start < 10  # bounded: 3 tries of 0.3 s for the hanging prompt
+    assert answers[0] == GOOD and answers[2] == GOOD and answers[3] is None
+    with pytest.raises(Rejected):
+        parse_rephrasings(answers[1])
+    assert [p for p, _ in ChatStub.seen].count("busy") == 2  # 429, then the retry
+    assert [p for p, _ in ChatStub.seen].count("hang") == 3  # the first try and 2 retries
+    assert all(auth == "Bearer sk-secret-123" for _, auth in ChatStub.seen)
+    assert "sk-secret" not in caplog.text and "no answer after 3 tries" in caplog.text
+    with pytest.raises(PairfreeError, match="API base"):
+        load_llm("openai:stub-model")
+
+
+def test_unknown_llm_specs_are_refused():
+    with pytest.raises(PairfreeError, match="unknown LLM spec"):
+        load_llm("bard:1")
