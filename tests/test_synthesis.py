@@ -217,3 +217,28 @@ def test_two_processes_synthesize_what_one_does(tmp_path):
         assert done.stdout.count("made 9 images") == 1
         runs[name] = (folder_bytes(out), (out / "manifest.jsonl").read_text())
     assert runs["one"] == runs["two"]
+
+
+# --------------------------------------------------------------------------- grouping
+def test_faiss_groups_equal_the_exact_chunked_search():
+    from pairfree.synth.grouping import nearest_captions
+
+    x = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
+    dense = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).T
+    expected = dense.topk(30, dim=1).indices  # without ties, each row is its own best match
+    assert torch.equal(expected[:, 0], torch.arange(500))
+    for chunk in (7, 500):
+        assert torch.equal(nearest_captions(x, 30, chunk=chunk), expected)
+    assert torch.equal(nearest_captions(x, 30, backend="faiss"), expected)
+    # the IVF index (for millions of captions) is approximate: on clustered data, as caption
+    # embeddings are, most neighbours agree
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(20, 32, generator=g).repeat(25, 1)
+    clustered = centers + 0.3 * torch.randn(500, 32, generator=g)
+    exact = nearest_captions(clustered, 10)
+    ivf = nearest_captions(clustered, 10, backend="faiss", ivf_threshold=100, nprobe=16)
+    assert torch.equal(ivf[:, 0], torch.arange(500))
+    same = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ivf, exact, strict=True)]
+    assert sum(same) / exact.numel() > 0.9
+    with pytest.raises(PairfreeError, match="1 <= k <= 500"):
+        nearest_captions(x, 501)
