@@ -187,3 +187,73 @@ def test_openai_backend_retries_times_out_and_keeps_the_key_secret(
 def test_unknown_llm_specs_are_refused():
     with pytest.raises(PairfreeError, match="unknown LLM spec"):
         load_llm("bard:1")
+
+
+# --------------------------------------------------------------------------- pairfree synthesize
+def test_rephrase_group_and_summarize_a_world_corpus(tmp_path, capsys):
+    from pairfree.cli import main
+    from pairfree.world import make_world
+
+    world = make_world(tmp_path / "w", n_train_images=0, n_val=0, n_test=0, n_corpus=40, seed=2)
+    rephrased = tmp_path / "rephrased"
+    args = ["synthesize", "rephrase", str(world.corpus), "--llm", "world:default", "--out",
+            str(rephrased), "--no-progress", "--shard-size", "16", "--batch-size", "4"]  # fmt: skip
+    assert main(args) == 0
+    kept = [json.loads(x) for x in (rephrased / "rephrasings.jsonl").read_text().splitlines()]
+    rejects = (rephrased / "rejects.jsonl").read_text().splitlines()
+    captions = list(dict.fromkeys(world.corpus.read_text().splitlines()))
+    assert len(kept) + len(rejects) == len(captions) and len(kept) > len(captions) // 2
+    assert f"kept {len(kept)}, rejected {len(rejects)}" in capsys.readouterr().out
+    assert all(len(r["rephrasings"]) == 3 for r in kept)
+    # resumed after a lost shard: the same output
+    before = (rephrased / "rephrasings.jsonl").read_text()
+    (rephrased / "shards" / "00001.jsonl").unlink()
+    assert main(args) == 0
+    assert (rephrased / "rephrasings.jsonl").read_text() == before
+
+    grouped = tmp_path / "grouped"
+    assert main(["synthesize", "group", str(world.corpus), "--clip", "world:builtin", "--k", "5",
+                 "--out", str(grouped), "--no-progress"]) == 0  # fmt: skip
+    groups = [json.loads(x) for x in (grouped / "groups.jsonl").read_text().splitlines()]
+    assert len(groups) == 40 and all(len(g["members"]) == 5 for g in groups)
+    assert all(g["members"][0] == g["id"] for g in groups)
+    summarized = tmp_path / "summarized"
+    assert main(["synthesize", "summarize", str(grouped / "groups.jsonl"), "--llm",
+                 "world:default", "--out", str(summarized), "--no-progress"]) == 0  # fmt: skip
+    summaries = [json.loads(x) for x in (summarized / "summaries.jsonl").read_text().splitlines()]
+    assert summaries and all(set(s["selected"]) <= set(g["members"])
+                             for s in summaries for g in groups if g["id"] == s["id"])  # fmt: skip
+
+
+def test_rephrase_through_an_openai_server_keeps_the_rejects(chat_server, tmp_path, capsys):
+    from pairfree.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("good\nmalformed\n")  # the stub answers by the prompt's caption
+
+    class ByCaption(ChatStub):
+        def do_POST(self):  # noqa: N802
+            length = int(self.headers["Content-Length"])
+            body = json.loads(self.rfile.read(length))
+            prompt = body["messages"][0]["content"]
+            content = "not json {" if "malformed" in prompt else GOOD
+            reply = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ByCaption)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out"
+        assert main(["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
+                     f"http://127.0.0.1:{server.server_address[1]}/v1", "--out", str(out),
+                     "--no-progress"]) == 0  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    (kept,) = [json.loads(x) for x in (out / "rephrasings.jsonl").read_text().splitlines()]
+    (rejected,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert kept["caption"] == "good" and len(kept["rephrasings"]) == 3
+    assert rejected["caption"] == "malformed" and rejected["answer"] == "not json {"
+    assert "no JSON object" in rejected["rejected"]

@@ -53,6 +53,169 @@ def register(sub) -> None:
     add_strict(images)
     images.set_defaults(func=run_images)
 
+    rephrase = kinds.add_parser(
+        "rephrase",
+        help="three LLM rephrasings of every caption (SaCap)",
+        description=(
+            "Ask an LLM for 3 rephrasings (<= 15 words each, as JSON) of every distinct caption of "
+            "CORPUS, with SaCap's prompt and sampling (temperature 0.6, top-p 0.9). Writes "
+            "OUT/rephrasings.jsonl and OUT/rejects.jsonl (answers that did not parse, with why). "
+            "--llm hf:<model or .gguf file>, openai:<model> --api-base URL (key from "
+            "$OPENAI_API_KEY or --api-key-env), or world:<preset>. Resumable and sharded."
+        ),
+    )
+    rephrase.add_argument("corpus", type=Path, help="caption corpus (any corpus format)")
+    add_llm_arguments(rephrase, temperature=0.6, max_new_tokens=256)
+    rephrase.set_defaults(func=run_rephrase)
+
+    group = kinds.add_parser(
+        "group",
+        help="every caption with its nearest captions by CLIP text embedding (ICSD)",
+        description=(
+            "Encode CORPUS with CLIP and write OUT/groups.jsonl: every caption with its k - 1 "
+            "nearest captions by cosine (ICSD: k = 30), the caption first. --index faiss for "
+            "large corpora (faiss-cpu; an IVF index above a million captions)."
+        ),
+    )
+    group.add_argument("corpus", type=Path, help="caption corpus (any corpus format)")
+    group.add_argument(
+        "--clip", required=True, help="CLIP spec, e.g. hf:openai/clip-vit-base-patch32"
+    )
+    group.add_argument("--out", type=Path, required=True, help="output folder")
+    group.add_argument("--k", type=positive_int, default=30, help="captions per group (default 30)")
+    group.add_argument("--index", choices=["exact", "faiss"], default="exact")
+    group.add_argument("--split", default="train", help="split of a Karpathy file")
+    group.add_argument("--no-progress", action="store_true")
+    add_device(group)
+    add_strict(group)
+    group.set_defaults(func=run_group)
+
+    summarize = kinds.add_parser(
+        "summarize",
+        help="LLM selection and summary of every caption group (ICSD)",
+        description=(
+            "For every group of GROUPS (OUT/groups.jsonl of `synthesize group`), ask an LLM "
+            "with ICSD's prompt to select the captions that describe one scene and summarize "
+            "them in <= 50 words. Writes OUT/summaries.jsonl and OUT/rejects.jsonl."
+        ),
+    )
+    summarize.add_argument("groups", type=Path, help="groups.jsonl of `pairfree synthesize group`")
+    add_llm_arguments(summarize, temperature=1.0, max_new_tokens=500)
+    summarize.set_defaults(func=run_summarize)
+
+
+def add_llm_arguments(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int):
+    p.add_argument("--llm", required=True, help="hf:<model>, openai:<model> or world:<preset>")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--api-base", default="", help="OpenAI-compatible server, e.g. http://host:8000/v1"
+    )
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests at once (openai:)")
+    p.add_argument("--prompt", type=Path, default=None, help="a file replacing the original prompt")
+    p.add_argument("--response-prefix", default="", help="text the answer starts with (hf:)")
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    p.add_argument("--greedy", action="store_true", help="no sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--shard-size", type=positive_int, default=512, help="inputs per shard")
+    p.add_argument("--no-progress", action="store_true")
+    add_device(p)
+
+
+def _llm_job(args: argparse.Namespace, inputs: list):
+    """(job, llm, sampling) of an LLM subcommand, after checking where it writes."""
+    from pairfree.io import check_output
+    from pairfree.job import Job
+    from pairfree.synth.llm import Sampling, load_llm
+
+    check_output(args.out, inputs=inputs, folder=True)
+    job = Job.create(progress=not args.no_progress)
+    llm = load_llm(
+        args.llm,
+        api_base=args.api_base,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        response_prefix=args.response_prefix,
+        dtype=args.dtype,
+        device=args.device if job.num_processes == 1 else job.state.device,
+    )
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        seed=args.seed,
+    )
+    return job, llm, sampling
+
+
+def run_rephrase(args: argparse.Namespace) -> int:
+    from pairfree.data import read_captions
+    from pairfree.errors import SkipLog
+    from pairfree.synth.tasks import REPHRASE_PROMPT, load_prompt
+    from pairfree.synth.text import rephrase_captions
+
+    template = load_prompt(args.prompt, REPHRASE_PROMPT, "caption")
+    skip_log = SkipLog()
+    captions = read_captions(args.corpus, skip_log=skip_log)
+    job, llm, sampling = _llm_job(args, [args.corpus])
+    summary = rephrase_captions(
+        llm, [c.text for c in captions], args.out, template=template, sampling=sampling,
+        batch_size=args.batch_size, shard_size=args.shard_size, job=job,
+    )  # fmt: skip
+    if summary is not None:
+        report_skips([e.to_record() for e in skip_log.items], args.out)
+        print(summary)
+    return 0
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    from pairfree.synth.tasks import SUMMARIZE_PROMPT, load_prompt
+    from pairfree.synth.text import read_groups, summarize_groups
+
+    template = load_prompt(args.prompt, SUMMARIZE_PROMPT, "captions")
+    groups = read_groups(args.groups)
+    job, llm, sampling = _llm_job(args, [args.groups])
+    summary = summarize_groups(
+        llm, groups, args.out, template=template, sampling=sampling,
+        batch_size=args.batch_size, shard_size=args.shard_size, job=job,
+    )  # fmt: skip
+    if summary is not None:
+        print(summary)
+    return 0
+
+
+def run_group(args: argparse.Namespace) -> int:
+    from pairfree.clip import load_clip
+    from pairfree.data import read_captions
+    from pairfree.encoding import encode_captions
+    from pairfree.features import FeatureStore
+    from pairfree.io import check_output
+    from pairfree.job import Job
+    from pairfree.synth.text import group_captions
+
+    check_output(args.out, inputs=[args.corpus], folder=True)
+    job = Job.create(strict=args.strict, progress=not args.no_progress)
+    captions = read_captions(args.corpus, split=args.split, skip_log=job.skip_log)
+    clip = load_clip(args.clip, device=args.device)
+    encode_captions(clip, captions, args.out / "features", job=job)
+    job.wait_for_everyone()
+    if not job.is_main_process:
+        return 0
+    store = FeatureStore(args.out / "features")
+    groups = group_captions(
+        store.ids, store.texts, store.tensor(), args.out, k=args.k, backend=args.index
+    )
+    report_skips([e.to_record() for e in job.skip_log.items], args.out)
+    print(
+        f"{len(groups)} groups of {min(args.k, len(store))} captions -> {args.out / 'groups.jsonl'}"
+    )
+    return 0
+
 
 def run_images(args: argparse.Namespace) -> int:
     from dataclasses import asdict

@@ -10,10 +10,8 @@ Layout of the output folder::
     dataset.jsonl      the usable pairs as a JSONL corpus ({"image_id", "image", "caption"}):
                        what ``pairfree encode --dataset`` and the recipes read
 
-Work is split into shards of prompts; under ``accelerate launch`` / ``torchrun`` process r
-makes shards r, r + world, ..., and the main process merges them. A killed run resumes at its
-first unfinished shard; since every image's seed is fixed by (run seed, prompt, variant), a
-shard made again gives the same images. A run with other settings is refused, not mixed in.
+Work runs in shards over processes, resumably (:mod:`pairfree.synth.shards`); since every
+image's seed is fixed by (run seed, prompt, variant), a shard made again gives the same images.
 """
 
 from __future__ import annotations
@@ -24,12 +22,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from pairfree.data import Caption
 from pairfree.errors import PairfreeError
-from pairfree.io import atomic_path, atomic_write_json, atomic_write_text
+from pairfree.io import atomic_path
 from pairfree.job import Job
+from pairfree.synth.shards import run_shards, write_jsonl
 from pairfree.synth.text_to_image import TextToImage, image_seed
 
 
@@ -102,51 +99,41 @@ def synthesize_images(
 ) -> SynthesisSummary | None:
     """Make every prompt's image into ``out_dir`` (see the module docstring); returns the
     summary on the main process, None elsewhere."""
-    out, job = Path(out_dir), job or Job()
-    if not prompts:
-        raise PairfreeError(f"nothing to synthesize into {out}: no prompts")
+    out = Path(out_dir)
+
+    def make(batch: list[Prompt]) -> list[dict]:
+        records, usable = [], []
+        for prompt in batch:
+            problem = prompt_problem(backend, prompt.text)
+            if problem:
+                records.append(_record(prompt, backend, status=f"skipped: {problem}"))
+            else:
+                usable.append(prompt)
+        made = backend.generate([p.text for p in usable], [p.seed for p in usable])
+        for prompt, generated in zip(usable, made, strict=True):
+            image = f"images/{prompt.id}.png"
+            with atomic_path(out / image) as tmp:
+                generated.image.save(tmp, format="PNG")
+            records.append(_record(prompt, backend, nsfw=generated.nsfw, image=image))
+        return sorted(records, key=lambda r: r["id"])
+
     request = {"backend": backend.name, "settings": settings, "shard_size": shard_size,
                "prompts": _digest(prompts)}  # fmt: skip
-    _claim(out, request, job)
-    n_shards = -(-len(prompts) // shard_size)
-    todo = [
-        s
-        for s in range(job.process_index, n_shards, job.num_processes)
-        if not (out / "shards" / f"{s:05d}.jsonl").exists()
-    ]
-    bar = tqdm(
-        total=sum(len(prompts[s * shard_size : (s + 1) * shard_size]) for s in todo),
-        desc="synthesize",
-        unit="img",
-        disable=not job.show_progress,
-    )
-    for shard in todo:
-        records = []
-        items = prompts[shard * shard_size : (shard + 1) * shard_size]
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            usable = []
-            for prompt in batch:
-                problem = prompt_problem(backend, prompt.text)
-                if problem:
-                    records.append(_record(prompt, backend, status=f"skipped: {problem}"))
-                else:
-                    usable.append(prompt)
-            made = backend.generate([p.text for p in usable], [p.seed for p in usable])
-            for prompt, generated in zip(usable, made, strict=True):
-                image = f"images/{prompt.id}.png"
-                with atomic_path(out / image) as tmp:
-                    generated.image.save(tmp, format="PNG")
-                records.append(_record(prompt, backend, nsfw=generated.nsfw, image=image))
-            bar.update(len(batch))
-        records.sort(key=lambda r: r["id"])
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(out / "shards" / f"{shard:05d}.jsonl", lines)
-    bar.close()
-    job.wait_for_everyone()
-    if not job.is_main_process:
+    records = run_shards(out, prompts, make, request=request, shard_size=shard_size,
+                         batch_size=batch_size, job=job or Job(), desc="synthesize")  # fmt: skip
+    if records is None:
         return None
-    return _merge(out, n_shards, keep_nsfw)
+    usable = [r for r in records if r["status"] == "ok" and (keep_nsfw or not r["nsfw"])]
+    write_jsonl(out / "manifest.jsonl", records)
+    pairs = [{"image_id": r["id"], "image": r["image"], "caption": r["prompt"]} for r in usable]
+    write_jsonl(out / "dataset.jsonl", pairs)
+    made = sum(r["status"] == "ok" for r in records)
+    return SynthesisSummary(
+        made=made,
+        nsfw=sum(r["status"] == "ok" and r["nsfw"] for r in records),
+        skipped=len(records) - made,
+        out_dir=out,
+    )
 
 
 def _digest(prompts: Sequence[Prompt]) -> str:
@@ -156,47 +143,8 @@ def _digest(prompts: Sequence[Prompt]) -> str:
     return h.hexdigest()
 
 
-def _claim(out: Path, request: dict, job: Job) -> None:
-    """Record what this run makes, or check that an earlier run in ``out`` made the same."""
-    path = out / "synthesis.json"
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != json.loads(json.dumps(request)):
-            changed = sorted(k for k in request if saved.get(k) != request[k])
-            raise PairfreeError(
-                f"{out} holds a synthesis with other {', '.join(changed)}; use another --out, "
-                "or delete it to start over"
-            )
-    elif job.is_main_process:
-        atomic_write_json(path, request)
-    job.wait_for_everyone()
-
-
 def _record(prompt: Prompt, backend: TextToImage, *, status: str = "ok", nsfw: bool = False,
             image: str | None = None) -> dict:  # fmt: skip
     return {"id": prompt.id, "prompt": prompt.text, "source": prompt.source,
             "variant": prompt.variant, "seed": prompt.seed, "backend": backend.name,
             "nsfw": nsfw, "status": status, "image": image}  # fmt: skip
-
-
-def _merge(out: Path, n_shards: int, keep_nsfw: bool) -> SynthesisSummary:
-    records = []
-    for shard in range(n_shards):
-        path = out / "shards" / f"{shard:05d}.jsonl"
-        if not path.exists():
-            raise PairfreeError(f"{path} was not written by any process")
-        records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    usable = [r for r in records if r["status"] == "ok" and (keep_nsfw or not r["nsfw"])]
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(out / "manifest.jsonl", lines)
-    pairs = [{"image_id": r["id"], "image": r["image"], "caption": r["prompt"]} for r in usable]
-    atomic_write_text(
-        out / "dataset.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    )
-    made = sum(r["status"] == "ok" for r in records)
-    return SynthesisSummary(
-        made=made,
-        nsfw=sum(r["status"] == "ok" and r["nsfw"] for r in records),
-        skipped=len(records) - made,
-        out_dir=out,
-    )

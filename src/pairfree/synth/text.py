@@ -1,0 +1,183 @@
+"""The text side of synthesis: rephrasing captions (SaCap), grouping them and summarizing the
+groups (ICSD), each a resumable, sharded job (:mod:`pairfree.synth.shards`).
+
+Outputs (JSONL, one object per line, in input order):
+
+- ``rephrase``: ``rephrasings.jsonl`` ``{"id", "caption", "rephrasings": [3 texts]}``;
+- ``group``: ``groups.jsonl`` ``{"id", "members": [caption ids], "captions": [texts]}``, the
+  anchor caption first;
+- ``summarize``: ``summaries.jsonl`` ``{"id", "selected": [caption ids], "captions": [texts],
+  "summary"}``;
+
+and for the LLM jobs ``rejects.jsonl`` with each answer that could not be used, its reason and
+its raw text (the originals drop those answers; here they are counted and kept for a look).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pairfree.errors import PairfreeError
+from pairfree.job import Job
+from pairfree.synth.grouping import nearest_captions
+from pairfree.synth.llm import LLM, Sampling
+from pairfree.synth.shards import run_shards, write_jsonl
+from pairfree.synth.tasks import (
+    Rejected,
+    parse_rephrasings,
+    parse_selection,
+    rephrase_prompt,
+    summarize_prompt,
+)
+
+
+@dataclass
+class TextJobSummary:
+    kept: int
+    rejected: int
+    out_dir: Path
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: kept {self.kept}, rejected {self.rejected} -> {self.out_dir}"
+
+
+def rephrase_captions(
+    llm: LLM,
+    captions: Sequence[str],
+    out_dir: str | Path,
+    *,
+    template: str,
+    sampling: Sampling,
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    job: Job | None = None,
+) -> TextJobSummary | None:
+    """Three rephrasings of every distinct caption (SaCap rephrases each caption once)."""
+    out = Path(out_dir)
+    distinct = list(dict.fromkeys(c.strip() for c in captions if c.strip()))
+    items = list(enumerate(distinct))
+
+    def ask(batch: list[tuple[int, str]]) -> list[dict]:
+        answers = llm.generate([rephrase_prompt(c, template) for _, c in batch], sampling)
+        records = []
+        for (i, caption), answer in zip(batch, answers, strict=True):
+            record = {"id": str(i), "caption": caption}
+            try:
+                record["rephrasings"] = parse_rephrasings(_answered(answer))
+            except Rejected as why:
+                record.update(rejected=str(why), answer=answer)
+            records.append(record)
+        return records
+
+    request = _request(llm, template, sampling, shard_size, distinct)
+    records = run_shards(out, items, ask, request=request, shard_size=shard_size,
+                         batch_size=batch_size, job=job or Job(), desc="rephrase")  # fmt: skip
+    return None if records is None else _split(out, records, "rephrasings.jsonl", "rephrase")
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    members: list[str]  # caption ids, the anchor first
+    captions: list[str]
+
+
+def group_captions(
+    ids: Sequence[str],
+    texts: Sequence[str],
+    embeddings: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    k: int = 30,
+    backend: str = "exact",
+) -> list[Group]:
+    """ICSD's groups: every caption with its k - 1 nearest captions (CLIP text cosine)."""
+    if not len(ids) == len(texts) == len(embeddings):
+        raise PairfreeError(f"{len(ids)} ids, {len(texts)} texts, {len(embeddings)} embeddings")
+    neighbours = nearest_captions(embeddings, min(k, len(ids)), backend=backend)
+    groups = [
+        Group(ids[row[0]], [ids[j] for j in row], [texts[j] for j in row])
+        for row in neighbours.tolist()
+    ]
+    write_jsonl(Path(out_dir) / "groups.jsonl", [asdict(g) for g in groups])
+    return groups
+
+
+def read_groups(path: str | Path) -> list[Group]:
+    """Groups written by :func:`group_captions`; a bad line names the file and the line."""
+    from pairfree.errors import BadInputError
+
+    path, groups = Path(path), []
+    if not path.is_file():
+        raise PairfreeError(f"groups file {path} does not exist (make it with `synthesize group`)")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            groups.append(Group(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise BadInputError(path, f"not a group: {err}", line=number) from err
+    return groups
+
+
+def summarize_groups(
+    llm: LLM,
+    groups: Sequence[Group],
+    out_dir: str | Path,
+    *,
+    template: str,
+    sampling: Sampling,
+    batch_size: int = 8,
+    shard_size: int = 512,
+    job: Job | None = None,
+) -> TextJobSummary | None:
+    """ICSD's select-and-summarize: for every group, the captions the LLM selected as one
+    scene and its summary of them."""
+    out = Path(out_dir)
+
+    def ask(batch: list[Group]) -> list[dict]:
+        answers = llm.generate([summarize_prompt(g.captions, template) for g in batch], sampling)
+        records = []
+        for group, answer in zip(batch, answers, strict=True):
+            record: dict = {"id": group.id}
+            try:
+                chosen = parse_selection(_answered(answer), len(group.captions))
+                record.update(
+                    selected=[group.members[i] for i in chosen.indices],
+                    captions=[group.captions[i] for i in chosen.indices],
+                    summary=chosen.summary,
+                )
+            except Rejected as why:
+                record.update(rejected=str(why), answer=answer)
+            records.append(record)
+        return records
+
+    texts = [json.dumps(asdict(g)) for g in groups]
+    request = _request(llm, template, sampling, shard_size, texts)
+    records = run_shards(out, list(groups), ask, request=request, shard_size=shard_size,
+                         batch_size=batch_size, job=job or Job(), desc="summarize")  # fmt: skip
+    return None if records is None else _split(out, records, "summaries.jsonl", "summarize")
+
+
+def _answered(answer: str | None) -> str:
+    if answer is None:
+        raise Rejected("no answer from the LLM (its retries were used up)")
+    return answer
+
+
+def _request(llm: LLM, template: str, sampling: Sampling, shard_size: int, inputs) -> dict:
+    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
+    return {"llm": llm.name, "prompt": template, "sampling": asdict(sampling),
+            "shard_size": shard_size, "inputs": digest}  # fmt: skip
+
+
+def _split(out: Path, records: list[dict], kept_name: str, what: str) -> TextJobSummary:
+    kept = [r for r in records if "rejected" not in r]
+    write_jsonl(out / kept_name, kept)
+    write_jsonl(out / "rejects.jsonl", [r for r in records if "rejected" in r])
+    return TextJobSummary(len(kept), len(records) - len(kept), out, what)
