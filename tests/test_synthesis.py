@@ -3,6 +3,8 @@ from configs, and the world's renderer; seeds fixed per image, not per batch."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,14 @@ def test_synthesize_world_images_into_a_dataset_encode_reads(tmp_path, capsys):
     assert main(["encode", "--dataset", str(out / "dataset.jsonl"), "--split", "train",
                  "--clip", "world:builtin", "--out", str(store)]) == 0  # fmt: skip
     assert "wrote 6 image features" in capsys.readouterr().out
+    # --clip makes the same store in the same command
+    with_features = tmp_path / "syn-features"
+    assert main(synthesize(corpus, "world:default", with_features, "--variants", "2", "--seed",
+                           "5", "--clip", "world:builtin")) == 0  # fmt: skip
+    from pairfree.features import FeatureStore
+
+    made, encoded = FeatureStore(with_features / "features"), FeatureStore(store)
+    assert made.ids == encoded.ids and torch.equal(made.tensor(), encoded.tensor())
     # the same command again makes nothing new; other settings are refused
     before = folder_bytes(out)
     assert main(synthesize(corpus, "world:default", out, "--variants", "2", "--seed", "5")) == 0
@@ -242,3 +252,43 @@ def test_faiss_groups_equal_the_exact_chunked_search():
     assert sum(same) / exact.numel() > 0.9
     with pytest.raises(PairfreeError, match="1 <= k <= 500"):
         nearest_captions(x, 501)
+
+
+@pytest.mark.slow
+def test_diffusers_synthesis_killed_and_in_two_processes_makes_the_same_images(
+    tiny_sd_dir, tmp_path
+):
+    """SIGKILL after the first shard, rerun: the same images as an uninterrupted run; and two
+    processes (torchrun) make the same images as one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{p} number {i}" for i in range(4) for p in PROMPTS) + "\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    def command(out, launcher=()):
+        args = synthesize(corpus, f"diffusers:{tiny_sd_dir}", out, "--steps", "2",
+                          "--shard-size", "2", "--batch-size", "2")  # fmt: skip
+        return [sys.executable, *launcher, "-m", "pairfree.cli", *args]
+
+    def run(out, launcher=()):
+        done = subprocess.run(command(out, launcher), env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return folder_bytes(out), (out / "manifest.jsonl").read_text()
+
+    once = run(tmp_path / "once")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (killed / "shards" / "00000.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.jsonl").exists(), "killed too late to test resume"
+    assert run(killed) == once
+    assert run(tmp_path / "two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"]) == once

@@ -48,6 +48,12 @@ def register(sub) -> None:
     images.add_argument(
         "--keep-nsfw", action="store_true", help="keep images flagged NSFW in dataset.jsonl"
     )
+    images.add_argument(
+        "--clip",
+        default=None,
+        help="also encode the dataset's images with this CLIP into OUT/features (a feature "
+        "store, as `pairfree encode --dataset OUT/dataset.jsonl` would make)",
+    )
     images.add_argument("--no-progress", action="store_true")
     add_device(images)
     add_strict(images)
@@ -253,6 +259,15 @@ def run_images(args: argparse.Namespace) -> int:
         keep_nsfw=args.keep_nsfw,
         job=job,
     )
+    job.wait_for_everyone()  # the main process wrote dataset.jsonl
+    if args.clip:
+        from pairfree.clip import load_clip
+        from pairfree.data import image_sources
+        from pairfree.encoding import encode_images
+
+        pairs = image_sources(args.out / "dataset.jsonl", split="train", skip_log=job.skip_log)
+        clip = load_clip(args.clip, device=device)
+        encode_images(clip, pairs, args.out / "features", job=job)
     if summary is not None:
         report_skips([e.to_record() for e in job.skip_log.items], args.out)
         print(summary)
