@@ -15,6 +15,12 @@ class PairfreeError(Exception):
     """An error whose message is meant for the user; the CLI prints it without a traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' load errors run to dozens)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class BadInputError(PairfreeError):
     """A bad input item; the message names the file and the line or id."""
 

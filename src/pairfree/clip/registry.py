@@ -7,15 +7,11 @@ Built-in backends are imported only when named, so `import pairfree` stays light
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-
 import torch
 
+from pairfree.backends import resolve_backend
 from pairfree.clip.base import ClipEncoder
 from pairfree.errors import PairfreeError
-
-ClipFactory = Callable[..., ClipEncoder]
 
 # prefix -> "module:function"; each function takes (model, *, device, dtype).
 _BUILTIN: dict[str, str] = {
@@ -29,22 +25,12 @@ def clip_backends() -> list[str]:
     return sorted(_BUILTIN)
 
 
-def _factory(prefix: str) -> ClipFactory:
-    module, _, func = _BUILTIN[prefix].partition(":")
-    return getattr(importlib.import_module(module), func)
-
-
 def load_clip(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> ClipEncoder:
     """Build the frozen encoder named by ``spec`` (see module docstring)."""
-    prefix, sep, model = spec.partition(":")
-    if not sep or prefix not in clip_backends():
-        raise PairfreeError(
-            f"unknown CLIP spec {spec!r}: expected '<backend>:<model>' with backend one of "
-            f"{clip_backends()}"
-        )
+    factory, model = resolve_backend(spec, _BUILTIN, "CLIP")
     try:
-        return _factory(prefix)(model, device=device, dtype=dtype)
+        return factory(model, device=device, dtype=dtype)
     except OSError as err:  # hub or file problems from transformers / open_clip
         raise PairfreeError(f"cannot load CLIP {spec!r}: {err}") from err

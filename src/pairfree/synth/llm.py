@@ -16,14 +16,13 @@ A prompt that gets no answer (retries used up) comes back as ``None``; the calle
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pairfree.errors import PairfreeError
+from pairfree.backends import resolve_backend
+from pairfree.errors import PairfreeError, first_line
 
 logger = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -121,8 +121,7 @@ def load_hf_llm(
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype], **extra)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PairfreeError(f"cannot load the LLM {model!r}: {first}") from err
+        raise PairfreeError(f"cannot load the LLM {model!r}: {first_line(err)}") from err
     return HFCausalLM(lm.to(device), tokenizer, name=f"hf:{model}", response_prefix=response_prefix)
 
 
@@ -205,12 +204,5 @@ _BACKENDS: dict[str, str] = {
 
 def load_llm(spec: str, **options: object) -> LLM:
     """The LLM named by ``spec`` (``hf:...``, ``openai:...``, ``world:<preset>``)."""
-    prefix, sep, model = spec.partition(":")
-    if not sep or prefix not in _BACKENDS:
-        raise PairfreeError(
-            f"unknown LLM spec {spec!r}: expected '<backend>:<model>' with backend one of "
-            f"{sorted(_BACKENDS)}"
-        )
-    module, _, function = _BACKENDS[prefix].partition(":")
-    factory: Callable[..., LLM] = getattr(importlib.import_module(module), function)
+    factory, model = resolve_backend(spec, _BACKENDS, "LLM")
     return factory(model, **options)

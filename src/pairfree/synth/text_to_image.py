@@ -15,8 +15,7 @@ in place of a flagged image, and what ICSD's code filters on.
 from __future__ import annotations
 
 import hashlib
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pairfree.errors import PairfreeError
+from pairfree.backends import resolve_backend
+from pairfree.errors import PairfreeError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,8 +123,9 @@ def load_diffusers(
             model, torch_dtype=DTYPES[settings.dtype]
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PairfreeError(f"cannot load the text-to-image model {model!r}: {first}") from err
+        raise PairfreeError(
+            f"cannot load the text-to-image model {model!r}: {first_line(err)}"
+        ) from err
     if settings.scheduler:
         scheduler_class = getattr(diffusers, settings.scheduler, None)
         if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
@@ -148,12 +149,5 @@ def load_text_to_image(
     device: str | torch.device = "cpu",
 ) -> TextToImage:
     """The backend named by ``spec`` (``diffusers:<model>`` or ``world:<preset>``)."""
-    prefix, sep, model = spec.partition(":")
-    if not sep or prefix not in _BACKENDS:
-        raise PairfreeError(
-            f"unknown text-to-image spec {spec!r}: expected '<backend>:<model>' with backend "
-            f"one of {sorted(_BACKENDS)}"
-        )
-    module, _, function = _BACKENDS[prefix].partition(":")
-    factory: Callable[..., TextToImage] = getattr(importlib.import_module(module), function)
+    factory, model = resolve_backend(spec, _BACKENDS, "text-to-image")
     return factory(model, settings or DiffusionSettings(), device=device)
