@@ -101,21 +101,27 @@ def test_diffusers_settings_reach_the_pipeline(tiny_sd_dir):
         load_text_to_image(f"diffusers:{tiny_sd_dir}", DiffusionSettings(scheduler="Nope"))
 
 
-def test_world_backend_draws_what_the_prompt_says():
+def test_world_backend_draws_the_prompt_but_for_the_mistakes_it_reports():
     from pairfree.world import parse_caption
     from pairfree.world.synth import WorldTextToImage
+    from pairfree.world.truth import is_true
     from pairfree.world.variants import world_preset
 
     backend = load_text_to_image("world:default")
-    seeds = [image_seed(3, p) for p in PROMPTS]
-    made = backend.generate(PROMPTS, seeds)
+    prompts = [p for p in PROMPTS for _ in range(10)]
+    seeds = [image_seed(3, p, v) for v, p in enumerate(prompts)]
+    made = backend.generate(prompts, seeds)
     renderer = WorldTextToImage(world_preset("default"))
-    for prompt, seed, generated in zip(PROMPTS, seeds, made, strict=True):
+    mistaken = 0
+    for prompt, seed, generated in zip(prompts, seeds, made, strict=True):
         assert not generated.nsfw and generated.seed == seed
-        scene = renderer.scene_for(prompt, seed)  # the scene it drew
-        stated = parse_caption(prompt)
-        assert len(scene.objects) == len(stated.objects)
-        assert {o.shape for o in scene.objects} == {o.shape for o in stated.objects}
+        drawing = renderer.draw(prompt, seed)  # the scene it drew
+        assert drawing.mistakes == generated.mistakes
+        assert drawing.image.tobytes() == generated.image.tobytes()
+        stated = parse_caption(prompt)  # "two blue squares" names no object the world knows
+        assert not stated.objects or is_true(stated, drawing.scene) == (not drawing.mistakes)
+        mistaken += bool(drawing.mistakes)
+    assert 0 < mistaken < len(prompts)
 
 
 def test_black_images_are_flagged_and_bad_specs_refused():
@@ -152,6 +158,7 @@ def test_synthesize_world_images_into_a_dataset_encode_reads(tmp_path, capsys):
     records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == [p for p in PROMPTS for _ in range(2)]
     assert [r["seed"] for r in records] == [image_seed(5, p, v) for p in PROMPTS for v in (0, 1)]
+    assert all(isinstance(r["mistakes"], list) for r in records)  # the world's backend knows
     items = read_images(out / "dataset.jsonl")
     assert len(items) == 6 and all(it.path.is_file() for it in items)
     assert [it.references for it in items] == [(p,) for p in PROMPTS for _ in range(2)]
@@ -189,6 +196,7 @@ def test_synthesize_with_diffusers_resumes_to_the_same_images(tiny_sd_dir, tmp_p
     assert "made 3 images" in capsys.readouterr().out
     records = [json.loads(x) for x in (once / "manifest.jsonl").read_text().splitlines()]
     assert records[-1]["status"].startswith("skipped: prompt of") and records[-1]["image"] is None
+    assert all(r["mistakes"] is None for r in records)  # diffusers cannot tell
 
     resumed = tmp_path / "resumed"
     assert main(synthesize(corpus, f"diffusers:{tiny_sd_dir}", resumed, *args)) == 0
@@ -292,3 +300,22 @@ def test_diffusers_synthesis_killed_and_in_two_processes_makes_the_same_images(
     assert not (killed / "manifest.jsonl").exists(), "killed too late to test resume"
     assert run(killed) == once
     assert run(tmp_path / "two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"]) == once
+
+
+def test_dedup_leaves_out_groups_holding_the_same_captions(tmp_path):
+    import json
+
+    from pairfree.synth.text import group_captions
+
+    # three tight pairs: each caption's 2-group is {itself, its twin}, so each pair's two
+    # groups hold the same captions
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g)
+    x = centers.repeat_interleave(2, dim=0) + 0.01 * torch.randn(6, 16, generator=g)
+    ids, texts = [f"c{i}" for i in range(6)], [f"caption {i}" for i in range(6)]
+    every = group_captions(ids, texts, x, tmp_path / "all", k=2)
+    assert [grp.members for grp in every][:2] == [["c0", "c1"], ["c1", "c0"]]
+    kept = group_captions(ids, texts, x, tmp_path / "dedup", k=2, dedup=True)
+    assert [grp.id for grp in kept] == ["c0", "c2", "c4"]
+    written = (tmp_path / "dedup" / "groups.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in written] == ["c0", "c2", "c4"]

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from pairfree.world import (
 )
 from pairfree.world.language import describe, surface_forms
 from pairfree.world.render import place_objects
-from pairfree.world.variants import NOVEL_WORDS
+from pairfree.world.variants import NOVEL_WORDS, T2IFailures
 
 PRESETS = ("default", "shifted", "novel")
 
@@ -195,9 +196,9 @@ def test_paraphrases_state_the_same_facts(preset):
     assert paraphraser.rephrase("nothing to see here", 3) == []
 
 
-def test_synthesizer_draws_what_the_caption_says_in_another_style():
+def test_faithful_synthesizer_draws_what_the_caption_says_in_another_style():
     config = world_preset("default")
-    t2i = WorldTextToImage(config)
+    t2i = WorldTextToImage(config, failures=T2IFailures.none())
     captions, real_scenes = [], []
     for scene, rng in sample_scenes("default", 80, seed=7):
         captions.append(reference_captions(scene, rng, config.phrasing, 1)[0])
@@ -219,7 +220,7 @@ def test_synthesizer_draws_what_the_caption_says_in_another_style():
 
 
 def test_synthesizer_completes_and_repairs_prompts():
-    t2i = WorldTextToImage(world_preset("default"))
+    t2i = WorldTextToImage(world_preset("default"), failures=T2IFailures.none())
     scene = t2i.scene_for("a circle in the center above a large yellow star")
     assert [o.shape for o in scene.objects] == ["circle", "star"]
     assert scene.objects[0].position == (1, 1) and scene.objects[1].size == "large"
@@ -230,6 +231,50 @@ def test_synthesizer_completes_and_repairs_prompts():
     assert len(t2i.scene_for(contradictory).objects) == 2
     assert t2i.scene_for("a red circle and a red circle").objects[0].key == ("circle", "red")
     assert t2i.scene_for("hello world").objects == ()
+
+
+def test_synthesizer_makes_stable_diffusion_mistakes_at_the_configured_rates():
+    config = world_preset("default")
+    failures = T2IFailures(drop_object=0.3, swap_colors=0.2, extra_object=0.1, default_layout=0.5)
+    t2i = WorldTextToImage(config, failures=failures)
+    captions, kinds, multi = [], defaultdict(int), 0
+    for scene, rng in sample_scenes("default", 1500, seed=11):
+        captions.append(reference_captions(scene, rng, config.phrasing, 1)[0])
+        multi += len(scene.objects) >= 2
+    for seed, caption in enumerate(captions):
+        drawing = t2i.draw(caption, seed)
+        for mistake in drawing.mistakes:
+            kinds[mistake.split()[0]] += 1
+        # every departure from the prompt is reported, and nothing else is
+        assert is_true(parse_caption(caption), drawing.scene) == (not drawing.mistakes), caption
+    n = len(captions)
+
+    def close(observed: int, rate: float, trials: int) -> bool:  # within 4 binomial std
+        return abs(observed - rate * trials) <= 4 * math.sqrt(rate * (1 - rate) * trials)
+
+    assert close(kinds["dropped"], 0.3, multi)
+    assert close(kinds["swapped"] + kinds["drew"], 0.2, n)
+    assert close(kinds["added"], 0.1, n)
+
+
+def test_synthesizer_default_layout_narrows_what_the_prompt_leaves_open():
+    config = world_preset("default")
+
+    def compositions(default_layout: float) -> set:
+        failures = replace(T2IFailures.none(), default_layout=default_layout)
+        t2i = WorldTextToImage(config, failures=failures)
+        scenes = [t2i.scene_for("a red circle and a blue star", seed) for seed in range(60)]
+        return {tuple((o.position, o.size) for o in s.objects) for s in scenes}
+
+    assert compositions(1.0) == {(((1, 1), "large"), ((1, 0), "large"))}
+    assert len(compositions(0.0)) > 20
+    # what the prompt states is kept under the default composition too
+    t2i = WorldTextToImage(config, failures=replace(T2IFailures.none(), default_layout=1.0))
+    scene = t2i.scene_for("a small red circle in the top left and a blue star")
+    assert scene.objects[0].position == (0, 0) and scene.objects[0].size == "small"
+    assert scene.objects[1].position == (1, 1)
+    with pytest.raises(ValueError, match="must be a probability"):
+        T2IFailures(drop_object=1.5)
 
 
 def test_summarizer_selects_consistent_captions():
@@ -249,7 +294,8 @@ def test_summarizer_selects_consistent_captions():
         ("square", "blue"),
         ("star", "green"),
     }
-    image_scene = WorldTextToImage(world_preset("default")).scene_for(summary.text)
+    faithful = WorldTextToImage(world_preset("default"), failures=T2IFailures.none())
+    image_scene = faithful.scene_for(summary.text)
     for k in summary.selected:
         assert is_true(parse_caption(captions[k]), image_scene, complete=False)
     assert WorldSummarizer(min_selected=4).summarize(captions) is None

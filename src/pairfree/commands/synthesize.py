@@ -90,6 +90,11 @@ def register(sub) -> None:
     group.add_argument("--out", type=Path, required=True, help="output folder")
     group.add_argument("--k", type=positive_int, default=30, help="captions per group (default 30)")
     group.add_argument("--index", choices=["exact", "faiss"], default="exact")
+    group.add_argument(
+        "--dedup",
+        action="store_true",
+        help="leave out a group holding the same captions as an earlier one (ICSD keeps them)",
+    )
     group.add_argument("--split", default="train", help="split of a Karpathy file")
     group.add_argument("--no-progress", action="store_true")
     add_device(group)
@@ -213,13 +218,12 @@ def run_group(args: argparse.Namespace) -> int:
     if not job.is_main_process:
         return 0
     store = FeatureStore(args.out / "features")
-    groups = group_captions(
-        store.ids, store.texts, store.tensor(), args.out, k=args.k, backend=args.index
-    )
+    groups = group_captions(store.ids, store.texts, store.tensor(), args.out, k=args.k,
+                            backend=args.index, dedup=args.dedup)  # fmt: skip
     report_skips([e.to_record() for e in job.skip_log.items], args.out)
-    print(
-        f"{len(groups)} groups of {min(args.k, len(store))} captions -> {args.out / 'groups.jsonl'}"
-    )
+    dropped = f" ({len(store) - len(groups)} identical groups left out)" if args.dedup else ""
+    size = min(args.k, len(store))
+    print(f"{len(groups)} groups of {size} captions{dropped} -> {args.out / 'groups.jsonl'}")
     return 0
 
 

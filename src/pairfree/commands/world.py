@@ -81,6 +81,13 @@ def register_train_clip(world_sub) -> None:
         help="weight (a sine, 0..1) of each modality's own embedding component: images and "
         "captions then disagree per sample, as in real CLIP (0: they agree up to the gap)",
     )
+    p.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=0.2,
+        help="share of training images drawn in the synthetic (text-to-image) style, so the "
+        "CLIP reads both styles as real CLIP reads photos and Stable Diffusion images",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_clip)
 
@@ -97,6 +104,7 @@ def run_train_clip(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
+        synthetic_fraction=args.synthetic_fraction,
         out_dir=args.out,
     )
     print(json.dumps(metrics, indent=1))

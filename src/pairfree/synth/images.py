@@ -6,7 +6,9 @@ Layout of the output folder::
     images/ID.png      the images, each written atomically
     shards/NNNNN.jsonl the records of each finished shard (the unit of resume)
     manifest.jsonl     every record: id, prompt, source caption id, variant, seed, backend,
-                       nsfw, status ("ok" or why it was skipped), image
+                       nsfw, status ("ok" or why it was skipped), image, mistakes (the
+                       image's known departures from its prompt, as the world's backend
+                       reports them; null when the backend cannot tell, as for diffusers)
     dataset.jsonl      the usable pairs as a JSONL corpus ({"image_id", "image", "caption"}):
                        what ``pairfree encode --dataset`` and the recipes read
 
@@ -45,11 +47,13 @@ class SynthesisSummary:
     nsfw: int
     skipped: int
     out_dir: Path
+    mistaken: int | None = None  # images with a known departure from their prompt
 
     def __str__(self) -> str:
+        known = "" if self.mistaken is None else f", {self.mistaken} with a known mistake"
         return (
-            f"made {self.made} images ({self.nsfw} flagged NSFW, left out of the dataset), "
-            f"skipped {self.skipped} prompts -> {self.out_dir}"
+            f"made {self.made} images ({self.nsfw} flagged NSFW, left out of the dataset"
+            f"{known}), skipped {self.skipped} prompts -> {self.out_dir}"
         )
 
 
@@ -114,7 +118,8 @@ def synthesize_images(
             image = f"images/{prompt.id}.png"
             with atomic_path(out / image) as tmp:
                 generated.image.save(tmp, format="PNG")
-            records.append(_record(prompt, backend, nsfw=generated.nsfw, image=image))
+            records.append(_record(prompt, backend, nsfw=generated.nsfw, image=image,
+                                   mistakes=generated.mistakes))  # fmt: skip
         return sorted(records, key=lambda r: r["id"])
 
     request = {"backend": backend.name, "settings": settings, "shard_size": shard_size,
@@ -127,12 +132,14 @@ def synthesize_images(
     write_jsonl(out / "manifest.jsonl", records)
     pairs = [{"image_id": r["id"], "image": r["image"], "caption": r["prompt"]} for r in usable]
     write_jsonl(out / "dataset.jsonl", pairs)
-    made = sum(r["status"] == "ok" for r in records)
+    made = [r for r in records if r["status"] == "ok"]
+    known = [r for r in made if r["mistakes"] is not None]
     return SynthesisSummary(
-        made=made,
-        nsfw=sum(r["status"] == "ok" and r["nsfw"] for r in records),
-        skipped=len(records) - made,
+        made=len(made),
+        nsfw=sum(r["nsfw"] for r in made),
+        skipped=len(records) - len(made),
         out_dir=out,
+        mistaken=sum(bool(r["mistakes"]) for r in known) if known else None,
     )
 
 
@@ -144,7 +151,8 @@ def _digest(prompts: Sequence[Prompt]) -> str:
 
 
 def _record(prompt: Prompt, backend: TextToImage, *, status: str = "ok", nsfw: bool = False,
-            image: str | None = None) -> dict:  # fmt: skip
+            image: str | None = None, mistakes: Sequence[str] | None = None) -> dict:  # fmt: skip
     return {"id": prompt.id, "prompt": prompt.text, "source": prompt.source,
             "variant": prompt.variant, "seed": prompt.seed, "backend": backend.name,
-            "nsfw": nsfw, "status": status, "image": image}  # fmt: skip
+            "nsfw": nsfw, "status": status, "image": image,
+            "mistakes": None if mistakes is None else list(mistakes)}  # fmt: skip

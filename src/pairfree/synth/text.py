@@ -97,15 +97,23 @@ def group_captions(
     *,
     k: int = 30,
     backend: str = "exact",
+    dedup: bool = False,
 ) -> list[Group]:
-    """ICSD's groups: every caption with its k - 1 nearest captions (CLIP text cosine)."""
+    """ICSD's groups: every caption with its k - 1 nearest captions (CLIP text cosine).
+
+    With ``dedup``, a group holding the same captions as an earlier one is left out (tight
+    clusters, e.g. near-duplicate captions, otherwise make the same group many times and the
+    same summary image is paid for again); ICSD keeps them all, hence off by default."""
     if not len(ids) == len(texts) == len(embeddings):
         raise PairfreeError(f"{len(ids)} ids, {len(texts)} texts, {len(embeddings)} embeddings")
     neighbours = nearest_captions(embeddings, min(k, len(ids)), backend=backend)
-    groups = [
-        Group(ids[row[0]], [ids[j] for j in row], [texts[j] for j in row])
-        for row in neighbours.tolist()
-    ]
+    groups, seen = [], set()
+    for row in neighbours.tolist():
+        members = frozenset(row)
+        if dedup and members in seen:
+            continue
+        seen.add(members)
+        groups.append(Group(ids[row[0]], [ids[j] for j in row], [texts[j] for j in row]))
     write_jsonl(Path(out_dir) / "groups.jsonl", [asdict(g) for g in groups])
     return groups
 

@@ -34,6 +34,7 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     nsfw: bool  # flagged by the pipeline's safety checker, or all black
+    mistakes: tuple[str, ...] | None = None  # departures from the prompt, when the backend knows
 
 
 @runtime_checkable

@@ -1,8 +1,10 @@
 """The world's stand-ins for a text-to-image model and an LLM, used by SaCap and ICSD.
 
 - :class:`WorldTextToImage` parses a prompt back into a scene, fills in what the prompt
-  leaves open from the world's distribution and draws it in the synthetic style, so its
-  images carry a domain gap as Stable Diffusion images do.
+  leaves open, makes Stable Diffusion's typical mistakes at the rates of
+  :class:`~pairfree.world.variants.T2IFailures` (an object dropped, colors bound to the wrong
+  object, an extra object, one default composition for what the prompt leaves open) and draws
+  the result in the synthetic style, so its images carry a style shift as SD images do.
 - :class:`WorldParaphraser` rewrites a caption into other captions stating the same facts.
 - :class:`WorldSummarizer` picks mutually consistent captions from a group and writes one
   caption of a scene that makes them all true (the LLM step of ICSD).
@@ -32,9 +34,15 @@ from pairfree.world.scene import (
     relation_holds,
     weighted_choice,
 )
-from pairfree.world.variants import WorldConfig
+from pairfree.world.variants import T2IFailures, WorldConfig
 
 _SEARCH_BUDGET = 20_000  # layout search steps before a prompt's constraints are given up
+# The default composition: the first open object goes to the center, the next ones beside it,
+# then above and below it, then to the corners; every unstated size is large.
+DEFAULT_CELLS: tuple[Position, ...] = (
+    (1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2),
+)  # fmt: skip
+DEFAULT_SIZE = "large"
 
 
 def _rng(seed: int, text: str) -> np.random.Generator:
@@ -43,16 +51,26 @@ def _rng(seed: int, text: str) -> np.random.Generator:
 
 
 def layout(
-    objects: Sequence[ParsedObject], relations: Sequence[Relation], rng: np.random.Generator
+    objects: Sequence[ParsedObject],
+    relations: Sequence[Relation],
+    rng: np.random.Generator,
+    *,
+    default: bool = False,
 ) -> list[Position] | None:
     """Distinct cells for ``objects`` keeping every stated cell and relation, or None when
-    there are none (or the search runs out of budget)."""
+    there are none (or the search runs out of budget). Open cells are tried in random order,
+    or in the :data:`DEFAULT_CELLS` order when ``default``."""
     cells: list[Position | None] = [o.position for o in objects]
     stated = [c for c in cells if c is not None]
     if len(objects) > GRID * GRID or len(set(stated)) != len(stated):
         return None
     free = [divmod(k, GRID) for k in range(GRID * GRID) if divmod(k, GRID) not in stated]
     open_objects = [i for i, c in enumerate(cells) if c is None]
+    order = (
+        [free.index(c) for c in DEFAULT_CELLS if c in free]
+        if default
+        else rng.permutation(len(free))
+    )
     steps = 0
 
     def consistent(i: int) -> bool:
@@ -67,7 +85,7 @@ def layout(
         if k == len(open_objects):
             return True
         i = open_objects[k]
-        for j in rng.permutation(len(free)):
+        for j in order:
             steps += 1
             if steps > _SEARCH_BUDGET:
                 return False
@@ -84,8 +102,11 @@ def layout(
     return cells
 
 
-def scene_from_caption(text: str, config: WorldConfig, rng: np.random.Generator) -> Scene:
-    """The scene a caption describes, with unstated attributes drawn from ``config``.
+def scene_from_caption(
+    text: str, config: WorldConfig, rng: np.random.Generator, *, default_layout: bool = False
+) -> Scene:
+    """The scene a caption describes, with unstated attributes drawn from ``config`` (or,
+    with ``default_layout``, unstated cells and sizes from the default composition).
 
     Repeated objects are dropped; stated cells and relations are kept when they can all
     hold, otherwise relations and then stated cells are given up. Text that names no object
@@ -110,42 +131,124 @@ def scene_from_caption(text: str, config: WorldConfig, rng: np.random.Generator)
         for a, rel, b in parsed.relations
         if a in new_index and b in new_index
     ]
+    open_cells = [replace(o, position=None) for o in objects]
+    d = default_layout
     cells = (
-        layout(objects, relations, rng)
-        or layout(objects, (), rng)
-        or layout([replace(o, position=None) for o in objects], (), rng)
+        layout(objects, relations, rng, default=d)
+        or layout(objects, (), rng, default=d)
+        or layout(open_cells, (), rng, default=d)
     )
+
+    def size(o: ParsedObject) -> str:
+        return o.size or (DEFAULT_SIZE if d else weighted_choice(rng, config.sizes))
+
     return Scene(
         tuple(
-            SceneObject(o.shape, o.color, o.size or weighted_choice(rng, config.sizes), cell)
+            SceneObject(o.shape, o.color, size(o), cell)
             for o, cell in zip(objects, cells, strict=True)
         )
     )
 
 
-class WorldTextToImage:
-    """Text to image for the world: parse, complete, draw in the synthetic style."""
+def _name(o: SceneObject) -> str:
+    return f"the {o.color} {o.shape}"
 
-    def __init__(self, config: WorldConfig | None = None, *, style: RenderStyle | None = None):
+
+def make_mistakes(
+    scene: Scene, config: WorldConfig, failures: T2IFailures, rng: np.random.Generator
+) -> tuple[Scene, list[str]]:
+    """``scene`` with Stable Diffusion's mistakes drawn at the ``failures`` rates, and what
+    was changed, in words. Each kind is drawn once per image, in a fixed order (drop, swap,
+    extra), so the rates hold whatever the prompt."""
+    objects, mistakes = list(scene.objects), []
+    draws = rng.random(3)
+    if len(objects) >= 2 and draws[0] < failures.drop_object:
+        lost = objects.pop(int(rng.integers(len(objects))))
+        mistakes.append(f"dropped {_name(lost)}")
+    if objects and draws[1] < failures.swap_colors:
+        pairs = [
+            (i, j)
+            for i in range(len(objects))
+            for j in range(i + 1, len(objects))
+            if objects[i].color != objects[j].color
+            and (objects[i].shape, objects[j].color) not in {o.key for o in objects}
+            and (objects[j].shape, objects[i].color) not in {o.key for o in objects}
+        ]
+        if pairs:
+            i, j = pairs[int(rng.integers(len(pairs)))]
+            a, b = objects[i], objects[j]
+            objects[i], objects[j] = replace(a, color=b.color), replace(b, color=a.color)
+            mistakes.append(f"swapped the colors of {_name(a)} and {_name(b)}")
+        else:
+            k = int(rng.integers(len(objects)))
+            taken = {o.key for o in objects}
+            colors = [c for c in config.seen(config.colors) if (objects[k].shape, c) not in taken]
+            if colors:
+                old = objects[k]
+                objects[k] = replace(old, color=colors[int(rng.integers(len(colors)))])
+                mistakes.append(f"drew {_name(old)} {objects[k].color}")
+    free = [c for c in DEFAULT_CELLS if c not in {o.position for o in objects}]
+    if objects and free and draws[2] < failures.extra_object:
+        taken = {o.key for o in objects}
+        shapes, colors = config.seen(config.shapes), config.seen(config.colors)
+        key = (weighted_choice(rng, shapes), weighted_choice(rng, colors))
+        while key in taken:
+            key = (weighted_choice(rng, shapes), weighted_choice(rng, colors))
+        cell = free[int(rng.integers(len(free)))]
+        extra = SceneObject(key[0], key[1], weighted_choice(rng, config.sizes), cell)
+        objects.append(extra)
+        mistakes.append(f"added {_name(extra)}")
+    return Scene(tuple(objects)), mistakes
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """What the world's text-to-image model drew for one prompt."""
+
+    scene: Scene
+    mistakes: tuple[str, ...]  # its departures from the prompt, in words
+    image: Image.Image
+
+
+class WorldTextToImage:
+    """Text to image for the world: parse, complete, make SD's mistakes, draw in the
+    synthetic style. ``failures`` defaults to the world's; ``T2IFailures.none()`` draws what
+    the prompt says."""
+
+    def __init__(
+        self,
+        config: WorldConfig | None = None,
+        *,
+        style: RenderStyle | None = None,
+        failures: T2IFailures | None = None,
+    ):
         self.config = config or WorldConfig()
         self.style = style or self.config.synthetic
+        self.failures = self.config.t2i_failures if failures is None else failures
+
+    def _compose(self, prompt: str, rng: np.random.Generator) -> tuple[Scene, list[str]]:
+        default = bool(rng.random() < self.failures.default_layout)
+        scene = scene_from_caption(prompt, self.config, rng, default_layout=default)
+        return make_mistakes(scene, self.config, self.failures, rng)
+
+    def draw(self, prompt: str, seed: int = 0) -> Drawing:
+        rng = _rng(seed, prompt)
+        scene, mistakes = self._compose(prompt, rng)
+        image = render_scene(scene, rng, size=self.config.image_size, style=self.style)
+        return Drawing(scene, tuple(mistakes), image)
 
     def scene_for(self, prompt: str, seed: int = 0) -> Scene:
         """The scene :meth:`generate` draws for ``prompt``."""
-        return scene_from_caption(prompt, self.config, _rng(seed, prompt))
+        return self._compose(prompt, _rng(seed, prompt))[0]
 
     def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Image.Image]:
-        images = []
-        for prompt in prompts:
-            rng = _rng(seed, prompt)
-            scene = scene_from_caption(prompt, self.config, rng)
-            images.append(render_scene(scene, rng, size=self.config.image_size, style=self.style))
-        return images
+        return [self.draw(prompt, seed).image for prompt in prompts]
 
 
 class WorldTextToImageBackend:
     """:class:`WorldTextToImage` behind the library's text-to-image protocol
-    (``world:<preset>``): one image per (prompt, seed), never flagged NSFW."""
+    (``world:<preset>``): one image per (prompt, seed), never flagged NSFW, with its mistakes
+    reported."""
 
     def __init__(self, preset: str) -> None:
         from pairfree.world.variants import world_preset
@@ -158,10 +261,11 @@ class WorldTextToImageBackend:
 
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        return [
-            GeneratedImage(self.renderer.generate([prompt], seed)[0], seed, nsfw=False)
-            for prompt, seed in zip(prompts, seeds, strict=True)
-        ]
+        made = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            drawing = self.renderer.draw(prompt, seed)
+            made.append(GeneratedImage(drawing.image, seed, nsfw=False, mistakes=drawing.mistakes))
+        return made
 
 
 def load_world_text_to_image(

@@ -27,6 +27,34 @@ BASE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "p
 NOVEL_WORDS = ("pentagon", "crescent", "cyan", "brown")
 
 
+@dataclass(frozen=True)
+class T2IFailures:
+    """How often the world's text-to-image model makes Stable Diffusion's typical mistakes,
+    as probabilities per image.
+
+    SD loses objects of multi-object prompts, binds colors to the wrong object, adds objects
+    nobody asked for, and fills whatever the prompt leaves open with the same default
+    composition (low diversity). Those failures are why SaCap re-pairs captions with the
+    images that fit them best and why ICSD's summaries are drawn instead of the captions, so
+    the world's model makes them too, at these rates. ``T2IFailures.none()`` draws exactly what
+    the prompt says, with unstated attributes from the world's distribution.
+    """
+
+    drop_object: float = 0.2  # a prompt with two or more objects loses one of them
+    swap_colors: float = 0.15  # two objects exchange colors (a single object takes another)
+    extra_object: float = 0.1  # an object the prompt did not ask for (the count is off)
+    default_layout: float = 0.8  # unstated cells and sizes follow one default composition
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"T2IFailures.{name} must be a probability, got {value}")
+
+    @classmethod
+    def none(cls) -> T2IFailures:
+        return cls(0.0, 0.0, 0.0, 0.0)
+
+
 @dataclass
 class WorldConfig:
     """Everything that defines a world: what scenes contain, how they look, how they are told.
@@ -46,6 +74,7 @@ class WorldConfig:
     image_size: int = 64
     render: RenderStyle = REAL_STYLE
     synthetic: RenderStyle = SYNTHETIC_STYLE  # the style of the world's text-to-image model
+    t2i_failures: T2IFailures = field(default_factory=T2IFailures)  # and its mistakes
 
     def __post_init__(self) -> None:
         for what, weights, known in (
