@@ -87,15 +87,18 @@ def test_hf_different_inputs_give_different_embeddings(hf, images):
     assert (text_emb[0] - text_emb[1]).abs().max() > 1e-3
 
 
-def test_hf_grid_is_post_layernorm_patch_tokens(hf, hf_reference, images):
+def test_hf_grid_is_post_layernorm_cls_and_patch_tokens(hf, hf_reference, images):
     model, processor = hf_reference
     grid = hf.encode_image_grid(images)
-    assert grid.shape == (3, (32 // 8) ** 2, 32)
+    assert grid.shape == (3, (32 // 8) ** 2 + 1, 32)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         hidden = model.vision_model(pixels).last_hidden_state
-        expected = model.vision_model.post_layernorm(hidden[:, 1:])
+        expected = model.vision_model.post_layernorm(hidden)
+        # the first token is the pooled one: projected, it is the image embedding
+        pooled = model.visual_projection(grid[:, 0])
     torch.testing.assert_close(grid, expected)
+    torch.testing.assert_close(pooled, hf.encode_images(images, normalize=False))
 
 
 def test_hf_truncates_long_texts_to_77_tokens(hf):
@@ -106,7 +109,7 @@ def test_hf_truncates_long_texts_to_77_tokens(hf):
 def test_hf_empty_inputs_and_output_type(hf, images):
     assert hf.encode_images([]).shape == (0, 16)
     assert hf.encode_texts([]).shape == (0, 16)
-    assert hf.encode_image_grid([]).shape == (0, 16, 32)
+    assert hf.encode_image_grid([]).shape == (0, 17, 32)
     emb = hf.encode_images(images)
     assert emb.dtype == torch.float32 and emb.device.type == "cpu" and not emb.requires_grad
     # Not an inference-mode tensor: it can feed a trainable layer.
@@ -212,18 +215,20 @@ def test_open_clip_resnet_grid_is_feature_map_before_attnpool(tiny_open_clip, im
     assert enc.encode_image_grid([]).shape == (0, 4, 256)
 
 
-def test_open_clip_vit_grid_is_output_tokens(tiny_open_clip, images):
+def test_open_clip_vit_grid_is_cls_and_output_tokens(tiny_open_clip, images):
     model, preprocess, path = tiny_open_clip["pairfree-test-TinyViT"]
     enc = load_clip(f"open_clip:pairfree-test-TinyViT@{path}")
     grid = enc.encode_image_grid(images)
-    assert grid.shape == (3, (32 // 8) ** 2, 32)
+    assert grid.shape == (3, (32 // 8) ** 2 + 1, 32)
     model.visual.output_tokens = True
     try:
         with torch.no_grad():
-            _, tokens = model.visual(torch.stack([preprocess(im) for im in images]))
+            pooled, tokens = model.visual(torch.stack([preprocess(im) for im in images]))
     finally:
         model.visual.output_tokens = False
-    torch.testing.assert_close(grid, tokens)
+    torch.testing.assert_close(grid[:, 1:], tokens)
+    # the class token after ln_post, before the projection
+    torch.testing.assert_close(grid[:, 0] @ model.visual.proj, pooled)
 
 
 def test_open_clip_bare_name_is_random_init_and_batching_is_exact(tiny_open_clip, images):

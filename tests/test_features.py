@@ -143,3 +143,23 @@ def test_bad_items_are_skipped_and_recorded(tmp_path):
 def test_duplicate_ids_are_rejected(tmp_path):
     with pytest.raises(PairfreeError, match="duplicate id '1'"):
         write_store(tmp_path / "s", [Item("1", "a"), Item("1", "b")], fake_encode, INFO, job=QUIET)
+
+
+def test_grid_features_are_stored_as_float16_and_memory_mapped(tmp_path):
+    from PIL import Image
+
+    from pairfree.clip import load_clip
+    from pairfree.encoding import encode_images
+
+    clip = load_clip("world:builtin")
+    paths = []
+    for i, color in enumerate(["red", "blue", "green"]):
+        paths.append((f"im{i}", tmp_path / f"{i}.png"))
+        Image.new("RGB", (64, 64), color).save(paths[-1][1])
+    store = encode_images(clip, paths, tmp_path / "grid", grid=True, dtype="float16",
+                          shard_size=2, job=QUIET)  # fmt: skip
+    assert store.kind == "image_grid" and len(store) == 3
+    assert all(isinstance(s, np.memmap) and s.dtype == np.float16 for s in store.iter_shards())
+    expected = clip.encode_image_grid([Image.open(p) for _, p in paths])
+    assert store[2].shape == tuple(expected.shape[1:]) == clip.grid_shape
+    np.testing.assert_allclose(store[2], expected[2].numpy(), rtol=2e-3, atol=2e-3)

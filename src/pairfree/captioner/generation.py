@@ -4,6 +4,11 @@ The prefix is fed once as ``inputs_embeds``; after that the LM sees one token pe
 and reads the past from its KV cache. Rows that finish leave the batch (the cache is
 re-indexed with them), so a batch of images costs about as much as its longest caption.
 
+Prefixes of different lengths (a soft prompt and a hard prompt of a few tokens) come
+left-padded with a ``prefix_mask``; each row's positions then count its real tokens only, so
+a row decodes exactly as it would alone. A cross-attending decoder gets its ``context``
+(``encoder_hidden_states``...) at every step, re-indexed with the rows.
+
 Two beam searches (``search=``):
 
 - ``"hf"``: as Hugging Face's: ``num_beams`` hypotheses keep growing while finished ones wait in
@@ -79,11 +84,21 @@ class _Stepper:
     is re-run every step, which is slower but needs nothing from the model's cache.
     """
 
-    def __init__(self, lm: PreTrainedModel, prefix: torch.Tensor, use_cache: bool) -> None:
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        prefix: torch.Tensor,
+        use_cache: bool,
+        *,
+        prefix_mask: torch.Tensor | None = None,
+        context: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.lm = lm
         self.use_cache = use_cache
         self.device = prefix.device
         self.inputs = prefix
+        self.mask = None if prefix_mask is None else prefix_mask.to(self.device, torch.long)
+        self.context = {k: v.to(self.device) for k, v in (context or {}).items()}
         self.cache = None
         accepts = inspect.signature(lm.forward).parameters
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
@@ -92,7 +107,7 @@ class _Stepper:
         self.cache_name = "cache" if "cache" in accepts else "past_key_values"
 
     def start(self) -> torch.Tensor:
-        logits = self._run(inputs_embeds=self.inputs)
+        logits = self._run(inputs_embeds=self.inputs, **self._positions(last=False))
         if self.use_cache and not hasattr(self.cache, "reorder_cache"):
             raise TypeError(
                 f"{type(self.lm).__name__} returned a cache that cannot be re-indexed; "
@@ -107,17 +122,34 @@ class _Stepper:
             self.cache.reorder_cache(rows)
         else:
             self.inputs = self.inputs[rows]
+        if self.mask is not None:
+            self.mask = self.mask[rows]
+        self.context = {k: v[rows] for k, v in self.context.items()}
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)[:, None]
+        if self.mask is not None:
+            self.mask = torch.cat((self.mask, self.mask.new_ones(len(tokens), 1)), dim=1)
         if self.use_cache:
-            return self._run(input_ids=tokens, **{self.cache_name: self.cache})
+            positions = self._positions(last=True)
+            return self._run(input_ids=tokens, **{self.cache_name: self.cache}, **positions)
         embeds = self.lm.get_input_embeddings()(tokens).to(self.inputs.dtype)
         self.inputs = torch.cat((self.inputs, embeds), dim=1)
-        return self._run(inputs_embeds=self.inputs)
+        return self._run(inputs_embeds=self.inputs, **self._positions(last=False))
+
+    def _positions(self, *, last: bool) -> dict[str, torch.Tensor]:
+        """The attention mask over everything so far and the position ids of the tokens fed
+        now (of the last one only with ``last``): padding takes no position."""
+        if self.mask is None:
+            return {}
+        positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        return {
+            "attention_mask": self.mask,
+            "position_ids": positions[:, -1:] if last else positions,
+        }
 
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
-        out = self.lm(**inputs, use_cache=self.use_cache, **self.extra)
+        out = self.lm(**inputs, **self.context, use_cache=self.use_cache, **self.extra)
         if self.use_cache:
             self.cache = out[self.cache_name]
         return out.logits[:, -1].float()
@@ -141,8 +173,14 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     search: str = "hf",
+    prefix_mask: torch.Tensor | None = None,
+    context: dict[str, torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Continue each prefix ``[B, k, h]`` with greedy decoding, beam search or sampling.
+
+    ``prefix_mask`` ``[B, k]`` marks real prefix positions when prefixes are left-padded;
+    ``context`` holds per-row keyword inputs of the LM (``encoder_hidden_states`` ``[B, L, h]``
+    for a cross-attending decoder).
 
     Returns the new token ids of ``B * num_return_sequences`` sequences, grouped by input (beam
     hypotheses best first). A sequence ends at any of ``stop_token_ids`` (kept) or at
@@ -165,7 +203,12 @@ def generate(
     )
     stop = set(stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long)
-    stepper = _Stepper(lm, prefix, use_cache)
+    if prefix_mask is not None and prefix_mask.shape != prefix.shape[:2]:
+        raise ValueError(f"prefix_mask {tuple(prefix_mask.shape)} for prefix {tuple(prefix.shape)}")
+    for name, value in (context or {}).items():
+        if len(value) != len(prefix):
+            raise ValueError(f"context {name!r} has {len(value)} rows for {len(prefix)} prefixes")
+    stepper = _Stepper(lm, prefix, use_cache, prefix_mask=prefix_mask, context=context)
     logits = stepper.start()
     if num_beams > 1 and search == "clipcap":
         sequences = _clipcap_beam_search(

@@ -31,5 +31,6 @@ class ClipEncoder(Protocol):
     def encode_image_grid(
         self, images: Sequence[Image.Image], *, batch_size: int = 64
     ) -> torch.Tensor:
-        """[N, L, width] patch (grid) features of the image tower, for cross-attending decoders."""
+        """[N, L, width] grid features of the image tower (a ViT's CLS and patch tokens, a
+        CNN's last feature map), for cross-attending decoders."""
         ...

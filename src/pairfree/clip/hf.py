@@ -14,9 +14,9 @@ from pairfree.clip.batching import BatchedClipEncoder, fingerprint
 class HFClip(BatchedClipEncoder):
     """A frozen ``CLIPModel`` with the checkpoint's own processor.
 
-    Grid features are the vision tower's last-layer patch tokens (CLS dropped) after its
-    ``post_layernorm``, the norm CLIP applies to the pooled token, so they live on the same
-    scale as the tokens open_clip's ViTs return.
+    Grid features are the vision tower's last-layer tokens, CLS first, after its
+    ``post_layernorm`` and before the projection: ``[N, 50, 768]`` for ViT-B/32, what SaCap's
+    decoder cross-attends to and what open_clip's ViTs give.
     """
 
     def __init__(self, model: CLIPModel, processor: ProcessorMixin, *, name: str) -> None:
@@ -26,7 +26,8 @@ class HFClip(BatchedClipEncoder):
         self.embed_dim: int = model.config.projection_dim
         self.max_length: int = model.config.text_config.max_position_embeddings
         vision = model.config.vision_config
-        self.grid_shape = ((vision.image_size // vision.patch_size) ** 2, vision.hidden_size)
+        # CLS and patch tokens, as SaCap's decoders cross-attend to
+        self.grid_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
@@ -50,7 +51,7 @@ class HFClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         vision = self.model.vision_model
         hidden = vision(pixel_values=self._pixels(images)).last_hidden_state
-        return vision.post_layernorm(hidden[:, 1:])
+        return vision.post_layernorm(hidden)
 
 
 def load_hf_clip(

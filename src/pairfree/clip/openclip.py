@@ -37,9 +37,10 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 class OpenClip(BatchedClipEncoder):
     """A frozen open_clip model with its eval preprocessing and tokenizer.
 
-    Grid features come from the image tower's last block: for a ViT, its patch tokens after
-    ``ln_post`` (what ``output_tokens=True`` returns); for a ModifiedResNet, the ``layer4``
-    feature map before the attention pool, flattened to ``[N, H*W, C]``.
+    Grid features come from the image tower's last block: for a ViT, its class token and
+    patch tokens after ``ln_post``, before the projection (``[N, 1 + H*W, width]``); for a
+    ModifiedResNet, the ``layer4`` feature map before the attention pool, flattened to
+    ``[N, H*W, C]``.
     """
 
     def __init__(
@@ -66,7 +67,7 @@ class OpenClip(BatchedClipEncoder):
         """(tokens, width) of :meth:`encode_image_grid`."""
         visual = self.model.visual
         if isinstance(visual, VisionTransformer):
-            return visual.grid_size[0] * visual.grid_size[1], visual.transformer.width
+            return visual.grid_size[0] * visual.grid_size[1] + 1, visual.transformer.width
         if isinstance(visual, ModifiedResNet):
             return (visual.image_size // 32) ** 2, visual.attnpool.k_proj.in_features
         raise PairfreeError(
@@ -85,14 +86,21 @@ class OpenClip(BatchedClipEncoder):
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = self.model.visual.forward_intermediates(
-            self._pixels(images),
+        visual = self.model.visual
+        pixels = self._pixels(images)
+        if not isinstance(visual, VisionTransformer):  # the feature map before attention pooling
+            out = visual.forward_intermediates(pixels, indices=1, intermediates_only=True)
+            return out["image_intermediates"][0].flatten(2).transpose(1, 2)
+        out = visual.forward_intermediates(
+            pixels,
             indices=1,
             normalize_intermediates=True,
             intermediates_only=True,
-            output_fmt="NCHW",
+            output_fmt="NLC",
+            output_extra_tokens=True,
         )
-        return out["image_intermediates"][0].flatten(2).transpose(1, 2)
+        # the class token first, then the patches, all after ln_post (before the projection)
+        return torch.cat((out["image_intermediates_prefix"][0], out["image_intermediates"][0]), 1)
 
 
 def _parse(model: str) -> tuple[str, str | None, bool]:

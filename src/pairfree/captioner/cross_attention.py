@@ -1,0 +1,228 @@
+"""The cross-attention captioner (SaCap, and ICSD's decoder later): a text decoder that
+cross-attends to CLIP grid features, after an optional soft prompt and a hard prompt.
+
+Decoder input, per row::
+
+    [k soft-prompt embeddings] [hard-prompt tokens] [separator] [caption tokens]
+
+The soft prompt is an MLP of the (conditioned) global CLIP embedding; the hard prompt is text
+(SaCap: the image's top object phrases); the separator (":") ends the prompt. Every layer's
+cross-attention reads the image's grid features ``[B, L, width]``, projected to the decoder's
+width when the two differ. Only the caption tokens are trained.
+
+Hard prompts differ in length, so they are left-padded inside the row and padding takes no
+position: a row's caption starts at position k + (its prompt length) + 1, the same in training
+and decoding. (SaCap's code right-pads the prompt to 20 tokens and numbers positions 0..59 in
+training, but counts only real tokens when it generates, so the caption it decodes sits at
+other positions than the ones it was trained at unless the prompt fills all 20 tokens.)
+
+Any Hugging Face causal LM that supports cross-attention works: GPT-2 gets new, randomly
+initialized cross-attention layers beside its pretrained weights (``add_cross_attention``),
+BERT becomes a decoder (``is_decoder``) with cross-attention, as BLIP's text decoder is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pairfree.captioner import generation
+from pairfree.captioner.model import CaptionerOutput, caption_log_probs
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Everything needed to rebuild a cross-attention captioner, nothing about training."""
+
+    lm: str = "gpt2"
+    """Hub id or local directory of the decoder (cross-attention is added to it)."""
+    embed_dim: int = 512
+    """Size of the global CLIP embedding the soft prompt is made from."""
+    grid_width: int = 768
+    """Width of the CLIP grid features cross-attended to."""
+    prefix_length: int = 10
+    """Soft-prompt embeddings (0: no soft prompt)."""
+    soft_prompt_hidden: int = 2048
+    """Width of the soft-prompt MLP's two hidden layers (SaCap: 2048)."""
+    max_prompt_tokens: int = 20
+    """Hard prompts are cut to this many tokens (SaCap: 20)."""
+    separator: str = ":"
+    """The text that ends the prompt and starts the caption."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "grid_width", "soft_prompt_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prefix_length", "max_prompt_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.separator:
+            raise ValueError("separator must not be empty")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CrossAttentionConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown cross-attention captioner config keys: {unknown}")
+        return cls(**d)
+
+
+# what turns a pretrained LM into a decoder with (new) cross-attention layers
+CROSS_ATTENTION = {"add_cross_attention": True, "is_decoder": True}
+
+
+def load_cross_attention_lm(lm: str) -> PreTrainedModel:
+    """``lm``'s pretrained weights in a decoder with cross-attention layers."""
+    return AutoModelForCausalLM.from_pretrained(lm, **CROSS_ATTENTION)
+
+
+class SoftPromptMLP(nn.Module):
+    """SaCap's soft prompt: Linear(d, 2048) -> ReLU -> Linear(2048, 2048) -> ReLU ->
+    Linear(2048, h·k), reshaped to k embeddings."""
+
+    def __init__(self, embed_dim: int, hidden_size: int, prefix_length: int, width: int) -> None:
+        super().__init__()
+        self.prefix_length, self.hidden_size = prefix_length, hidden_size
+        self.model = nn.Sequential(
+            nn.Linear(embed_dim, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, hidden_size * prefix_length),
+        )
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.model(condition).view(-1, self.prefix_length, self.hidden_size)
+
+
+class CrossAttentionCaptioner(nn.Module):
+    """A decoder over ``[soft prompt; hard prompt; separator; caption]`` that cross-attends
+    to grid features (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CrossAttentionConfig,
+        lm: PreTrainedModel | None = None,
+        *,
+        separator_ids: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.lm = lm if lm is not None else load_cross_attention_lm(config.lm)
+        if not getattr(self.lm.config, "add_cross_attention", False):
+            raise ValueError(f"{config.lm} has no cross-attention layers")
+        hidden = self.lm.get_input_embeddings().weight.shape[1]
+        self.hidden_size = hidden
+        self.grid_projection = (
+            nn.Linear(config.grid_width, hidden) if config.grid_width != hidden else nn.Identity()
+        )
+        self.soft_prompt = (
+            SoftPromptMLP(config.embed_dim, hidden, config.prefix_length, config.soft_prompt_hidden)
+            if config.prefix_length
+            else None
+        )
+        if not separator_ids:
+            raise ValueError(f"the separator {config.separator!r} has no tokens")
+        self.register_buffer("separator_ids", torch.tensor(list(separator_ids)), persistent=False)
+
+    def prompt_embeds(
+        self, condition: torch.Tensor | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[soft; hard prompt; separator]`` embeddings ``[B, k+P+s, h]`` and their mask
+        (``prompt_ids`` left-padded ``[B, P]``, padding marked 0 in ``prompt_mask``)."""
+        batch = prompt_ids.shape[0]
+        embed = self.lm.get_input_embeddings()
+        separator = embed(self.separator_ids).expand(batch, -1, -1)
+        parts = [embed(prompt_ids), separator]
+        masks = [prompt_mask.long(), prompt_mask.new_ones(batch, len(self.separator_ids)).long()]
+        if self.soft_prompt is not None:
+            if condition is None or condition.shape != (batch, self.config.embed_dim):
+                got = None if condition is None else tuple(condition.shape)
+                raise ValueError(f"the soft prompt needs a [{batch}, {self.config.embed_dim}] "
+                                 f"condition, got {got}")  # fmt: skip
+            parts.insert(0, self.soft_prompt(condition).to(separator.dtype))
+            masks.insert(0, prompt_mask.new_ones(batch, self.config.prefix_length).long())
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+
+    def context(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoder's cross-attention inputs for grid features ``[B, L, width]``."""
+        if grid.dim() != 3 or grid.shape[2] != self.config.grid_width:
+            raise ValueError(
+                f"grid features must be [batch, tokens, {self.config.grid_width}], "
+                f"got {tuple(grid.shape)}"
+            )
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return {"encoder_hidden_states": self.grid_projection(grid.to(dtype))}
+
+    def forward(
+        self,
+        condition: torch.Tensor | None,
+        grid: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> CaptionerOutput:
+        """Mean token cross-entropy over the caption tokens (right-padded ``input_ids``);
+        ``logits[:, t]`` predicts caption token t."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                "input_ids and attention_mask must both be [batch, length], got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            raise ValueError("captions must be right-padded (attention_mask 1s, then 0s)")
+        prefix, prefix_mask = self.prompt_embeds(condition, prompt_ids, prompt_mask)
+        tokens = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat((prefix, tokens.to(prefix.dtype)), dim=1)
+        mask = torch.cat((prefix_mask, attention_mask.long()), dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **self.context(grid)
+        )
+        logits = out.logits[:, prefix.shape[1] - 1 : -1]
+        log_probs = caption_log_probs(logits, input_ids, attention_mask, length_normalize=False)
+        loss = -log_probs.sum() / attention_mask.sum().clamp(min=1)
+        return CaptionerOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        condition: torch.Tensor | None,
+        grid: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        **options: Any,
+    ) -> list[list[int]]:
+        """Caption token ids per image; ``options`` are those of
+        :func:`pairfree.captioner.generation.generate`."""
+        device = self.lm.get_input_embeddings().weight.device
+        if condition is not None:
+            condition = condition.to(device)
+        prefix, mask = self.prompt_embeds(condition, prompt_ids.to(device), prompt_mask.to(device))
+        return generation.generate(
+            self.lm, prefix, prefix_mask=mask, context=self.context(grid.to(device)), **options
+        )
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], *, max_tokens: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id prompts (each cut to its first ``max_tokens``) into ids and mask."""
+    cut = [list(p)[:max_tokens] for p in prompts]
+    width = max((len(p) for p in cut), default=0)
+    ids = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(cut), width), dtype=torch.long)
+    for row, p in enumerate(cut):
+        if p:
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+    return ids, mask
