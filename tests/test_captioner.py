@@ -21,7 +21,7 @@ from pairfree.captioner import (
     load_original_checkpoint,
     save_captioner,
 )
-from pairfree.errors import BadInputError
+from pairfree.errors import BadInputError, PairfreeError
 
 CARD = CheckpointCard("capdec", "hf:none")
 
@@ -169,6 +169,40 @@ def test_checkpoint_card_is_read_strictly(tiny_gpt2_dir, tokenizer, tmp_path, ed
     with pytest.raises(BadInputError, match=message) as caught:
         load_captioner(tmp_path)
     assert "config.json" in str(caught.value)
+
+
+def test_cards_written_before_the_prompt_keys_load_as_they_meant(
+    tiny_gpt2_dir, tokenizer, tmp_path
+):
+    save_captioner(make_captioner(tiny_gpt2_dir), tokenizer, tmp_path, CARD)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("project_in_training", "prompt_phrases", "prompt_topk"):
+        config["card"]["conditioning"].pop(key)
+    config.pop("family")  # and the family: every checkpoint was a prefix captioner then
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _, card = load_captioner(tmp_path)
+    assert isinstance(model, PrefixCaptioner)
+    assert card.conditioning == CARD.conditioning and card.conditioning.prompt_phrases is None
+
+
+def test_projection_applies_in_training_only_when_asked():
+    from pairfree.captioner.conditioning import Conditioning, condition
+
+    memory = torch.nn.functional.normalize(
+        torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    inference_only = Conditioning(project_to="memory")
+    both = Conditioning(project_to="memory", project_in_training=True)
+    projected = condition(x, both, training=False, memory=memory)
+    torch.testing.assert_close(condition(x, both, training=True, memory=memory), projected)
+    torch.testing.assert_close(
+        condition(x, inference_only, training=False, memory=memory), projected
+    )
+    plain = condition(x, inference_only, training=True, memory=memory)
+    torch.testing.assert_close(plain, torch.nn.functional.normalize(x, dim=-1))
+    with pytest.raises(PairfreeError, match="project_in_training needs project_to"):
+        Conditioning(project_in_training=True)
 
 
 # A reference of the original ClipCap module layout (rmokady/CLIP_prefix_caption, train.py),

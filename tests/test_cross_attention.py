@@ -161,3 +161,100 @@ def test_bad_inputs_are_refused(wide):
     with pytest.raises(ValueError, match="no cross-attention"):
         CrossAttentionCaptioner(CrossAttentionConfig(lm="x"), GPT2LMHeadModel(GPT2Config(
             n_embd=8, n_layer=1, n_head=2)), separator_ids=[25])  # fmt: skip
+
+
+# ------------------------------------------------------------- checkpoints and the pipeline
+def text_store(clip, texts, out):
+    from pairfree.data.corpus import Caption
+    from pairfree.encoding import encode_captions
+    from pairfree.job import Job
+
+    captions = [Caption(t, None, "test", i + 1) for i, t in enumerate(texts)]
+    encode_captions(clip, captions, out, job=Job(progress=False))
+    return str(out)
+
+
+def test_cross_attention_checkpoint_captions_like_the_model_it_saved(tiny_gpt2_dir, tmp_path):
+    from PIL import Image
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig
+    from pairfree.captioner.checkpoint import save_captioner
+    from pairfree.captioner.cross_attention import load_cross_attention_lm
+    from pairfree.cli import main
+    from pairfree.clip import load_clip
+    from pairfree.pipeline import Captioner
+
+    lm = load_cross_attention_lm(str(tiny_gpt2_dir))  # pretrained weights + new cross-attention
+    plain = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    assert torch.equal(lm.transformer.wte.weight, plain.transformer.wte.weight)
+    assert any("crossattention" in name for name, _ in lm.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    clip = load_clip("world:builtin")
+    width = clip.grid_shape[1]
+    config = CrossAttentionConfig(lm=str(tiny_gpt2_dir), embed_dim=clip.embed_dim,
+                                  grid_width=width, prefix_length=2, soft_prompt_hidden=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = CrossAttentionCaptioner(config, lm, separator_ids=tokenizer(":")["input_ids"]).eval()
+    memory = text_store(clip, ["a red circle", "a blue square on the left", "a green star"],
+                        tmp_path / "memory")  # fmt: skip
+    phrases = text_store(clip, ["red circle.", "blue square", "green star", "white heart"],
+                         tmp_path / "phrases")  # fmt: skip
+    conditioning = Conditioning(project_to=memory, project_in_training=True, prompt_phrases=phrases)
+    generation = GenerationConfig(num_beams=2, max_new_tokens=6, stop=".")
+    card = CheckpointCard("sacap", "world:builtin", conditioning, generation)
+    save_captioner(model, tokenizer, tmp_path / "ckpt", card)
+
+    images = []
+    for i, color in enumerate(["red", "blue", "white"]):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (64, 64), color).save(images[-1])
+    fresh = Captioner(model, tokenizer, clip, conditioning=conditioning, generation=generation)
+    expected = fresh.caption(images)
+    loaded = Captioner.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded.model, CrossAttentionCaptioner) and loaded.needs_grid
+    assert loaded.caption(images) == expected
+    assert loaded.caption(images[1:2]) == expected[1:2]  # one at a time = batched
+    prompts = loaded.hard_prompts(clip.encode_images([Image.open(p) for p in images]))
+    assert all(len(p.split(",")) == 3 and "." not in p for p in prompts)
+    # `pairfree caption` does not care which family it loads
+    out = tmp_path / "captions.json"
+    assert main(["caption", str(tmp_path / "ckpt"), *map(str, images), "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    import json
+
+    assert [r["caption"] for r in json.loads(out.read_text())] == expected
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_bert_decoder_with_cross_attention_decodes_padded_rows_as_alone(num_beams):
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    lm = BertLMHeadModel(
+        BertConfig(vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=64, initializer_range=0.3,
+                   is_decoder=True, add_cross_attention=True, pad_token_id=0)
+    ).eval()  # fmt: skip
+    config = CrossAttentionConfig(lm="bert", embed_dim=EMBED, grid_width=GRID_WIDTH,
+                                  prefix_length=0)  # fmt: skip
+    model = CrossAttentionCaptioner(config, lm, separator_ids=SEPARATOR).eval()
+    cond, grid = inputs(len(PROMPTS))
+    options = dict(num_beams=num_beams, max_new_tokens=6, stop_token_ids=[31], eos_token_id=12)
+    batched = decode(model, None, grid, PROMPTS, **options)
+    alone = [decode(model, None, grid[i : i + 1], [p], **options)[0] for i, p in enumerate(PROMPTS)]
+    assert batched == alone
+    assert decode(model, None, grid, PROMPTS, use_cache=False, **options) == batched
+
+
+def test_hard_prompt_is_the_top_k_phrases_by_cosine():
+    from pairfree.captioner.prompts import hard_prompt, top_phrases
+
+    phrases = ["a dog.", "a cat", "a tree", "a car"]
+    embeds = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    image = torch.tensor([[2.0, 0.1], [0.0, -1.0]])  # scale does not matter: cosine
+    chosen = top_phrases(image, embeds, phrases, 3)
+    assert chosen == [["a dog.", "a tree", "a cat"], ["a dog.", "a car", "a tree"]]
+    assert hard_prompt(chosen[0]) == "a dog,a tree,a cat"
+    tied = top_phrases(torch.tensor([[1.0, 0.0]]), torch.ones(4, 2), phrases, 2)
+    assert tied == [["a dog.", "a cat"]]  # ties keep the vocabulary order

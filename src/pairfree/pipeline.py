@@ -2,8 +2,9 @@
 
 ``Captioner.from_pretrained(path).caption(images)`` loads a captioner checkpoint, the CLIP
 encoder named on its card, and the conditioning it was trained for (normalized or not, a
-modality offset, DeCap projection onto a text memory), then decodes with its generation
-settings.
+modality offset, DeCap projection onto a text memory, a hard-prompt vocabulary), then decodes
+with its generation settings. Prefix (ClipCap) and cross-attention (SaCap) captioners load and
+caption alike; the latter also read the images' CLIP grid features.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pairfree.captioner import (
     condition,
     load_captioner,
 )
+from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
+from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import load_image
 from pairfree.errors import PairfreeError
@@ -33,7 +36,7 @@ class Captioner:
 
     def __init__(
         self,
-        model: PrefixCaptioner,
+        model: PrefixCaptioner | CrossAttentionCaptioner,
         tokenizer,
         clip: ClipEncoder,
         *,
@@ -45,7 +48,16 @@ class Captioner:
         self.clip = clip
         self.conditioning = conditioning or Conditioning()
         self.generation = generation or GenerationConfig()
-        self.memory = _projection_memory(self.conditioning, clip)
+        spec = self.conditioning
+        self.memory = (
+            None if spec.project_to is None else _text_store(spec.project_to, clip).tensor()
+        )
+        self.phrases: tuple[list[str], torch.Tensor] | None = None
+        if spec.prompt_phrases is not None:
+            store = _text_store(spec.prompt_phrases, clip)
+            self.phrases = (store.texts or [], store.tensor())
+        if self.phrases is not None and not isinstance(model, CrossAttentionCaptioner):
+            raise PairfreeError("hard-prompt phrases go with cross-attention captioners only")
 
     @classmethod
     def from_pretrained(
@@ -88,17 +100,54 @@ class Captioner:
             image_embeds.float(), self.conditioning, training=False, memory=self.memory
         )
 
+    @property
+    def needs_grid(self) -> bool:
+        """Whether captioning reads grid features besides the image embeddings."""
+        return isinstance(self.model, CrossAttentionCaptioner)
+
+    def hard_prompts(self, image_embeds: torch.Tensor) -> list[str]:
+        """Each image's hard prompt (empty without a phrase vocabulary)."""
+        if self.phrases is None:
+            return [""] * len(image_embeds)
+        texts, embeds = self.phrases
+        chosen = top_phrases(image_embeds, embeds, texts, self.conditioning.prompt_topk)
+        return [hard_prompt(p) for p in chosen]
+
     @torch.no_grad()
-    def caption_embeddings(self, image_embeds: torch.Tensor, *, batch_size: int = 64) -> list[str]:
-        """Captions for precomputed CLIP image embeddings (e.g. from a feature store)."""
+    def caption_embeddings(
+        self,
+        image_embeds: torch.Tensor,
+        *,
+        grid: torch.Tensor | None = None,
+        batch_size: int = 64,
+    ) -> list[str]:
+        """Captions for precomputed CLIP image embeddings (e.g. from a feature store), and
+        their grid features for a cross-attention captioner."""
+        if self.needs_grid and (grid is None or len(grid) != len(image_embeds)):
+            raise PairfreeError("a cross-attention captioner needs each image's grid features")
         device = next(self.model.parameters()).device
         settings = self.generation.generate_kwargs(self.tokenizer)
         texts: list[str] = []
         for start in range(0, len(image_embeds), batch_size):
-            cond = self.conditions(image_embeds[start : start + batch_size]).to(device)
-            ids = self.model.generate(cond, **settings)
+            chunk = image_embeds[start : start + batch_size]
+            cond = self.conditions(chunk).to(device)
+            if self.needs_grid:
+                ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
+                                                     settings)  # fmt: skip
+            else:
+                ids = self.model.generate(cond, **settings)
             texts += [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         return texts
+
+    def _generate_cross_attention(
+        self, cond: torch.Tensor, image_embeds: torch.Tensor, grid: torch.Tensor, settings: dict
+    ) -> list[list[int]]:
+        texts = self.hard_prompts(image_embeds)
+        tokens = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
+        ids, mask = pad_prompts(tokens, pad_id=pad, max_tokens=self.model.config.max_prompt_tokens)
+        soft = cond if self.model.soft_prompt is not None else None
+        return self.model.generate(soft, grid, ids, mask, **settings)
 
     def caption(
         self, images: Sequence[Image.Image | str | Path], *, batch_size: int = 32
@@ -106,21 +155,20 @@ class Captioner:
         """Captions for PIL images or image files (a bad file raises BadInputError)."""
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         embeds = self.clip.encode_images(pil, batch_size=batch_size) if pil else torch.empty(0)
-        return self.caption_embeddings(embeds, batch_size=batch_size)
+        grid = None
+        if self.needs_grid:
+            grid = self.clip.encode_image_grid(pil, batch_size=batch_size)
+        return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
 
 
-def _projection_memory(conditioning: Conditioning, clip: ClipEncoder) -> torch.Tensor | None:
-    """The DeCap memory the conditioning projects onto, checked to match the CLIP in use."""
-    if conditioning.project_to is None:
-        return None
-    store = FeatureStore(conditioning.project_to)
+def _text_store(path: str, clip: ClipEncoder) -> FeatureStore:
+    """A text feature store the conditioning reads (projection memory, prompt phrases),
+    checked to match the CLIP in use."""
+    store = FeatureStore(path)
     if store.kind != "text":
-        raise PairfreeError(
-            f"{conditioning.project_to} holds {store.kind} features; projection needs text"
-        )
+        raise PairfreeError(f"{path} holds {store.kind} features; the conditioning needs text")
     if store.encoder != clip.name:
         raise PairfreeError(
-            f"{conditioning.project_to} was encoded with {store.encoder}, "
-            f"the captioner uses {clip.name}"
+            f"{path} was encoded with {store.encoder}, the captioner uses {clip.name}"
         )
-    return store.tensor()
+    return store

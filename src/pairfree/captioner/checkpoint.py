@@ -1,9 +1,10 @@
 """Captioner checkpoints: a directory with ``model.safetensors``, ``config.json`` and the
 tokenizer files.
 
-``config.json`` holds the captioner config, the LM's own config and the typed checkpoint card
-(recipe, CLIP, conditioning, decoding). Loading rebuilds the LM from that config, so it needs
-neither the hub nor the training code, and never unpickles anything.
+``config.json`` holds the model family (``"prefix"``: ClipCap's; ``"cross_attention"``: SaCap's
+and ICSD's), its config, the LM's own config and the typed checkpoint card (recipe, CLIP,
+conditioning, decoding). Loading rebuilds the LM from that config, so it needs neither the hub
+nor the training code, and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import (
 
 from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.config import CaptionerConfig
+from pairfree.captioner.cross_attention import CrossAttentionCaptioner, CrossAttentionConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_write_json, read_json_config
@@ -34,6 +36,8 @@ from pairfree.io import atomic_write_json, read_json_config
 FORMAT = "pairfree-captioner"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+FAMILIES = {"prefix": PrefixCaptioner, "cross_attention": CrossAttentionCaptioner}
+AnyCaptioner = PrefixCaptioner | CrossAttentionCaptioner
 
 
 @contextmanager
@@ -62,14 +66,16 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def save_captioner(
-    model: PrefixCaptioner,
+    model: AnyCaptioner,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     card: CheckpointCard,
 ) -> None:
     """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint)."""
+    family = next(name for name, cls in FAMILIES.items() if isinstance(model, cls))
     meta = {
         "format": FORMAT,
+        "family": family,
         "captioner": model.config.to_dict(),
         "lm_config": model.lm.config.to_dict(),
         "card": card.to_dict(),
@@ -82,16 +88,22 @@ def save_captioner(
 
 def load_captioner(
     path: str | Path, *, device: str | torch.device = "cpu"
-) -> tuple[PrefixCaptioner, PreTrainedTokenizerBase, CheckpointCard]:
+) -> tuple[AnyCaptioner, PreTrainedTokenizerBase, CheckpointCard]:
     """Load a checkpoint written by :func:`save_captioner`; returns the model in eval mode,
-    its tokenizer and its card."""
+    its tokenizer and its card. A checkpoint without a family is a prefix captioner (all were
+    before cross-attention captioners existed)."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     meta = read_json_config(config_path, FORMAT, "pairfree captioner")
     if not weights_path.is_file():
         raise BadInputError(weights_path, "missing: not a pairfree captioner checkpoint")
+    family = meta.get("family", "prefix")
+    if family not in FAMILIES:
+        raise BadInputError(config_path, f"unknown captioner family {family!r}; known: "
+                            f"{sorted(FAMILIES)}")  # fmt: skip
+    config_class = CaptionerConfig if family == "prefix" else CrossAttentionConfig
     try:
-        config = CaptionerConfig.from_dict(meta["captioner"])
+        config = config_class.from_dict(meta["captioner"])
         lm_config_dict = dict(meta["lm_config"])
         lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
     except (KeyError, TypeError, ValueError) as e:
@@ -103,15 +115,20 @@ def load_captioner(
     except PairfreeError as e:
         raise BadInputError(config_path, str(e)) from e
 
-    model = PrefixCaptioner(config, lm=AutoModelForCausalLM.from_config(lm_config))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BadInputError(path, f"cannot load the tokenizer: {e}") from e
+    lm = AutoModelForCausalLM.from_config(lm_config)
+    if family == "prefix":
+        model = PrefixCaptioner(config, lm=lm)
+    else:
+        separator = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
+        model = CrossAttentionCaptioner(config, lm, separator_ids=separator)
     try:
         load_model(model, weights_path, strict=True)
     except SafetensorError as e:
         raise BadInputError(weights_path, f"damaged or not a safetensors file ({e})") from e
     except RuntimeError as e:
         raise BadInputError(weights_path, f"weights do not match the config: {e}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise BadInputError(path, f"cannot load the tokenizer: {e}") from e
     return model.to(device).eval(), tokenizer, card

@@ -18,8 +18,13 @@ One deliberate difference: CapDec's ``noise_injection`` returns its input untouc
 noise variance, so a train-mode offset is silently dropped there; here the offset is added
 (and the result renormalized) whatever the variance, since asking for it and losing it is a
 bug. Apart from that, zero noise and no offset leave the (normalized) embedding as it is.
-- DeCap projection (inference): the result is replaced by its softmax-weighted average over a
-  memory of caption text embeddings (``project_to``, a text feature store; ``tau``).
+- DeCap projection: the result is replaced by its softmax-weighted average over a memory of
+  caption text embeddings (``project_to``, a text feature store; ``tau``), at inference, and
+  in training too with ``project_in_training`` (SaCap projects its synthetic training images
+  as it projects test images);
+- a hard prompt (cross-attention captioners): the ``prompt_topk`` phrases of a phrase
+  vocabulary (``prompt_phrases``, a text feature store) closest to the image, see
+  :mod:`pairfree.captioner.prompts`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class Conditioning:
     offset_mode: str = "none"  # none | train (added to text) | inference (subtracted from images)
     project_to: str | None = None  # text feature store: DeCap projection memory at inference
     tau: float = 0.01  # projection temperature
+    project_in_training: bool = False  # project training embeddings too (SaCap)
+    prompt_phrases: str | None = None  # text feature store of the hard-prompt vocabulary
+    prompt_topk: int = 3  # phrases per hard prompt
 
     def __post_init__(self) -> None:
         if self.noise_kind not in NOISE_KINDS:
@@ -64,6 +72,10 @@ class Conditioning:
             )
         if self.noise_variance < 0:
             raise PairfreeError(f"noise variance must be >= 0, not {self.noise_variance}")
+        if self.project_in_training and self.project_to is None:
+            raise PairfreeError("project_in_training needs project_to (the projection memory)")
+        if self.prompt_topk < 1:
+            raise PairfreeError(f"prompt_topk must be >= 1, not {self.prompt_topk}")
 
 
 def uniform_ball(shape: torch.Size, radius: float, generator: torch.Generator | None = None):
@@ -83,9 +95,9 @@ def condition(
 ) -> torch.Tensor:
     """The decoder's condition for embeddings ``x`` [B, d] under ``spec``.
 
-    ``training`` selects the training side (noise, a train-mode offset) or the inference side
-    (an inference-mode offset, projection onto ``memory``). ``generator`` draws the noise
-    (default: the global RNG).
+    ``training`` selects the training side (noise, a train-mode offset, projection onto
+    ``memory`` with ``project_in_training``) or the inference side (an inference-mode offset,
+    projection onto ``memory``). ``generator`` draws the noise (default: the global RNG).
     """
     if spec.normalize:
         x = F.normalize(x, dim=-1)
@@ -106,7 +118,7 @@ def condition(
             x = x - offset
     if perturbed:  # CapDec renormalizes a perturbed text embedding, with or without normalize
         x = F.normalize(x, dim=-1)
-    if not training and spec.project_to is not None:
+    if spec.project_to is not None and (spec.project_in_training or not training):
         if memory is None:
             raise PairfreeError(f"projection onto {spec.project_to} needs its memory loaded")
         x = project_to_memory(x, memory.to(x.device), spec.tau)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pairfree.captioner import generation
 from pairfree.captioner.model import CaptionerOutput, caption_log_probs
@@ -75,13 +75,13 @@ class CrossAttentionConfig:
         return cls(**d)
 
 
-# what turns a pretrained LM into a decoder with (new) cross-attention layers
-CROSS_ATTENTION = {"add_cross_attention": True, "is_decoder": True}
-
-
 def load_cross_attention_lm(lm: str) -> PreTrainedModel:
-    """``lm``'s pretrained weights in a decoder with cross-attention layers."""
-    return AutoModelForCausalLM.from_pretrained(lm, **CROSS_ATTENTION)
+    """``lm``'s pretrained weights in a decoder with (new, randomly initialized)
+    cross-attention layers; ``is_decoder`` makes an encoder such as BERT causal."""
+    config = AutoConfig.from_pretrained(lm)
+    config.add_cross_attention = True
+    config.is_decoder = True
+    return AutoModelForCausalLM.from_pretrained(lm, config=config)
 
 
 class SoftPromptMLP(nn.Module):
