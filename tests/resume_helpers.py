@@ -20,3 +20,15 @@ def kill_after_checkpoint_then_resume(run_cli, args, run_dir: Path, step: int) -
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    """The two checkpoints' weights are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

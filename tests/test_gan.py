@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from resume_helpers import kill_after_checkpoint_then_resume
+from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
 from safetensors.torch import load_file
 
 from pairfree.captioner import CaptionerConfig, PrefixCaptioner, caption_log_probs
@@ -332,11 +332,7 @@ def test_killed_cgtgan_run_resumes_to_the_same_weights(
                     features, **extra)  # fmt: skip
     kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 2)
 
-    a = load_file(str(tmp_path / "ref" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,12 @@ def test_rephrase_group_and_summarize_a_world_corpus(tmp_path, capsys):
     assert len(kept) + len(rejects) == len(captions) and len(kept) > len(captions) // 2
     assert f"kept {len(kept)}, rejected {len(rejects)}" in capsys.readouterr().out
     assert all(len(r["rephrasings"]) == 3 for r in kept)
+    # the rephrasings as a corpus, for `synthesize images` to draw supporting images from
+    from pairfree.data import read_captions
+
+    prompts = read_captions(rephrased / "prompts.jsonl")
+    assert [c.text for c in prompts] == [t for r in kept for t in r["rephrasings"]]
+    assert prompts[4].image_id == f"{kept[1]['id']}-1"
     # resumed after a lost shard: the same output
     before = (rephrased / "rephrasings.jsonl").read_text()
     (rephrased / "shards" / "00001.jsonl").unlink()

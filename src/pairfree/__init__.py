@@ -32,6 +32,8 @@ _EXPORTS = {
     "train_capdec": "pairfree.recipes.capdec",
     "CgtGanConfig": "pairfree.recipes.cgtgan",
     "train_cgtgan": "pairfree.recipes.cgtgan",
+    "SaCapConfig": "pairfree.recipes.sacap",
+    "train_sacap": "pairfree.recipes.sacap",
     "ScstGanConfig": "pairfree.recipes.scst_gan",
     "train_scst_gan": "pairfree.recipes.scst_gan",
 }

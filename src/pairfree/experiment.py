@@ -52,6 +52,7 @@ class TestSet:
     domains: dict[str, str] | None = None  # NoCaps: image id -> domain
     skipped: SkipLog = field(default_factory=SkipLog)
     _embeddings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _grids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(
@@ -74,6 +75,12 @@ class TestSet:
             self._embeddings[clip.name] = clip.encode_images(list(self.images.values()))
         return self._embeddings[clip.name]
 
+    def grids(self, clip: ClipEncoder) -> torch.Tensor:
+        """The images' CLIP grid features (cross-attention captioners), computed once."""
+        if clip.name not in self._grids:
+            self._grids[clip.name] = clip.encode_image_grid(list(self.images.values()))
+        return self._grids[clip.name]
+
 
 def train_recipe(
     recipe: str, config: Any, *, resume: bool = True, progress: bool = True
@@ -86,7 +93,10 @@ def caption_test_set(
     captioner: Captioner, test: TestSet, *, batch_size: int = 64
 ) -> dict[str, str]:
     """Image id -> caption for every test image."""
-    texts = captioner.caption_embeddings(test.embeddings(captioner.clip), batch_size=batch_size)
+    grid = test.grids(captioner.clip) if captioner.needs_grid else None
+    texts = captioner.caption_embeddings(
+        test.embeddings(captioner.clip), grid=grid, batch_size=batch_size
+    )
     return dict(zip(test.images, texts, strict=True))
 
 

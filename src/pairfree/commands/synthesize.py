@@ -65,7 +65,9 @@ def register(sub) -> None:
         description=(
             "Ask an LLM for 3 rephrasings (<= 15 words each, as JSON) of every distinct caption of "
             "CORPUS, with SaCap's prompt and sampling (temperature 0.6, top-p 0.9). Writes "
-            "OUT/rephrasings.jsonl and OUT/rejects.jsonl (answers that did not parse, with why). "
+            "OUT/rephrasings.jsonl, OUT/prompts.jsonl (the rephrasings as a corpus: `synthesize "
+            "images OUT/prompts.jsonl` draws SaCap's supporting images) and OUT/rejects.jsonl "
+            "(answers that did not parse, with why). "
             "--llm hf:<model or .gguf file>, openai:<model> --api-base URL (key from "
             "$OPENAI_API_KEY or --api-key-env), or world:<preset>. Resumable and sharded."
         ),

@@ -3,7 +3,9 @@ groups (ICSD), each a resumable, sharded job (:mod:`pairfree.synth.shards`).
 
 Outputs (JSONL, one object per line, in input order):
 
-- ``rephrase``: ``rephrasings.jsonl`` ``{"id", "caption", "rephrasings": [3 texts]}``;
+- ``rephrase``: ``rephrasings.jsonl`` ``{"id", "caption", "rephrasings": [3 texts]}``, and
+  ``prompts.jsonl``, the rephrasings as a JSONL corpus ``{"image_id": "<id>-<k>", "caption"}``
+  for ``synthesize images`` to draw SaCap's supporting images from;
 - ``group``: ``groups.jsonl`` ``{"id", "members": [caption ids], "captions": [texts]}``, the
   anchor caption first;
 - ``summarize``: ``summaries.jsonl`` ``{"id", "selected": [caption ids], "captions": [texts],
@@ -79,7 +81,17 @@ def rephrase_captions(
     request = _request(llm, template, sampling, shard_size, distinct)
     records = run_shards(out, items, ask, request=request, shard_size=shard_size,
                          batch_size=batch_size, job=job or Job(), desc="rephrase")  # fmt: skip
-    return None if records is None else _split(out, records, "rephrasings.jsonl", "rephrase")
+    if records is None:
+        return None
+    summary = _split(out, records, "rephrasings.jsonl", "rephrase")
+    prompts = [
+        {"image_id": f"{r['id']}-{k}", "caption": text}
+        for r in records
+        if "rejected" not in r
+        for k, text in enumerate(r["rephrasings"])
+    ]
+    write_jsonl(out / "prompts.jsonl", prompts)
+    return summary
 
 
 @dataclass(frozen=True)

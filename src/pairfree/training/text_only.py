@@ -179,13 +179,13 @@ def split_train_val(n: int, fraction: float, seed: int) -> tuple[list[int], list
 
 
 @dataclass
-class TextOnlySetup:
-    """A fresh captioner, its tokenizer, and the caption data split into train / validation."""
+class CaptionerSetup:
+    """A fresh captioner, its tokenizer, and its data split into train / validation."""
 
-    model: PrefixCaptioner
+    model: torch.nn.Module  # a PrefixCaptioner, or a CrossAttentionCaptioner
     tokenizer: Any
-    train_data: CaptionEmbeddingDataset
-    val_data: CaptionEmbeddingDataset
+    train_data: Dataset
+    val_data: Dataset
 
 
 def text_only_setup(
@@ -195,7 +195,7 @@ def text_only_setup(
     corpus: CorpusConfig,
     *,
     seed: int,
-) -> TextOnlySetup:
+) -> CaptionerSetup:
     """Tokenize ``texts``, hold out ``corpus.val_fraction`` of them, and build a captioner for
     ``embeddings``' dimension (its mapper initialized from ``seed``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +209,7 @@ def text_only_setup(
         captioner = PrefixCaptioner(model, AutoModelForCausalLM.from_pretrained(model.lm))
     except OSError as err:  # not on disk, and the hub unreachable or the id unknown
         raise PairfreeError(f"cannot load the LM model.lm={model.lm!r}: {first_line(err)}") from err
-    return TextOnlySetup(
+    return CaptionerSetup(
         captioner,
         tokenizer,
         CaptionEmbeddingDataset(embeddings[train_idx], tokens.subset(train_idx)),
@@ -268,7 +268,7 @@ def save_with_card(card: CheckpointCard, tokenizer, module: str = "captioner") -
 
 def fit_captioner(
     train: TrainConfig,
-    setup: TextOnlySetup,
+    setup: CaptionerSetup,
     step: StepFn,
     val_step: ValFn,
     card: CheckpointCard,
@@ -276,9 +276,10 @@ def fit_captioner(
     run_config: Mapping[str, Any],
     resume: bool = True,
     progress: bool = True,
+    collate: Callable | None = None,
 ) -> TrainResult:
     """Train ``setup.model`` (module "captioner", one AdamW) with ``step``; artifacts carry
-    ``card``."""
+    ``card``. Batches are (embedding, tokens) pairs unless ``collate`` says otherwise."""
     trainer = Trainer(
         train,
         {"captioner": setup.model},
@@ -286,7 +287,7 @@ def fit_captioner(
         setup.train_data,
         step,
         save_with_card(card, setup.tokenizer),
-        collate=pad_collate(setup.tokenizer.pad_token_id),
+        collate=collate or pad_collate(setup.tokenizer.pad_token_id),
         val_data=setup.val_data if len(setup.val_data) else None,
         val_step=val_step,
         run_config=run_config,

@@ -9,6 +9,8 @@
 - ``corpus.txt``: the text-only corpus, one caption per line, from scenes that are sampled
   but never rendered (their random streams are disjoint from the images');
 - ``scenes.json``: image id (the file name without ``.png``) -> scene;
+- ``phrases.txt``: the object phrases of the world's grammar ("red circle", "circle", ...),
+  held-out words excluded: SaCap's hard-prompt vocabulary;
 - ``world.json``: the parameters. A rerun with the same parameters resumes, keeping the
   images already written; a rerun with others is refused.
 
@@ -43,6 +45,7 @@ class WorldPaths:
     dataset: Path
     corpus: Path
     scenes: Path
+    phrases: Path
 
 
 def _stream(seed: int, name: str, index: int) -> np.random.Generator:
@@ -55,6 +58,12 @@ def _write_png(image: Image.Image, path: Path) -> None:
     image, and syncing thousands of tiny files would cost more than drawing them."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", compress_level=1)
+
+
+def object_phrases(config: WorldConfig) -> list[str]:
+    """Every "<color> <shape>" and bare shape the world's training captions can name."""
+    shapes, colors = config.seen(config.shapes), config.seen(config.colors)
+    return [f"{c} {s}" for s in shapes for c in colors] + list(shapes)
 
 
 def make_world(
@@ -84,6 +93,7 @@ def make_world(
         dataset=root / "dataset_world.json",
         corpus=root / "corpus.txt",
         scenes=root / "scenes.json",
+        phrases=root / "phrases.txt",
     )
     params = json.loads(json.dumps({"seed": seed, "counts": counts, "config": asdict(config)}))
     params_path = root / "world.json"
@@ -138,6 +148,7 @@ def make_world(
         corpus.append(caption_scene(config.sample_scene(rng), rng, config.phrasing))
     atomic_write_json(paths.scenes, scenes, indent=None)
     atomic_write_text(paths.corpus, "".join(line + "\n" for line in corpus))
+    atomic_write_text(paths.phrases, "".join(p + "\n" for p in object_phrases(config)))
     atomic_write_json(
         paths.dataset, {"dataset": "world", "world": config.name, "images": entries}, indent=None
     )

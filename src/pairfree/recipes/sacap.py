@@ -1,0 +1,324 @@
+"""SaCap (synthesize-then-align): a captioner trained on synthetic images of the corpus.
+
+Data (made beforehand by ``pairfree synthesize``): one synthetic image per corpus caption
+(``synthesize images CORPUS``), three LLM rephrasings per caption (``synthesize rephrase
+CORPUS``) and one supporting image per rephrasing (``synthesize images
+REPHRASED/prompts.jsonl``). Only the corpus captions are targets, and only those whose
+rephrasing parsed, as in the original.
+
+Objective, for each caption c:
+
+1. re-pairing: c is paired with whichever candidate image (its own synthetic image and its
+   supporting images) has the highest CLIP cosine to c's text embedding, ties at random;
+2. hard prompt: the top-3 object phrases of a vocabulary by CLIP cosine to the paired image;
+3. soft prompt: the paired image's normalized CLIP embedding, DeCap-projected (tau = 0.01)
+   onto the memory of the training captions' text embeddings, through an MLP
+   d -> 2048 -> 2048 -> h·10 (ReLU) into 10 prefix embeddings;
+4. the decoder (GPT-2 with cross-attention to the paired image's CLIP grid features, all of
+   it trained) reads ``[10 soft][hard prompt, <= 20 tokens] ":" caption "."`` and is trained
+   on the caption tokens (cut at the caption's first period, which ends it).
+
+At inference the test image's own embedding, projected onto the same memory, and its own
+hard prompt are used; beam 5, at most 30 new tokens, stop at ".". ``repair``,
+``hard_prompt`` and ``soft_prompt`` switch each mechanism off for ablations (no re-pairing:
+the caption's own image; no hard prompt: the prompt is the separator alone; no soft prompt:
+no prefix).
+
+Where pairfree differs from the original code, on purpose:
+
+- positions: the original right-pads the hard prompt to 20 tokens and numbers positions
+  0..59 in training but counts only real tokens when generating, so the caption it decodes
+  sits at positions it was not trained at; here padding takes no position on either side
+  (:mod:`pairfree.captioner.cross_attention`);
+- the loss covers the caption and its period; the original's also covers the ":", which is
+  predicted from a padding slot;
+- the hard prompt comes from the paired image, as the paper describes it; the original takes
+  it from the caption's own synthetic image even when another image was paired with it;
+- phrases lose a final "." on both sides (the original strips it only in training);
+- the shuffle differs each epoch (the original reseeds every epoch, repeating one order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, condition
+from pairfree.captioner.cross_attention import (
+    CrossAttentionCaptioner,
+    CrossAttentionConfig,
+    load_cross_attention_lm,
+)
+from pairfree.captioner.prompts import hard_prompt, top_phrases
+from pairfree.clip import load_clip
+from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
+from pairfree.data.phrases import corpus_phrases, read_phrases
+from pairfree.encoding import encode_captions, encode_images
+from pairfree.errors import BadInputError, PairfreeError, first_line
+from pairfree.features import FeatureStore
+from pairfree.job import Job
+from pairfree.recipes import register_recipe
+from pairfree.training.cross_attention import (
+    GridCaptionDataset,
+    GridExample,
+    caption_target,
+    fit_cross_attention,
+)
+from pairfree.training.text_only import (
+    CaptionerSetup,
+    CorpusConfig,
+    check_corpus,
+    prepare_corpus,
+    split_train_val,
+)
+from pairfree.training.trainer import TrainConfig, TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class SyntheticConfig:
+    images: str = ""  # `synthesize images CORPUS --out ...`: the captions' own images
+    rephrasings: str | None = None  # `synthesize rephrase CORPUS --out ...`
+    supporting: str | None = None  # `synthesize images REPHRASED/prompts.jsonl --out ...`
+
+
+@dataclass
+class PhraseConfig:
+    vocabulary: str | None = None  # one phrase per line; None: built from the corpus
+    topk: int = 3
+    max_phrases: int = 1000  # when built from the corpus
+
+
+@dataclass
+class SaCapConfig:
+    clip: str = "hf:openai/clip-vit-base-patch32"
+    features: str | None = None  # cache dir of the encodings; default <output_dir>/features
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(max_tokens=30))
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    phrases: PhraseConfig = field(default_factory=PhraseConfig)
+    repair: bool = True
+    hard_prompt: bool = True
+    soft_prompt: bool = True
+    tau: float = 0.01  # projection temperature of the soft prompt
+    seed: int = 42  # breaks re-pairing ties
+    model: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=10, lr=1e-5, batch_size=128, warmup_steps=1000, weight_decay=0.01
+        )
+    )
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(num_beams=5, max_new_tokens=30, stop=".")
+    )
+
+
+# --------------------------------------------------------------------------- data
+def synthetic_images(folder: str, what: str, cleaning: CleaningConfig, job: Job) -> dict[str, Path]:
+    """Prompt text (cleaned as the corpus is) -> image file of a synthetic dataset (its usable
+    pairs, first variant)."""
+    dataset = Path(folder) / "dataset.jsonl"
+    if not dataset.is_file():
+        raise PairfreeError(f"synthetic.{what}: {dataset} does not exist (run `pairfree "
+                            "synthesize images` first)")  # fmt: skip
+    images: dict[str, Path] = {}
+    for item in read_images(dataset, skip_log=job.skip_log):
+        if item.path is not None:
+            images.setdefault(clean_caption(item.references[0], cleaning), item.path)
+    return images
+
+
+def rephrasings(
+    folder: str | None, cleaning: CleaningConfig, job: Job
+) -> dict[str, list[str]] | None:
+    """Caption (cleaned as the corpus is) -> its rephrasings (those whose answer parsed)."""
+    if folder is None:
+        return None
+    path = Path(folder) / "rephrasings.jsonl"
+    if not path.is_file():
+        raise PairfreeError(f"synthetic.rephrasings: {path} does not exist (run `pairfree "
+                            "synthesize rephrase` first)")  # fmt: skip
+    out = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            out[clean_caption(record["caption"], cleaning)] = list(record["rephrasings"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            job.skip_log.skip(BadInputError(path, f"not a rephrasing record: {err!r}", line=number))
+    return out
+
+
+def repair(
+    caption_embeds: torch.Tensor,
+    candidate_embeds: torch.Tensor,
+    candidates: list[list[int]],
+    generator: torch.Generator,
+) -> list[int]:
+    """For each caption, the candidate image row of highest cosine to its text embedding;
+    ties are broken uniformly at random."""
+    text = F.normalize(caption_embeds.float(), dim=-1)
+    images = F.normalize(candidate_embeds.float(), dim=-1)
+    chosen = []
+    for i, rows in enumerate(candidates):
+        sims = images[rows] @ text[i]
+        best = (sims == sims.max()).nonzero().flatten()
+        pick = best[torch.randint(len(best), (1,), generator=generator)] if len(best) > 1 else best
+        chosen.append(rows[int(pick)])
+    return chosen
+
+
+def phrase_vocabulary(cfg: SaCapConfig, texts: list[str]) -> list[str]:
+    if cfg.phrases.vocabulary:
+        return read_phrases(cfg.phrases.vocabulary)
+    phrases = corpus_phrases(texts, max_phrases=cfg.phrases.max_phrases)
+    if not phrases:
+        raise PairfreeError("no object phrase occurs twice in the corpus; give phrases.vocabulary")
+    return phrases
+
+
+def _digest(texts: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- training
+@register_recipe("sacap", SaCapConfig)
+def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """SaCap: a cross-attention captioner on re-paired synthetic images, soft and hard prompts."""
+    check_corpus(cfg.corpus)
+    if not cfg.synthetic.images:
+        raise PairfreeError("synthetic.images is not set: the captions' synthetic images")
+    for key, folder in asdict(cfg.synthetic).items():
+        if folder and not Path(folder).is_dir():
+            raise PairfreeError(f"synthetic.{key}: {folder} does not exist (see `pairfree "
+                                "synthesize --help`)")  # fmt: skip
+    if cfg.hard_prompt and cfg.phrases.vocabulary:
+        read_phrases(cfg.phrases.vocabulary)  # a bad vocabulary fails before any encoding
+    job = Job.create(cpu=cfg.train.cpu, progress=progress)
+    clip = load_clip(cfg.clip, device=job.state.device)
+    features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
+
+    # targets: corpus captions with an image of their own (and rephrasings, when given)
+    cleaning = cfg.corpus.cleaning
+    own = synthetic_images(cfg.synthetic.images, "images", cleaning, job)
+    support = {} if cfg.synthetic.supporting is None else synthetic_images(
+        cfg.synthetic.supporting, "supporting", cleaning, job)  # fmt: skip
+    rephrased = rephrasings(cfg.synthetic.rephrasings, cleaning, job)
+    texts = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job)))
+    texts = [t for t in texts if t in own and (rephrased is None or t in rephrased)]
+    if not texts:
+        raise PairfreeError(f"no corpus caption of {cfg.corpus.path} has a synthetic image in "
+                            f"{cfg.synthetic.images}")  # fmt: skip
+
+    # candidate images: each caption's own, then its supporting images
+    files, candidates = [], []
+    for text in texts:
+        rows = [len(files)]
+        files.append(own[text])
+        for rephrasing in (rephrased or {}).get(text, []):
+            rephrasing = clean_caption(rephrasing, cleaning)
+            if rephrasing in support:
+                rows.append(len(files))
+                files.append(support[rephrasing])
+        candidates.append(rows)
+    ids = [f"{i:09d}" for i in range(len(files))]
+    captions = [Caption(t, None, cfg.corpus.path, None) for t in texts]
+    encode_captions(clip, captions, features / "captions", job=job)
+    encode_images(clip, list(zip(ids, files, strict=True)), features / "images", job=job)
+    job.wait_for_everyone()
+    memory_store, image_store = (
+        FeatureStore(features / "captions"),
+        FeatureStore(features / "images"),
+    )
+    image_row = {image_id: i for i, image_id in enumerate(image_store.ids)}
+    keep = [i for i, rows in enumerate(candidates) if ids[rows[0]] in image_row]
+    memory = memory_store.tensor()
+    image_embeds = image_store.tensor()
+
+    # 1. re-pairing
+    generator = torch.Generator().manual_seed(cfg.seed)
+    text_row = {t: i for i, t in enumerate(memory_store.texts or [])}
+    usable = [[image_row[ids[r]] for r in candidates[i] if ids[r] in image_row] for i in keep]
+    caption_embeds = memory[[text_row[texts[i]] for i in keep]]
+    if cfg.repair:
+        paired = repair(caption_embeds, image_embeds, usable, generator)
+    else:
+        paired = [rows[0] for rows in usable]  # the caption's own image
+    paired_embeds = image_embeds[paired]
+    to_grid = [(image_store.ids[r], files[int(image_store.ids[r])]) for r in sorted(set(paired))]
+    grid_dir = features / f"grid-{_digest(i for i, _ in to_grid)}"  # one store per pairing
+    encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
+    job.wait_for_everyone()
+    grids = FeatureStore(grid_dir)
+    grid_row = {image_id: i for i, image_id in enumerate(grids.ids)}
+
+    # 2. hard prompts: the paired image's top phrases
+    phrase_dir = None
+    prompts = [""] * len(keep)
+    if cfg.hard_prompt:
+        vocabulary = phrase_vocabulary(cfg, [texts[i] for i in keep])
+        phrase_dir = features / f"phrases-{_digest(vocabulary)}"
+        encode_captions(clip, [Caption(p, None, "phrases", None) for p in vocabulary], phrase_dir,
+                        job=job)  # fmt: skip
+        job.wait_for_everyone()
+        phrase_store = FeatureStore(phrase_dir)
+        chosen = top_phrases(paired_embeds, phrase_store.tensor(), phrase_store.texts or [],
+                             cfg.phrases.topk)  # fmt: skip
+        prompts = [hard_prompt(p) for p in chosen]
+
+    # 3. soft prompts: the paired image's embedding projected onto the caption memory
+    conditioning = Conditioning(
+        normalize=True,
+        project_to=str((features / "captions").resolve()) if cfg.soft_prompt else None,
+        tau=cfg.tau,
+        project_in_training=cfg.soft_prompt,
+        prompt_phrases=str(phrase_dir.resolve()) if phrase_dir else None,
+        prompt_topk=cfg.phrases.topk,
+    )
+    conditions = condition(paired_embeds, conditioning, training=True, memory=memory)
+    job.log_skips()
+
+    # 4. the decoder and its examples
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
+        torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
+        lm = load_cross_attention_lm(cfg.model.lm)
+    except OSError as err:
+        raise PairfreeError(f"cannot load model.lm={cfg.model.lm!r}: {first_line(err)}") from err
+    cfg.model.embed_dim = image_embeds.shape[1]
+    cfg.model.grid_width = grids[0].shape[-1]
+    if not cfg.soft_prompt:
+        cfg.model.prefix_length = 0
+    separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
+    model = CrossAttentionCaptioner(cfg.model, lm, separator_ids=separator)
+    target_ids = tokenizer([caption_target(texts[i]) for i in keep], add_special_tokens=False)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    examples = [
+        GridExample(
+            conditions[k],
+            grid_row[image_store.ids[paired[k]]],
+            prompt_ids[k],
+            target_ids["input_ids"][k][: cfg.corpus.max_tokens],
+        )  # fmt: skip
+        for k in range(len(keep))
+    ]
+    data = GridCaptionDataset(examples, grids)
+    train_idx, val_idx = split_train_val(len(data), cfg.corpus.val_fraction, cfg.train.seed)
+    logger.info("sacap: %d captions, %d re-paired to a supporting image", len(keep),
+                sum(p != usable[k][0] for k, p in enumerate(paired)))  # fmt: skip
+    return fit_cross_attention(
+        cfg.train,
+        CaptionerSetup(model, tokenizer, data.subset(train_idx), data.subset(val_idx)),
+        CheckpointCard("sacap", cfg.clip, conditioning, cfg.generation),
+        run_config={"recipe": "sacap", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
+        resume=resume,
+        progress=progress,
+    )
