@@ -5,11 +5,14 @@ models, test on the shifted world, as COCO -> Flickr30k), novel objects (train o
 world's corpus, whose held-out shape and color words never occur in it; test on its images,
 which contain them). Every model is trained from scratch: the text-only ones on the corpus,
 the GANs on the corpus plus the world's unpaired training images, each beside its own
-text-only initialization, and the paired upper bound on captioned training images (those three
-in- and cross-domain only).
+text-only initialization, the paired upper bound on captioned training images (those three
+in- and cross-domain only), and SaCap with its three ablations on synthetic images of the
+corpus (the world's text-to-image model and LLM).
 
     python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
+    python bench/world.py --recipes sacap        # only some recipes' rows (each run is seeded:
+                                                 # the rows equal those of a full run)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from pairfree.demo import (
     GAN_METHODS,
     PAIRED_UPPER_BOUND,
+    SACAP_METHODS,
     TEXT_METHODS,
     DemoConfig,
     run_methods,
@@ -36,10 +40,10 @@ from pairfree.world.lm import build_world_encoder, build_world_lm
 # train preset -> (methods, ((setting name, test preset), ...))
 SETTINGS = {
     "default": (
-        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS),
+        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS),
         (("in-domain", "default"), ("cross-domain", "shifted")),
     ),
-    "novel": (TEXT_METHODS, (("novel objects", "novel"),)),
+    "novel": ((*TEXT_METHODS, *SACAP_METHODS), (("novel objects", "novel"),)),
 }
 COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + TRUTH_COLUMNS[:3]
 
@@ -53,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gan-steps", type=int, default=DemoConfig.gan_steps)
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
     parser.add_argument("--test-images", type=int, default=DemoConfig.n_test)
+    parser.add_argument("--recipes", default=None, help="comma-separated: only these recipes")
     return parser.parse_args()
 
 
@@ -63,6 +68,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     torch.set_num_threads(1)  # one core per seed process
     scores, seconds = {}, {}
     for train_preset, (methods, settings) in SETTINGS.items():
+        if args.recipes:
+            methods = [m for m in methods if m.recipe in args.recipes.split(",")]
+        if not methods:
+            continue
         cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
                          gan_steps=args.gan_steps, n_corpus=args.corpus,
                          n_test=args.test_images)  # fmt: skip

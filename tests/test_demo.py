@@ -11,6 +11,7 @@ from pairfree.demo import (
     FULL_METHODS,
     GAN_METHODS,
     NOISE_SWEEP,
+    SACAP_METHODS,
     DemoConfig,
     run_demo,
 )
@@ -76,9 +77,10 @@ def test_world_encoder_loads_as_a_discriminator(tmp_path):
 
 
 def test_full_demo_scores_every_recipe_beside_its_initialization(tmp_path):
-    """--full's recipes at a toy size (one sweep point and both GANs): each gets a row, and a
-    GAN row is scored from its own checkpoint (best), its init row from the text-only one."""
-    methods = (NOISE_SWEEP[0], *GAN_METHODS)
+    """--full's recipes at a toy size (one sweep point, both GANs, SaCap on the world's
+    synthetic data): each gets a row, and a GAN row is scored from its own checkpoint (best),
+    its init row from the text-only one."""
+    methods = (NOISE_SWEEP[0], *GAN_METHODS, SACAP_METHODS[0])
     cfg = DemoConfig(
         out=str(tmp_path / "full"), steps=10, n_corpus=120, n_test=4, gan_steps=4
     ).with_images(n_train_images=8, n_val=2)
@@ -99,3 +101,5 @@ def test_full_demo_scores_every_recipe_beside_its_initialization(tmp_path):
     )
     assert gan.read_bytes() != init.read_bytes()
     assert all(m in FULL_METHODS for m in methods) and report.exists()
+    synthetic = cfg.synthetic_dir
+    assert all((synthetic / d / "dataset.jsonl").is_file() for d in ("own", "supporting"))

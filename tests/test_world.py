@@ -196,6 +196,20 @@ def test_paraphrases_state_the_same_facts(preset):
     assert paraphraser.rephrase("nothing to see here", 3) == []
 
 
+def test_paraphrases_within_a_word_limit_drop_details_not_objects():
+    config = world_preset("default")
+    paraphraser = WorldParaphraser(config)
+    within = total = 0
+    for scene, rng in sample_scenes("default", 80, seed=6):
+        caption = reference_captions(scene, rng, config.phrasing, 1)[0]
+        for text in paraphraser.rephrase(caption, 3, seed=0, max_words=15):
+            total += 1
+            within += len(text.split()) <= 15
+            assert parse_caption(text).facts() <= parse_caption(caption).facts()
+            assert is_true(parse_caption(text), scene), (caption, text)  # every object kept
+    assert within / total > 0.95
+
+
 def test_faithful_synthesizer_draws_what_the_caption_says_in_another_style():
     config = world_preset("default")
     t2i = WorldTextToImage(config, failures=T2IFailures.none())

@@ -11,6 +11,7 @@ from pairfree.recipes import get_recipe
 from pairfree.world import WorldPaths, make_world
 
 WORLD_CLIP = "world:builtin"
+UNPAIRED_RECIPES = ("cgtgan", "scst-gan")
 
 
 @dataclass
@@ -31,7 +32,12 @@ class Method:
     @property
     def needs_images(self) -> bool:
         """Trained on world images (the GANs' unpaired ones, the upper bound's paired ones)."""
-        return self.recipe != "capdec" or self.overrides.get("condition") == "image"
+        return self.recipe in UNPAIRED_RECIPES or self.overrides.get("condition") == "image"
+
+    @property
+    def needs_synthetic(self) -> bool:
+        """Trained on synthetic images of the corpus."""
+        return self.recipe == "sacap"
 
     @property
     def training_key(self) -> str:
@@ -57,10 +63,16 @@ GAN_METHODS = (
     Method("SCST-GAN: its MMD init", recipe="scst-gan", artifact="init/last"),
     Method("SCST-GAN", recipe="scst-gan", artifact="best"),
 )
+SACAP_METHODS = (
+    Method("SaCap", recipe="sacap"),
+    Method("SaCap without re-pairing", {"repair": False}, recipe="sacap"),
+    Method("SaCap without hard prompt", {"hard_prompt": False}, recipe="sacap"),
+    Method("SaCap without soft prompt", {"soft_prompt": False}, recipe="sacap"),
+)
 PAIRED_UPPER_BOUND = Method(
     "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
 )
-FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, PAIRED_UPPER_BOUND, *GAN_METHODS)
+FULL_METHODS = (*DEMO_METHODS, *NOISE_SWEEP, PAIRED_UPPER_BOUND, *GAN_METHODS, SACAP_METHODS[0])
 
 
 @dataclass
@@ -103,6 +115,12 @@ class DemoConfig:
     def encoder_dir(self) -> Path:
         """The untrained world RoBERTa the GANs' discriminators start from."""
         return Path(self.out) / "world-encoder"
+
+    @property
+    def synthetic_dir(self) -> Path:
+        """SaCap's synthetic data of the corpus: ``own`` images, ``rephrased`` captions and
+        ``supporting`` images, from the world's text-to-image model and LLM."""
+        return Path(self.out) / "synthetic" / f"{self.preset}-{self.seed}-{self.n_corpus}"
 
     @property
     def corpus_features(self) -> Path:
@@ -205,8 +223,41 @@ def gan_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     }
 
 
+def sacap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """SaCap at world scale: the world GPT-2 with cross-attention to the world CLIP's grid,
+    the world's synthetic data (see :attr:`DemoConfig.synthetic_dir`), the phrases of the
+    world's grammar as the hard-prompt vocabulary, CapDec's world-scale schedule."""
+    world = cfg.world()
+    synthetic = cfg.synthetic_dir
+    return {
+        "clip": cfg.clip,
+        "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-synthetic"),
+        "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
+        "synthetic": {
+            "images": str(synthetic / "own"),
+            "rephrasings": str(synthetic / "rephrased"),
+            "supporting": str(synthetic / "supporting"),
+        },
+        "phrases": {"vocabulary": str(world.phrases)},
+        "seed": cfg.seed,
+        "model": {"lm": str(cfg.lm_dir), "prefix_length": 10},
+        "train": {
+            "output_dir": str(cfg.run_dir(method)),
+            "max_steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "warmup_steps": cfg.steps // 10,
+            "checkpoint_every": cfg.steps,
+            "log_every": 50,
+            "eval_every": cfg.steps,
+            "seed": cfg.seed,
+        },
+        "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": "."},
+    }
+
+
 def method_config(cfg: DemoConfig, method: Method) -> Any:
     """The recipe config of ``method``'s run on ``cfg``'s world."""
-    settings = capdec_settings if method.recipe == "capdec" else gan_settings
+    settings = {"capdec": capdec_settings, "sacap": sacap_settings}.get(method.recipe, gan_settings)
     overrides = [f"{k}={v}" for k, v in method.overrides.items()]
     return get_recipe(method.recipe).build_config(settings(cfg, method), overrides)

@@ -17,13 +17,26 @@ from pathlib import Path
 import torch
 
 from pairfree.clip import ClipEncoder, load_clip
-from pairfree.demo.methods import DEMO_METHODS, DemoConfig, Method, MethodResult, method_config
+from pairfree.data import read_captions
+from pairfree.demo.methods import (
+    DEMO_METHODS,
+    UNPAIRED_RECIPES,
+    DemoConfig,
+    Method,
+    MethodResult,
+    method_config,
+)
 from pairfree.demo.report import html_report, results_table
 from pairfree.errors import PairfreeError
 from pairfree.experiment import TestSet, caption_test_set, score_captions, train_recipe
 from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import Job
 from pairfree.pipeline import Captioner
+from pairfree.synth.images import plan_prompts, synthesize_images
+from pairfree.synth.llm import Sampling, load_llm
+from pairfree.synth.tasks import REPHRASE_PROMPT
+from pairfree.synth.text import rephrase_captions
+from pairfree.synth.text_to_image import load_text_to_image
 from pairfree.training.text_only import encode_corpus
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_encoder, build_world_lm
@@ -53,10 +66,12 @@ def train_methods(
     if not (cfg.lm_dir / "config.json").exists():
         build_world_lm(cfg.lm_dir)
     if (
-        any(m.recipe != "capdec" for m in methods)
+        any(m.recipe in UNPAIRED_RECIPES for m in methods)
         and not (cfg.encoder_dir / "config.json").exists()
     ):
         build_world_encoder(cfg.encoder_dir)
+    if any(m.needs_synthetic for m in methods):
+        synthesize_world_data(cfg, progress=progress)
     runs = {m.training_key: m for m in methods}
     parallel = [m for m in runs.values() if m.recipe == "capdec" and not m.needs_images]
     trained: dict[str, tuple[Path, float]] = {}
@@ -74,6 +89,26 @@ def train_methods(
         if key not in trained:
             trained[key] = train_one(cfg, method, progress)
     return trained
+
+
+def synthesize_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
+    """SaCap's data for the world's corpus, as ``pairfree synthesize`` makes it: an image of
+    every caption and of each of its three rephrasings from the world's text-to-image model
+    (Stable Diffusion's mistakes included), the rephrasings from the world's LLM. Each step
+    is resumable and reruns in no time once done."""
+    out, job = cfg.synthetic_dir, Job(progress=progress)
+    t2i = load_text_to_image(f"world:{cfg.preset}")
+    settings = {"seed": cfg.seed, "variants": 1}
+
+    def draw(corpus: Path, folder: str) -> None:
+        prompts = plan_prompts(read_captions(corpus), variants=1, seed=cfg.seed)
+        synthesize_images(t2i, prompts, out / folder, settings=settings, job=job)
+
+    draw(cfg.world().corpus, "own")
+    texts = [c.text for c in read_captions(cfg.world().corpus)]
+    rephrase_captions(load_llm(f"world:{cfg.preset}"), texts, out / "rephrased",
+                      template=REPHRASE_PROMPT, sampling=Sampling(seed=cfg.seed), job=job)  # fmt: skip
+    draw(out / "rephrased" / "prompts.jsonl", "supporting")
 
 
 def score_world_captions(

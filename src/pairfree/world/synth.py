@@ -275,13 +275,28 @@ def load_world_text_to_image(
     return WorldTextToImageBackend(preset or "default")
 
 
+def _shortened(parsed: ParsedScene) -> list[ParsedScene]:
+    """``parsed``, then with ever fewer details: no count, no sizes, no cells or relations."""
+    plain = replace(parsed, count=None)
+    unsized = replace(plain, objects=tuple(replace(o, size=None) for o in plain.objects))
+    bare = ParsedScene(tuple(replace(o, position=None) for o in unsized.objects))
+    return [parsed, plain, unsized, bare]
+
+
 class WorldParaphraser:
-    """Rephrases a caption with the world's templates and synonyms, keeping its facts."""
+    """Rephrases a caption with the world's templates and synonyms, keeping its facts.
+
+    Given a word limit (SaCap asks for at most 15 words), a rewrite that cannot keep every
+    fact within it drops details, as an LLM shortening a caption does: the count, then the
+    sizes, then the cells and relations; a rewrite still over the limit is given anyway (an
+    LLM overshoots too, and the answer is then rejected)."""
 
     def __init__(self, config: WorldConfig | None = None):
         self.config = config or WorldConfig()
 
-    def rephrase(self, caption: str, n: int, seed: int = 0) -> list[str]:
+    def rephrase(
+        self, caption: str, n: int, seed: int = 0, *, max_words: int | None = None
+    ) -> list[str]:
         """Up to ``n`` different rewrites; none when the caption names no object (as an LLM
         answer that does not parse is dropped)."""
         parsed = parse_caption(caption)
@@ -292,7 +307,10 @@ class WorldParaphraser:
         for _ in range(20 * n):
             if len(out) == n:
                 break
-            text = realize(parsed, rng, self.config.phrasing)
+            for version in (v for v in _shortened(parsed) for _ in range(3)):
+                text = realize(version, rng, self.config.phrasing)
+                if max_words is None or len(text.split()) <= max_words:
+                    break
             if text != caption and text not in out:
                 out.append(text)
         return out
@@ -396,6 +414,7 @@ class WorldLLM:
     parse, as an LLM's failures look."""
 
     _REPHRASE = re.compile(r"Given a description text: (.*?)\. Please rephrase", re.S)
+    _LIMIT = re.compile(r"no longer than (\d+) words")
     _NUMBERED = re.compile(r"<(\d+)> (.*?)(?=\s*<\d+> |\s*$)", re.S)
 
     def __init__(self, preset: str) -> None:
@@ -412,7 +431,10 @@ class WorldLLM:
     def _answer(self, prompt: str, seed: int) -> str:
         rephrase = self._REPHRASE.search(prompt)
         if rephrase:
-            texts = self.paraphraser.rephrase(rephrase.group(1), 3, seed)
+            limit = self._LIMIT.search(prompt)
+            texts = self.paraphraser.rephrase(
+                rephrase.group(1), 3, seed, max_words=int(limit.group(1)) if limit else None
+            )
             if len(texts) < 3:
                 return "I cannot rephrase this description."
             return json.dumps({str(i): t for i, t in enumerate(texts, 1)})
