@@ -146,6 +146,21 @@ class DemoConfig:
         return Path(self.out) / "runs" / f"{slug}-{self.preset}-{self.seed}"
 
 
+def world_schedule(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """The training loop of the demo's decoders (CapDec's and SaCap's runs alike)."""
+    return {
+        "output_dir": str(cfg.run_dir(method)),
+        "max_steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "warmup_steps": cfg.steps // 10,
+        "checkpoint_every": cfg.steps,
+        "log_every": 50,
+        "eval_every": cfg.steps,
+        "seed": cfg.seed,
+    }
+
+
 def capdec_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     """CapDec at world scale: an mlp mapper and a 2-layer word-level GPT-2. The paired upper
     bound (``condition=image``) trains the same way on the world's captioned train images."""
@@ -163,17 +178,7 @@ def capdec_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
             "max_tokens": 48,
         },
         "model": {"lm": str(cfg.lm_dir), "mapper": "mlp", "prefix_length": 10},
-        "train": {
-            "output_dir": str(cfg.run_dir(method)),
-            "max_steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "warmup_steps": cfg.steps // 10,
-            "checkpoint_every": cfg.steps,
-            "log_every": 50,
-            "eval_every": cfg.steps,
-            "seed": cfg.seed,
-        },
+        "train": world_schedule(cfg, method),
         "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": None},
     }
 
@@ -241,17 +246,7 @@ def sacap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
         "phrases": {"vocabulary": str(world.phrases)},
         "seed": cfg.seed,
         "model": {"lm": str(cfg.lm_dir), "prefix_length": 10},
-        "train": {
-            "output_dir": str(cfg.run_dir(method)),
-            "max_steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "warmup_steps": cfg.steps // 10,
-            "checkpoint_every": cfg.steps,
-            "log_every": 50,
-            "eval_every": cfg.steps,
-            "seed": cfg.seed,
-        },
+        "train": world_schedule(cfg, method),
         "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": "."},
     }
 
