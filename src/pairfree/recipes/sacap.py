@@ -307,7 +307,7 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
             grid_row[image_store.ids[paired[k]]],
             prompt_ids[k],
             target_ids["input_ids"][k][: cfg.corpus.max_tokens],
-        )  # fmt: skip
+        )
         for k in range(len(keep))
     ]
     data = GridCaptionDataset(examples, grids)
