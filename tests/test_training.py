@@ -234,3 +234,19 @@ def test_weight_decay_spares_biases_and_layer_norm_weights():
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert decayed == ["dense.weight", "ln_f.weight"]
     assert spared == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "ln_f.bias"]
+
+
+@pytest.mark.parametrize(("warmup", "warned"), [(10, True), (3, False)])
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, caplog, warmup, warned):
+    from torch.utils.data import TensorDataset
+
+    from pairfree.training.trainer import OptimizerSpec, TrainConfig, Trainer
+
+    model = torch.nn.Linear(2, 1)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=10, batch_size=2,
+                         warmup_steps=warmup, cpu=True)  # fmt: skip
+    with caplog.at_level("WARNING", logger="pairfree.training.trainer"):
+        Trainer(config, {"model": model}, [OptimizerSpec("model")],
+                TensorDataset(torch.zeros(4, 2)), lambda ctx, batch: {}, lambda m, p: None,
+                progress=False)  # fmt: skip
+    assert ("warm-up of 10 steps >= the run's 10 steps" in caplog.text) is warned

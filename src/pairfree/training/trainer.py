@@ -253,6 +253,14 @@ class Trainer:
                 lr=s.lr if s.lr is not None else config.lr,
             )
             warmup = s.warmup_steps if s.warmup_steps is not None else config.warmup_steps
+            if warmup >= self.total_steps:
+                logger.warning(
+                    "%s: warm-up of %d steps >= the run's %d steps: the learning rate never "
+                    "reaches its peak (set train.warmup_steps lower)",
+                    s.name,
+                    warmup,
+                    self.total_steps,
+                )
             raw_scheds[s.name] = torch.optim.lr_scheduler.LambdaLR(
                 raw_opts[s.name], lr_lambda(warmup, self.total_steps, config.schedule)
             )
