@@ -143,7 +143,7 @@ class Captioner:
         self, cond: torch.Tensor, image_embeds: torch.Tensor, grid: torch.Tensor, settings: dict
     ) -> list[list[int]]:
         texts = self.hard_prompts(image_embeds)
-        tokens = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
         ids, mask = pad_prompts(tokens, pad_id=pad, max_tokens=self.model.config.max_prompt_tokens)
         soft = cond if self.model.soft_prompt is not None else None

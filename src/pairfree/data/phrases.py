@@ -94,7 +94,6 @@ FUNCTION_WORDS = frozenset(
         "so",
         "not",
         "no",
-        "of",
         "off",
         "out",
     ]

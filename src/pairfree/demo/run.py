@@ -100,15 +100,16 @@ def synthesize_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
     t2i = load_text_to_image(f"world:{cfg.preset}")
     settings = {"seed": cfg.seed, "variants": 1}
 
-    def draw(corpus: Path, folder: str) -> None:
-        prompts = plan_prompts(read_captions(corpus), variants=1, seed=cfg.seed)
+    def draw(captions: list, folder: str) -> None:
+        prompts = plan_prompts(captions, variants=1, seed=cfg.seed)
         synthesize_images(t2i, prompts, out / folder, settings=settings, job=job)
 
-    draw(cfg.world().corpus, "own")
-    texts = [c.text for c in read_captions(cfg.world().corpus)]
-    rephrase_captions(load_llm(f"world:{cfg.preset}"), texts, out / "rephrased",
-                      template=REPHRASE_PROMPT, sampling=Sampling(seed=cfg.seed), job=job)  # fmt: skip
-    draw(out / "rephrased" / "prompts.jsonl", "supporting")
+    captions = read_captions(cfg.world().corpus)
+    draw(captions, "own")
+    rephrase_captions(load_llm(f"world:{cfg.preset}"), [c.text for c in captions],
+                      out / "rephrased", template=REPHRASE_PROMPT, sampling=Sampling(seed=cfg.seed),
+                      job=job)  # fmt: skip
+    draw(read_captions(out / "rephrased" / "prompts.jsonl"), "supporting")
 
 
 def score_world_captions(

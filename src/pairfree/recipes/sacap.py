@@ -41,7 +41,6 @@ Where pairfree differs from the original code, on purpose:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -62,10 +61,11 @@ from pairfree.clip import load_clip
 from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
 from pairfree.data.phrases import corpus_phrases, read_phrases
 from pairfree.encoding import encode_captions, encode_images
-from pairfree.errors import BadInputError, PairfreeError, first_line
+from pairfree.errors import PairfreeError, first_line
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
+from pairfree.synth.text import read_rephrasings
 from pairfree.training.cross_attention import (
     GridCaptionDataset,
     GridExample,
@@ -143,18 +143,8 @@ def rephrasings(
     """Caption (cleaned as the corpus is) -> its rephrasings (those whose answer parsed)."""
     if folder is None:
         return None
-    path = Path(folder) / "rephrasings.jsonl"
-    if not path.is_file():
-        raise PairfreeError(f"synthetic.rephrasings: {path} does not exist (run `pairfree "
-                            "synthesize rephrase` first)")  # fmt: skip
-    out = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-            out[clean_caption(record["caption"], cleaning)] = list(record["rephrasings"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            job.skip_log.skip(BadInputError(path, f"not a rephrasing record: {err!r}", line=number))
-    return out
+    records = read_rephrasings(Path(folder) / "rephrasings.jsonl", job.skip_log)
+    return {clean_caption(caption, cleaning): texts for caption, texts in records.items()}
 
 
 def repair(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pairfree.errors import PairfreeError
+from pairfree.errors import BadInputError, PairfreeError, SkipLog
 from pairfree.job import Job
 from pairfree.synth.grouping import nearest_captions
 from pairfree.synth.llm import LLM, Sampling
@@ -130,10 +130,23 @@ def group_captions(
     return groups
 
 
+def read_rephrasings(path: str | Path, skip_log: SkipLog) -> dict[str, list[str]]:
+    """Caption -> its rephrasings, from the ``rephrasings.jsonl`` of :func:`rephrase_captions`;
+    a bad line is skipped and recorded with the file and the line."""
+    path, out = Path(path), {}
+    if not path.is_file():
+        raise PairfreeError(f"{path} does not exist (make it with `synthesize rephrase`)")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            out[record["caption"]] = list(record["rephrasings"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            skip_log.skip(BadInputError(path, f"not a rephrasing record: {err!r}", line=number))
+    return out
+
+
 def read_groups(path: str | Path) -> list[Group]:
     """Groups written by :func:`group_captions`; a bad line names the file and the line."""
-    from pairfree.errors import BadInputError
-
     path, groups = Path(path), []
     if not path.is_file():
         raise PairfreeError(f"groups file {path} does not exist (make it with `synthesize group`)")

@@ -166,13 +166,14 @@ def make_mistakes(
         lost = objects.pop(int(rng.integers(len(objects))))
         mistakes.append(f"dropped {_name(lost)}")
     if objects and draws[1] < failures.swap_colors:
+        taken = {o.key for o in objects}
         pairs = [
             (i, j)
             for i in range(len(objects))
             for j in range(i + 1, len(objects))
             if objects[i].color != objects[j].color
-            and (objects[i].shape, objects[j].color) not in {o.key for o in objects}
-            and (objects[j].shape, objects[i].color) not in {o.key for o in objects}
+            and (objects[i].shape, objects[j].color) not in taken
+            and (objects[j].shape, objects[i].color) not in taken
         ]
         if pairs:
             i, j = pairs[int(rng.integers(len(pairs)))]
@@ -181,7 +182,6 @@ def make_mistakes(
             mistakes.append(f"swapped the colors of {_name(a)} and {_name(b)}")
         else:
             k = int(rng.integers(len(objects)))
-            taken = {o.key for o in objects}
             colors = [c for c in config.seen(config.colors) if (objects[k].shape, c) not in taken]
             if colors:
                 old = objects[k]
