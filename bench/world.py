@@ -6,8 +6,9 @@ world's corpus, whose held-out shape and color words never occur in it; test on 
 which contain them). Every model is trained from scratch: the text-only ones on the corpus,
 the GANs on the corpus plus the world's unpaired training images, each beside its own
 text-only initialization, the paired upper bound on captioned training images (those three
-in- and cross-domain only), and SaCap with its three ablations on synthetic images of the
-corpus (the world's text-to-image model and LLM).
+in- and cross-domain only), SaCap with its three ablations on synthetic images of the
+corpus, and ICSD with its single-context ablation on synthetic images of LLM summaries of
+caption groups (the world's text-to-image model and LLM).
 
     python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from pairfree.demo import (
     GAN_METHODS,
+    ICSD_METHODS,
     PAIRED_UPPER_BOUND,
     SACAP_METHODS,
     TEXT_METHODS,
@@ -35,15 +37,15 @@ from pairfree.demo import (
 )
 from pairfree.demo.report import CLIP_COLUMNS, COCO_COLUMNS, TRUTH_COLUMNS
 from pairfree.evaluate import markdown_table
-from pairfree.world.lm import build_world_encoder, build_world_lm
+from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
 # train preset -> (methods, ((setting name, test preset), ...))
 SETTINGS = {
     "default": (
-        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS),
+        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS, *ICSD_METHODS),
         (("in-domain", "default"), ("cross-domain", "shifted")),
     ),
-    "novel": ((*TEXT_METHODS, *SACAP_METHODS), (("novel objects", "novel"),)),
+    "novel": ((*TEXT_METHODS, *SACAP_METHODS, *ICSD_METHODS), (("novel objects", "novel"),)),
 }
 COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + TRUTH_COLUMNS[:3]
 
@@ -88,9 +90,10 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
-    # the untrained world LM and discriminator encoder, shared by every seed: made once here
+    # the untrained world LMs and discriminator encoder, shared by every seed: made once here
     build_world_lm(Path(args.out) / "world-lm")
     build_world_encoder(Path(args.out) / "world-encoder")
+    build_world_bert(Path(args.out) / "world-bert")
     scores: dict[tuple[str, str], list[dict]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -266,3 +266,53 @@ def test_open_clip_checkpoint_is_loaded_weights_only(tiny_open_clip, tmp_path):
     torch.save({"state_dict": torch.load(path, weights_only=True), "extra": Payload(1)}, unsafe)
     with pytest.raises(PairfreeError, match="unsafe.pt"):
         load_clip(f"open_clip:pairfree-test-TinyRN@{unsafe}")
+
+
+# --- trainable image towers (ICSD fine-tunes one) -------------------------------------------
+
+
+def _tower_matches_frozen_grid(enc, size: int) -> None:
+    """A backend's trainable tower gives ``encode_image_grid``'s features on square images at
+    its resolution, learns (gradients reach it), and is a copy (the encoder stays frozen)."""
+    from pairfree.clip.vision import tower_pixels
+
+    square = [_image(seed).resize((size, size), Image.Resampling.NEAREST) for seed in range(3)]
+    tower = enc.vision_tower().eval()
+    assert tower.pixels.image_size == size
+    frozen = enc.encode_image_grid(square)
+    grid = tower(tower_pixels(tower.pixels, square))
+    assert grid.shape == frozen.shape == (3, *tower.grid_shape)
+    torch.testing.assert_close(grid.detach(), frozen, rtol=1e-4, atol=1e-4)
+    grid.square().mean().backward()
+    assert all(p.grad is not None for p in tower.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(enc.encode_image_grid(square), frozen)
+
+
+def test_hf_vision_tower_is_a_trainable_copy_of_the_grid_encoder(hf):
+    _tower_matches_frozen_grid(hf, 32)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_open_clip_vision_tower_is_a_trainable_copy_of_the_grid_encoder(tiny_open_clip, name):
+    _, _, path = tiny_open_clip[name]
+    enc = load_clip(f"open_clip:{name}@{path}")
+    _tower_matches_frozen_grid(enc, enc.vision_tower().pixels.image_size)
+
+
+def test_world_vision_tower_is_a_trainable_copy_of_the_grid_encoder():
+    _tower_matches_frozen_grid(load_clip("world:builtin"), 64)
+
+
+def test_fine_tuning_keeps_a_towers_batch_norm_statistics():
+    from pairfree.clip.vision import tower_pixels
+
+    tower = load_clip("world:builtin").vision_tower().train()
+    norms = [m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and tower.training and not any(m.training for m in norms)
+    before = {k: v.clone() for k, v in tower.state_dict().items() if "running" in k}
+    tower(tower_pixels(tower.pixels, [_image(0).resize((64, 64))])).sum().backward()
+    assert all(torch.equal(v, tower.state_dict()[k]) for k, v in before.items())
+    assert all(m.weight.grad is not None for m in norms)  # their scales still learn

@@ -201,6 +201,10 @@ def test_an_image_over_the_pixel_limit_is_skipped(world, checkpoint, tmp_path, c
     assert [r["image_id"] for r in json.loads(out.read_text())] == ["ok"]
     printed = capsys.readouterr().out
     assert "huge.png" in printed and "PAIRFREE_MAX_IMAGE_PIXELS" in printed
+    monkeypatch.delenv("PAIRFREE_MAX_IMAGE_PIXELS")  # PIL's own limit is back afterwards
+    from pairfree.data import load_image
+
+    assert load_image(images / "huge.png").size == (200, 200)
 
 
 def test_outputs_in_the_wrong_place_are_refused_before_any_work(
@@ -225,7 +229,7 @@ def test_outputs_in_the_wrong_place_are_refused_before_any_work(
         ("train.lr=-1", "lr must be > 0"),
         ("train.lr=abc", "train.lr: 'abc' is not a valid float"),
         ("generation.num_beams=0", "num_beams must be at least 1"),
-        ("train.schedule=cosine", "schedule must be one of"),
+        ("train.schedule=exponential", "schedule must be one of"),
     ],
 )
 def test_bad_config_values_are_refused_at_load_time(world, tmp_path, capsys, override, fragment):

@@ -22,48 +22,6 @@ from pairfree.synth.text_to_image import (
 PROMPTS = ["a small red circle in the middle", "two blue squares", "a green star on the left"]
 
 
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    """A Stable Diffusion pipeline of the real classes, tiny and random, saved like a hub one."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pairfree.tokenizers import clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=4, attention_head_dim=4,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
-    )  # fmt: skip
-    tokenizer = clip_tokenizer()
-    tokenizer.model_max_length = 77  # as Stable Diffusion's tokenizer
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                       num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77)
-    )  # fmt: skip
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)  # fmt: skip
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("tiny-sd")
-    pipeline.save_pretrained(out)
-    return out
-
-
 def pixels(generated: list[GeneratedImage]) -> list[np.ndarray]:
     return [np.asarray(g.image, dtype=np.int16) for g in generated]
 

@@ -236,6 +236,33 @@ def test_weight_decay_spares_biases_and_layer_norm_weights():
     assert spared == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "ln_f.bias"]
 
 
+def test_a_prefix_of_the_model_learns_at_its_own_rate_and_follows_the_schedule():
+    """ICSD's world runs fine-tune the pretrained image tower gently under a decoder that
+    learns from scratch: the tower's parameters form groups of their own learning rate."""
+    from pairfree.training.trainer import lr_lambda, parameter_groups
+
+    model = torch.nn.ModuleDict({"vision": torch.nn.Linear(3, 3), "lm": torch.nn.Linear(3, 3)})
+    named = list(model.named_parameters())
+    groups = parameter_groups(named, 0.05, ["bias"], {"vision.": 1e-5})
+    names = {id(p): n for n, p in named}
+    by_name = {tuple(sorted(names[id(p)] for p in g["params"])): g for g in groups}
+    assert by_name[("lm.weight",)]["weight_decay"] == 0.05 and "lr" not in by_name[("lm.weight",)]
+    assert by_name[("vision.weight",)]["lr"] == 1e-5
+    assert by_name[("vision.bias",)] == {"params": [model["vision"].bias], "weight_decay": 0.0,
+                                         "lr": 1e-5}  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=2e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, 10, "cosine"))
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    lrs = {
+        tuple(sorted(names[id(p)] for p in g["params"])): g["lr"] for g in optimizer.param_groups
+    }
+    assert lrs[("vision.weight",)] == pytest.approx(0.5e-5) and lrs[
+        ("lm.weight",)
+    ] == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize(("warmup", "warned"), [(10, True), (3, False)])
 def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, caplog, warmup, warned):
     from torch.utils.data import TensorDataset
@@ -250,3 +277,20 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, caplog, warmup, 
                 TensorDataset(torch.zeros(4, 2)), lambda ctx, batch: {}, lambda m, p: None,
                 progress=False)  # fmt: skip
     assert ("warm-up of 10 steps >= the run's 10 steps" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedules_warm_up_then_decay_as_named(schedule):
+    import math
+
+    from pairfree.training.trainer import lr_lambda
+
+    f = lr_lambda(10, 110, schedule)
+    assert [f(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warm-up to the peak
+    after = [f(10 + k) for k in range(0, 101, 25)]  # the decay's 0, 1/4, 1/2, 3/4, end
+    expected = {
+        "linear": [1.0, 0.75, 0.5, 0.25, 0.0],
+        "cosine": [0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(0, 101, 25)],
+        "constant": [1.0] * 5,
+    }[schedule]
+    assert after == pytest.approx(expected, abs=1e-12)

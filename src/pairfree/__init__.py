@@ -32,6 +32,8 @@ _EXPORTS = {
     "train_capdec": "pairfree.recipes.capdec",
     "CgtGanConfig": "pairfree.recipes.cgtgan",
     "train_cgtgan": "pairfree.recipes.cgtgan",
+    "ICSDConfig": "pairfree.recipes.icsd",
+    "train_icsd": "pairfree.recipes.icsd",
     "SaCapConfig": "pairfree.recipes.sacap",
     "train_sacap": "pairfree.recipes.sacap",
     "ScstGanConfig": "pairfree.recipes.scst_gan",

@@ -75,11 +75,14 @@ class TestSet:
             self._embeddings[clip.name] = clip.encode_images(list(self.images.values()))
         return self._embeddings[clip.name]
 
-    def grids(self, clip: ClipEncoder) -> torch.Tensor:
-        """The images' CLIP grid features (cross-attention captioners), computed once."""
-        if clip.name not in self._grids:
-            self._grids[clip.name] = clip.encode_image_grid(list(self.images.values()))
-        return self._grids[clip.name]
+    def grids(self, captioner: Captioner) -> torch.Tensor:
+        """What a cross-attention captioner reads of the images (CLIP grid features, or
+        pixels for its own image tower), computed once per kind."""
+        vision = getattr(captioner.model, "vision", None)
+        key = captioner.clip.name if vision is None else repr(vision.pixels)
+        if key not in self._grids:
+            self._grids[key] = captioner.grids(list(self.images.values()))
+        return self._grids[key]
 
 
 def train_recipe(
@@ -93,7 +96,7 @@ def caption_test_set(
     captioner: Captioner, test: TestSet, *, batch_size: int = 64
 ) -> dict[str, str]:
     """Image id -> caption for every test image."""
-    grid = test.grids(captioner.clip) if captioner.needs_grid else None
+    grid = test.grids(captioner) if captioner.needs_grid else None
     texts = captioner.caption_embeddings(
         test.embeddings(captioner.clip), grid=grid, batch_size=batch_size
     )

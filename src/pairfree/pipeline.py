@@ -23,9 +23,11 @@ from pairfree.captioner import (
     condition,
     load_captioner,
 )
+from pairfree.captioner.checkpoint import read_card
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
+from pairfree.clip.vision import tower_pixels
 from pairfree.data import load_image
 from pairfree.errors import PairfreeError
 from pairfree.features import FeatureStore
@@ -74,9 +76,9 @@ class Captioner:
 
         ``generation`` overrides the checkpoint's decoding settings (``num_beams=1``...).
         """
-        model, tokenizer, card = load_captioner(path, device=device)
-        spec = clip if clip is not None else card.clip
+        spec = clip if clip is not None else read_card(path).clip
         encoder = load_clip(spec, device=device) if isinstance(spec, str) else spec
+        model, tokenizer, card = load_captioner(path, device=device, clip=encoder)
         known = {f.name for f in fields(GenerationConfig)}
         unknown = set(generation) - known
         if unknown:
@@ -105,6 +107,14 @@ class Captioner:
         """Whether captioning reads grid features besides the image embeddings."""
         return isinstance(self.model, CrossAttentionCaptioner)
 
+    def grids(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> torch.Tensor:
+        """What the decoder cross-attends to: the CLIP grid features, or, for a captioner with
+        its own (fine-tuned) image tower, its pixels (the tower runs inside the decoder)."""
+        vision = getattr(self.model, "vision", None)
+        if vision is None:
+            return self.clip.encode_image_grid(images, batch_size=batch_size)
+        return tower_pixels(vision.pixels, images)
+
     def hard_prompts(self, image_embeds: torch.Tensor) -> list[str]:
         """Each image's hard prompt (empty without a phrase vocabulary)."""
         if self.phrases is None:
@@ -122,7 +132,7 @@ class Captioner:
         batch_size: int = 64,
     ) -> list[str]:
         """Captions for precomputed CLIP image embeddings (e.g. from a feature store), and
-        their grid features for a cross-attention captioner."""
+        for a cross-attention captioner what :meth:`grids` gives for the images."""
         if self.needs_grid and (grid is None or len(grid) != len(image_embeds)):
             raise PairfreeError("a cross-attention captioner needs each image's grid features")
         device = next(self.model.parameters()).device
@@ -155,9 +165,7 @@ class Captioner:
         """Captions for PIL images or image files (a bad file raises BadInputError)."""
         pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         embeds = self.clip.encode_images(pil, batch_size=batch_size) if pil else torch.empty(0)
-        grid = None
-        if self.needs_grid:
-            grid = self.clip.encode_image_grid(pil, batch_size=batch_size)
+        grid = self.grids(pil, batch_size=batch_size) if self.needs_grid else None
         return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
 
 

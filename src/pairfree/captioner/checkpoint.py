@@ -30,6 +30,7 @@ from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, CrossAttentionConfig
 from pairfree.captioner.model import PrefixCaptioner
+from pairfree.clip import ClipEncoder, load_clip
 from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_write_json, read_json_config
 
@@ -86,15 +87,32 @@ def save_captioner(
         tokenizer.save_pretrained(tmp)
 
 
+def read_card(path: str | Path) -> CheckpointCard:
+    """The card of the checkpoint at ``path``, without loading its weights."""
+    config_path = Path(path) / CONFIG_NAME
+    meta = read_json_config(config_path, FORMAT, "pairfree captioner")
+    if "card" not in meta:
+        raise BadInputError(config_path, 'no "card" (written by an older pairfree?)')
+    try:
+        return CheckpointCard.from_dict(meta["card"])
+    except PairfreeError as e:
+        raise BadInputError(config_path, str(e)) from e
+
+
 def load_captioner(
-    path: str | Path, *, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    clip: ClipEncoder | None = None,
 ) -> tuple[AnyCaptioner, PreTrainedTokenizerBase, CheckpointCard]:
     """Load a checkpoint written by :func:`save_captioner`; returns the model in eval mode,
     its tokenizer and its card. A checkpoint without a family is a prefix captioner (all were
-    before cross-attention captioners existed)."""
+    before cross-attention captioners existed). A captioner with its own image tower takes the
+    tower's architecture from ``clip`` (default: the CLIP its card names)."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     meta = read_json_config(config_path, FORMAT, "pairfree captioner")
+    card = read_card(path)
     if not weights_path.is_file():
         raise BadInputError(weights_path, "missing: not a pairfree captioner checkpoint")
     family = meta.get("family", "prefix")
@@ -108,12 +126,6 @@ def load_captioner(
         lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(config_path, f"bad captioner or LM config: {e!r}") from e
-    if "card" not in meta:
-        raise BadInputError(config_path, 'no "card" (written by an older pairfree?)')
-    try:
-        card = CheckpointCard.from_dict(meta["card"])
-    except PairfreeError as e:
-        raise BadInputError(config_path, str(e)) from e
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -124,7 +136,10 @@ def load_captioner(
         model = PrefixCaptioner(config, lm=lm)
     else:
         separator = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
-        model = CrossAttentionCaptioner(config, lm, separator_ids=separator)
+        vision = None
+        if config.image_encoder:
+            vision = (clip or load_clip(card.clip, device=device)).vision_tower()
+        model = CrossAttentionCaptioner(config, lm, separator_ids=separator, vision=vision)
     try:
         load_model(model, weights_path, strict=True)
     except SafetensorError as e:

@@ -1,5 +1,5 @@
-"""The cross-attention captioner (SaCap, and ICSD's decoder later): a text decoder that
-cross-attends to CLIP grid features, after an optional soft prompt and a hard prompt.
+"""The cross-attention captioner (SaCap, ICSD): a text decoder that cross-attends to CLIP
+grid features, after an optional soft prompt and a hard prompt.
 
 Decoder input, per row::
 
@@ -9,6 +9,10 @@ The soft prompt is an MLP of the (conditioned) global CLIP embedding; the hard p
 (SaCap: the image's top object phrases); the separator (":") ends the prompt. Every layer's
 cross-attention reads the image's grid features ``[B, L, width]``, projected to the decoder's
 width when the two differ. Only the caption tokens are trained.
+
+A captioner may carry its own copy of the CLIP image tower (``image_encoder``; ICSD fine-tunes
+it): it then reads pixels and computes the grid itself. The tower's architecture is the one of
+the CLIP named on the checkpoint's card; its weights are the captioner's.
 
 Hard prompts differ in length, so they are left-padded inside the row and padding takes no
 position: a row's caption starts at position k + (its prompt length) + 1, the same in training
@@ -33,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pairfree.captioner import generation
 from pairfree.captioner.model import CaptionerOutput, caption_log_probs
+from pairfree.clip.vision import VisionTower
 
 
 @dataclass
@@ -53,6 +58,8 @@ class CrossAttentionConfig:
     """Hard prompts are cut to this many tokens (SaCap: 20)."""
     separator: str = ":"
     """The text that ends the prompt and starts the caption."""
+    image_encoder: bool = False
+    """The captioner carries (and reads pixels through) its own CLIP image tower."""
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "grid_width", "soft_prompt_hidden"):
@@ -113,9 +120,13 @@ class CrossAttentionCaptioner(nn.Module):
         lm: PreTrainedModel | None = None,
         *,
         separator_ids: Sequence[int],
+        vision: VisionTower | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        if config.image_encoder != (vision is not None):
+            raise ValueError("a vision tower goes with image_encoder=True, and only with it")
+        self.vision = vision
         self.lm = lm if lm is not None else load_cross_attention_lm(config.lm)
         if not getattr(self.lm.config, "add_cross_attention", False):
             raise ValueError(f"{config.lm} has no cross-attention layers")
@@ -152,8 +163,16 @@ class CrossAttentionCaptioner(nn.Module):
             masks.insert(0, prompt_mask.new_ones(batch, self.config.prefix_length).long())
         return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
-    def context(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The decoder's cross-attention inputs for grid features ``[B, L, width]``."""
+    def context(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoder's cross-attention inputs for grid features ``[B, L, width]`` (pixels
+        ``[B, 3, S, S]`` when the captioner has its own image tower)."""
+        grid = image
+        if self.vision is not None:
+            size = self.vision.pixels.image_size
+            if image.dim() != 4 or image.shape[1:] != (3, size, size):
+                raise ValueError(f"pixels must be [batch, 3, {size}, {size}], got "
+                                 f"{tuple(image.shape)}")  # fmt: skip
+            grid = self.vision(image)
         if grid.dim() != 3 or grid.shape[2] != self.config.grid_width:
             raise ValueError(
                 f"grid features must be [batch, tokens, {self.config.grid_width}], "
@@ -165,14 +184,15 @@ class CrossAttentionCaptioner(nn.Module):
     def forward(
         self,
         condition: torch.Tensor | None,
-        grid: torch.Tensor,
+        image: torch.Tensor,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> CaptionerOutput:
         """Mean token cross-entropy over the caption tokens (right-padded ``input_ids``);
-        ``logits[:, t]`` predicts caption token t."""
+        ``logits[:, t]`` predicts caption token t. ``image``: grid features, or pixels for
+        a captioner with its own image tower."""
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 "input_ids and attention_mask must both be [batch, length], got "
@@ -186,7 +206,7 @@ class CrossAttentionCaptioner(nn.Module):
         mask = torch.cat((prefix_mask, attention_mask.long()), dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.lm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **self.context(grid)
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **self.context(image)
         )
         logits = out.logits[:, prefix.shape[1] - 1 : -1]
         log_probs = caption_log_probs(logits, input_ids, attention_mask, length_normalize=False)
@@ -197,7 +217,7 @@ class CrossAttentionCaptioner(nn.Module):
     def generate(
         self,
         condition: torch.Tensor | None,
-        grid: torch.Tensor,
+        image: torch.Tensor,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         **options: Any,
@@ -209,7 +229,7 @@ class CrossAttentionCaptioner(nn.Module):
             condition = condition.to(device)
         prefix, mask = self.prompt_embeds(condition, prompt_ids.to(device), prompt_mask.to(device))
         return generation.generate(
-            self.lm, prefix, prefix_mask=mask, context=self.context(grid.to(device)), **options
+            self.lm, prefix, prefix_mask=mask, context=self.context(image.to(device)), **options
         )
 
 

@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from pairfree.clip.vision import VisionTower
+
 
 @runtime_checkable
 class ClipEncoder(Protocol):
@@ -33,4 +35,9 @@ class ClipEncoder(Protocol):
     ) -> torch.Tensor:
         """[N, L, width] grid features of the image tower (a ViT's CLS and patch tokens, a
         CNN's last feature map), for cross-attending decoders."""
+        ...
+
+    def vision_tower(self) -> VisionTower:
+        """A trainable copy of the image tower that gives :meth:`encode_image_grid`'s
+        features from pixels (for recipes that fine-tune it, as ICSD does)."""
         ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel, ProcessorMixin
 
 from pairfree.clip.batching import BatchedClipEncoder, fingerprint
+from pairfree.clip.vision import PixelSpec, VisionTower
 
 
 class HFClip(BatchedClipEncoder):
@@ -49,9 +51,32 @@ class HFClip(BatchedClipEncoder):
         ).pooler_output
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        vision = self.model.vision_model
-        hidden = vision(pixel_values=self._pixels(images)).last_hidden_state
-        return vision.post_layernorm(hidden)
+        return HFVisionTower.grid(self.model.vision_model, self._pixels(images))
+
+    def vision_tower(self) -> HFVisionTower:
+        processor = self.processor.image_processor
+        spec = PixelSpec(
+            self.model.config.vision_config.image_size,
+            tuple(processor.image_mean),
+            tuple(processor.image_std),
+        )
+        return HFVisionTower(copy.deepcopy(self.model.vision_model), spec, self.grid_shape)
+
+
+class HFVisionTower(VisionTower):
+    """A ``CLIPVisionTransformer`` giving its last-layer tokens after ``post_layernorm``."""
+
+    def __init__(self, vision: torch.nn.Module, pixels: PixelSpec, grid_shape: tuple[int, int]):
+        super().__init__()
+        self.vision = vision.requires_grad_(True).train()
+        self.pixels, self.grid_shape = pixels, grid_shape
+
+    @staticmethod
+    def grid(vision: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return vision.post_layernorm(vision(pixel_values=pixels).last_hidden_state)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.grid(self.vision, pixels)
 
 
 def load_hf_clip(

@@ -11,6 +11,7 @@ Model forms (after the ``open_clip:`` prefix):
 
 from __future__ import annotations
 
+import copy
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from pairfree.clip.batching import BatchedClipEncoder, fingerprint
+from pairfree.clip.vision import CLIP_MEAN, CLIP_STD, PixelSpec, VisionTower
 from pairfree.errors import PairfreeError
 
 try:
@@ -86,8 +88,35 @@ class OpenClip(BatchedClipEncoder):
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return OpenClipVisionTower.grid(self.model.visual, self._pixels(images))
+
+    def vision_tower(self) -> OpenClipVisionTower:
         visual = self.model.visual
-        pixels = self._pixels(images)
+        size = visual.image_size
+        size = size[0] if isinstance(size, tuple | list) else size
+        spec = PixelSpec(
+            int(size),
+            tuple(getattr(visual, "image_mean", None) or CLIP_MEAN),
+            tuple(getattr(visual, "image_std", None) or CLIP_STD),
+        )
+        return OpenClipVisionTower(copy.deepcopy(visual), spec, self.grid_shape)
+
+
+class OpenClipVisionTower(VisionTower):
+    """An open_clip image tower giving :meth:`OpenClip.encode_image_grid`'s features; the
+    pooling head the grid does not pass through stays frozen (it would get no gradient)."""
+
+    def __init__(self, visual: torch.nn.Module, pixels: PixelSpec, grid_shape: tuple[int, int]):
+        super().__init__()
+        self.visual = visual.requires_grad_(True).train()
+        for name in ("proj", "attn_pool", "attnpool"):
+            head = getattr(visual, name, None)
+            if head is not None:
+                head.requires_grad_(False)
+        self.pixels, self.grid_shape = pixels, grid_shape
+
+    @staticmethod
+    def grid(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(visual, VisionTransformer):  # the feature map before attention pooling
             out = visual.forward_intermediates(pixels, indices=1, intermediates_only=True)
             return out["image_intermediates"][0].flatten(2).transpose(1, 2)
@@ -101,6 +130,9 @@ class OpenClip(BatchedClipEncoder):
         )
         # the class token first, then the patches, all after ln_post (before the projection)
         return torch.cat((out["image_intermediates_prefix"][0], out["image_intermediates"][0]), 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.grid(self.visual, pixels)
 
 
 def _parse(model: str) -> tuple[str, str | None, bool]:

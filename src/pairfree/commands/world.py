@@ -34,7 +34,31 @@ def register(sub) -> None:
     make.add_argument("--image-size", type=int, default=None, help="pixels (default 64)")
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=run_make)
+    lm = world_sub.add_parser(
+        "lm",
+        help="save an untrained world-vocabulary decoder (the world's GPT-2 / BERT / RoBERTa)",
+        description=(
+            "Save a small randomly initialized model with a word-level world tokenizer, loaded "
+            "with from_pretrained like its real counterpart: --kind gpt2 (the text-only and "
+            "SaCap decoders), bert (ICSD's decoder; cross-attention is added when loaded) or "
+            "roberta (the GANs' discriminator encoder)."
+        ),
+    )
+    lm.add_argument("out", type=Path, help="output folder")
+    lm.add_argument("--kind", choices=["gpt2", "bert", "roberta"], default="gpt2")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.set_defaults(func=run_lm)
     register_train_clip(world_sub)
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    from pairfree.io import check_output
+    from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
+
+    check_output(args.out, folder=True)
+    build = {"gpt2": build_world_lm, "bert": build_world_bert, "roberta": build_world_encoder}
+    print(f"untrained world {args.kind} -> {build[args.kind](args.out, seed=args.seed)}")
+    return 0
 
 
 def run_make(args: argparse.Namespace) -> int:

@@ -68,13 +68,17 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInputError(path, f"cannot decode image: {error}") from error
 
 
+_PIL_LIMIT = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit, as it ships
+
+
 def max_image_pixels() -> int | None:
     """The largest image (width x height) decoded: ``$PAIRFREE_MAX_IMAGE_PIXELS``, else PIL's
     decompression-bomb limit (about 89 M pixels); 0 for none. A file whose header claims more
     is skipped like any bad image, before its pixels are read."""
     value = os.environ.get(MAX_PIXELS_VARIABLE)
-    if value is None:
-        return Image.MAX_IMAGE_PIXELS
+    if value is None:  # PIL's own limit again, even after a run that had the variable set
+        Image.MAX_IMAGE_PIXELS = _PIL_LIMIT
+        return _PIL_LIMIT
     try:
         limit = int(value)
     except ValueError:

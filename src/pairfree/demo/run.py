@@ -39,7 +39,7 @@ from pairfree.synth.text import rephrase_captions
 from pairfree.synth.text_to_image import load_text_to_image
 from pairfree.training.text_only import encode_corpus
 from pairfree.world import load_scenes, truth_metrics
-from pairfree.world.lm import build_world_encoder, build_world_lm
+from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
 DEMO_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -70,6 +70,8 @@ def train_methods(
         and not (cfg.encoder_dir / "config.json").exists()
     ):
         build_world_encoder(cfg.encoder_dir)
+    if any(m.recipe == "icsd" for m in methods) and not (cfg.bert_dir / "config.json").exists():
+        build_world_bert(cfg.bert_dir)
     if any(m.needs_synthetic for m in methods):
         synthesize_world_data(cfg, progress=progress)
     runs = {m.training_key: m for m in methods}

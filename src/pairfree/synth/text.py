@@ -145,6 +145,31 @@ def read_rephrasings(path: str | Path, skip_log: SkipLog) -> dict[str, list[str]
     return out
 
 
+@dataclass(frozen=True)
+class Summary:
+    id: str  # the group's id
+    selected: list[str]  # caption ids the LLM selected
+    captions: list[str]  # their texts
+    summary: str
+
+
+def read_summaries(path: str | Path, skip_log: SkipLog) -> list[Summary]:
+    """Summaries written by :func:`summarize_groups`; a bad line is skipped and recorded with
+    the file and the line."""
+    path, out = Path(path), []
+    if not path.is_file():
+        raise PairfreeError(f"{path} does not exist (make it with `synthesize summarize`)")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            summary = Summary(**json.loads(line))
+            if not summary.captions or not isinstance(summary.summary, str):
+                raise TypeError("no captions, or no summary text")
+            out.append(summary)
+        except (json.JSONDecodeError, TypeError) as err:
+            skip_log.skip(BadInputError(path, f"not a summary record: {err!r}", line=number))
+    return out
+
+
 def read_groups(path: str | Path) -> list[Group]:
     """Groups written by :func:`group_captions`; a bad line names the file and the line."""
     path, groups = Path(path), []

@@ -1,24 +1,34 @@
 """Training data and objective of cross-attention captioners (SaCap, ICSD).
 
-A training example is (soft-prompt condition, a row of a grid feature store, hard-prompt
-token ids, caption token ids). Grid features are large, so they stay in the memory-mapped
-store and a batch reads only its rows.
+A training example is (soft-prompt condition, what the decoder cross-attends to, hard-prompt
+token ids, caption token ids). With a frozen CLIP (SaCap) the cross-attended grid features are
+large, so they stay in a memory-mapped feature store and a batch reads only its rows; a
+captioner with its own image tower (ICSD) reads pixels, made from the image files by the
+tower's transforms (augmented in training, seeded by example and epoch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
-from pairfree.captioner import CheckpointCard, caption_log_probs
+from pairfree.captioner import CheckpointCard, GenerationConfig, caption_log_probs
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
+from pairfree.clip import ClipEncoder
+from pairfree.clip.vision import PixelSpec, augment, eval_transform, train_transform
+from pairfree.data import load_image
+from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
+from pairfree.pipeline import Captioner
 from pairfree.training.text_only import CaptionerSetup, fit_captioner, token_weighted
 from pairfree.training.trainer import (
+    EvalFn,
     StepFn,
     TrainConfig,
     TrainResult,
@@ -54,6 +64,62 @@ class GridCaptionDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> GridCaptionDataset:
         return GridCaptionDataset([self.examples[i] for i in indices], self.grids)
+
+
+@dataclass
+class ImageExample:
+    image: Path  # the image file
+    prompt: list[int]  # hard-prompt token ids
+    caption: list[int]  # caption token ids, ending with the stop token
+
+
+class ImageCaptionDataset(Dataset):
+    """Examples read from image files into pixels for a captioner's own image tower.
+
+    With ``min_scale`` set, each image is augmented (a random crop of ``min_scale``-1 of its
+    area and a random flip) with draws seeded by (``seed``, epoch, example), so the run is the
+    same on any number of processes and after a resume; without it, images are resized only.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[ImageExample],
+        pixels: PixelSpec,
+        *,
+        min_scale: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.examples, self.pixels = list(examples), pixels
+        self.min_scale, self.seed, self.epoch = min_scale, seed, 0
+        self.transform = (
+            eval_transform(pixels) if min_scale is None else train_transform(pixels, min_scale)
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        ex = self.examples[i]
+        image = load_image(ex.image)
+        if self.min_scale is None:
+            pixels = self.transform(image)
+        else:
+            pixels = augment(
+                self.transform, image, (self.seed * 1_000_003 + self.epoch) * 1_000_033 + i
+            )
+        return torch.zeros(0), pixels, ex.prompt, ex.caption
+
+    def subset(self, indices: Sequence[int], *, train: bool) -> ImageCaptionDataset:
+        """The examples at ``indices``, augmented (as this dataset is) only if ``train``."""
+        return ImageCaptionDataset(
+            [self.examples[i] for i in indices],
+            self.pixels,
+            min_scale=self.min_scale if train else None,
+            seed=self.seed,
+        )
 
 
 def grid_collate(pad_id: int, max_prompt_tokens: int):
@@ -103,6 +169,36 @@ def grid_caption_val_step() -> ValFn:
     return val_step
 
 
+def caption_score_eval(
+    clip: ClipEncoder,
+    tokenizer,
+    generation: GenerationConfig,
+    images: Sequence[Path],
+    references: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 32,
+) -> EvalFn:
+    """Validation by caption quality, as ICSD selects its checkpoint: the captions of
+    ``images`` (decoded with ``generation``, sharded over processes) scored against their
+    references: ``val_CIDEr``, ``val_BLEU_4`` and their sum ``val_CIDEr+BLEU_4`` (x100)."""
+    ids = [str(i) for i in range(len(images))]
+    refs = {i: list(r) for i, r in zip(ids, references, strict=True)}
+
+    def evaluate(ctx) -> dict[str, float]:
+        acc = ctx.accelerator
+        model = ctx.unwrap("captioner")
+        mine = slice(acc.process_index, None, acc.num_processes)
+        captioner = Captioner(model, tokenizer, clip, generation=generation)
+        texts = captioner.caption(list(images[mine]), batch_size=batch_size)
+        model.train()
+        predictions = dict(gather_object(list(zip(ids[mine], texts, strict=True))))
+        scores = caption_metrics(predictions, refs, metrics=("BLEU", "CIDEr"))
+        cider, bleu = float(scores["CIDEr"] or 0.0), float(scores["Bleu_4"] or 0.0)
+        return {"val_CIDEr": cider, "val_BLEU_4": bleu, "val_CIDEr+BLEU_4": cider + bleu}
+
+    return evaluate
+
+
 def fit_cross_attention(
     train: TrainConfig,
     setup: CaptionerSetup,
@@ -111,9 +207,12 @@ def fit_cross_attention(
     run_config: Mapping[str, Any],
     resume: bool = True,
     progress: bool = True,
+    evaluate: EvalFn | None = None,
+    lr_by_prefix: Mapping[str, float] | None = None,
 ) -> TrainResult:
-    """Train a cross-attention captioner (module "captioner", one AdamW) on grid examples;
-    artifacts carry ``card``."""
+    """Train a cross-attention captioner (module "captioner", one AdamW) on grid or image
+    examples; artifacts carry ``card``; ``evaluate`` adds validation metrics; ``lr_by_prefix``
+    as :func:`~pairfree.training.text_only.fit_captioner`'s."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return fit_captioner(
@@ -126,4 +225,6 @@ def fit_cross_attention(
         resume=resume,
         progress=progress,
         collate=grid_collate(pad or 0, setup.model.config.max_prompt_tokens),
+        evaluate=evaluate,
+        lr_by_prefix=lr_by_prefix,
     )

@@ -40,6 +40,7 @@ from pairfree.errors import PairfreeError, first_line
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.training.trainer import (
+    EvalFn,
     OptimizerSpec,
     SaveFn,
     StepFn,
@@ -277,19 +278,24 @@ def fit_captioner(
     resume: bool = True,
     progress: bool = True,
     collate: Callable | None = None,
+    evaluate: EvalFn | None = None,
+    lr_by_prefix: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train ``setup.model`` (module "captioner", one AdamW) with ``step``; artifacts carry
-    ``card``. Batches are (embedding, tokens) pairs unless ``collate`` says otherwise."""
+    ``card``. Batches are (embedding, tokens) pairs unless ``collate`` says otherwise;
+    ``evaluate`` adds validation metrics beyond ``val_step``'s; ``lr_by_prefix`` gives parts
+    of the model (by parameter-name prefix) learning rates of their own."""
     trainer = Trainer(
         train,
         {"captioner": setup.model},
-        [OptimizerSpec("captioner")],
+        [OptimizerSpec("captioner", lr_by_prefix=dict(lr_by_prefix or {}))],
         setup.train_data,
         step,
         save_with_card(card, setup.tokenizer),
         collate=collate or pad_collate(setup.tokenizer.pad_token_id),
         val_data=setup.val_data if len(setup.val_data) else None,
         val_step=val_step,
+        evaluate=evaluate,
         run_config=run_config,
         progress=progress,
     )

@@ -38,7 +38,7 @@ from pairfree.io import atomic_write_json, strict_json
 from pairfree.job import use_cpu
 
 logger = logging.getLogger(__name__)
-SCHEDULES = ("linear", "constant")
+SCHEDULES = ("linear", "constant", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 MODES = ("min", "max")
 
@@ -58,7 +58,8 @@ class TrainConfig:
     # GPT-2 names its norms ln_*, so, as there, only its biases are spared)
     no_decay: list[str] = field(default_factory=lambda: ["bias", "LayerNorm.weight"])
     warmup_steps: int = 5000
-    schedule: str = "linear"  # "linear": warm-up then linear decay to 0; "constant": warm-up only
+    # after the warm-up: "linear" decays to 0, "cosine" along a half cosine to 0, "constant" not
+    schedule: str = "linear"
     grad_clip: float | None = None
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     seed: int = 0
@@ -98,6 +99,8 @@ class OptimizerSpec:
     name: str
     lr: float | None = None  # None: TrainConfig.lr
     warmup_steps: int | None = None  # None: TrainConfig.warmup_steps
+    # parameters whose names start with a key learn at its value instead (same schedule)
+    lr_by_prefix: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,13 +130,25 @@ class EpochSampler(Sampler[int]):
 
 
 def parameter_groups(
-    named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, no_decay: Sequence[str]
+    named: Sequence[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    no_decay: Sequence[str],
+    lr_by_prefix: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on every parameter but those named like ``no_decay``."""
-    spared = [p for n, p in named if any(key in n for key in no_decay)]
-    decayed = [p for n, p in named if not any(key in n for key in no_decay)]
-    groups = [{"params": decayed, "weight_decay": weight_decay}]
-    return groups + ([{"params": spared, "weight_decay": 0.0}] if spared else [])
+    """AdamW groups: weight decay on every parameter but those named like ``no_decay``; the
+    parameters under a prefix of ``lr_by_prefix`` in groups of their own learning rate."""
+    groups = []
+    prefixes = [None, *(lr_by_prefix or {})]
+    for prefix in prefixes:
+        mine = [(n, p) for n, p in named
+                if next((k for k in prefixes[1:] if n.startswith(k)), None) == prefix]  # fmt: skip
+        extra = {} if prefix is None else {"lr": lr_by_prefix[prefix]}
+        spared = [p for n, p in mine if any(key in n for key in no_decay)]
+        decayed = [p for n, p in mine if not any(key in n for key in no_decay)]
+        groups.append({"params": decayed, "weight_decay": weight_decay, **extra})
+        if spared:
+            groups.append({"params": spared, "weight_decay": 0.0, **extra})
+    return groups
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -145,7 +160,8 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
             return (step + 1) / max(1, warmup)
         if schedule == "constant":
             return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
+        left = max(0.0, (total - step) / max(1, total - warmup))
+        return 0.5 * (1.0 - math.cos(math.pi * left)) if schedule == "cosine" else left
 
     return factor
 
@@ -224,6 +240,7 @@ class Trainer:
             )
         set_seed(config.seed, device_specific=True)
 
+        self.train_data = train_data  # told the epoch, if it draws per-epoch randomness
         self.sampler = EpochSampler(len(train_data), config.seed)
         loader = DataLoader(
             train_data,
@@ -249,7 +266,7 @@ class Trainer:
             named = [(n, p) for n, p in modules[s.name].named_parameters() if p.requires_grad]
             self.opt_params[s.name] = [p for _, p in named]
             raw_opts[s.name] = torch.optim.AdamW(
-                parameter_groups(named, config.weight_decay, config.no_decay),
+                parameter_groups(named, config.weight_decay, config.no_decay, s.lr_by_prefix),
                 lr=s.lr if s.lr is not None else config.lr,
             )
             warmup = s.warmup_steps if s.warmup_steps is not None else config.warmup_steps
@@ -487,6 +504,8 @@ class Trainer:
             if loader:
                 # accelerate's loaders re-set the sampler's epoch from their own counter
                 loader.set_epoch(self.epoch)
+                if hasattr(self.train_data, "set_epoch"):  # e.g. seeded image augmentation
+                    self.train_data.set_epoch(self.epoch)
             for batch in loader:
                 ctx.global_step = self.global_step
                 with acc.accumulate(*self.modules.values()):

@@ -26,6 +26,7 @@ vocabulary, training metrics), written atomically.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from pairfree.clip.batching import BatchedClipEncoder
+from pairfree.clip.vision import PixelSpec, VisionTower
 from pairfree.errors import BadInputError
 from pairfree.io import atomic_path, atomic_write_json, read_json_config
 
@@ -136,6 +138,11 @@ class AttentionPool2d(nn.Module):
         return self.proj(pooled[:, 0])
 
 
+def feature_tokens(features: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, H*W, C] tokens of the last feature map, row-major."""
+    return features(pixels).flatten(2).transpose(1, 2)
+
+
 class ImageTower(nn.Module):
     def __init__(self, config: WorldClipConfig) -> None:
         super().__init__()
@@ -154,8 +161,7 @@ class ImageTower(nn.Module):
         )
 
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, H*W, C] tokens of the last feature map, row-major."""
-        return self.features(pixels).flatten(2).transpose(1, 2)
+        return feature_tokens(self.features, pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.pool(self.grid(pixels))
@@ -345,6 +351,25 @@ class WorldClipEncoder(BatchedClipEncoder):
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.image_tower.grid(self.model.pixels(images))
+
+    def vision_tower(self) -> WorldVisionTower:
+        config = self.model.config
+        spec = PixelSpec(config.image_size, config.image_mean, config.image_std)
+        features = copy.deepcopy(self.model.image_tower.features)
+        return WorldVisionTower(features, spec, self.grid_shape)
+
+
+class WorldVisionTower(VisionTower):
+    """The world CLIP's CNN image tower up to its last feature map (without the attention
+    pool, which the grid does not pass through), giving that map's tokens."""
+
+    def __init__(self, features: nn.Module, pixels: PixelSpec, grid_shape: tuple[int, int]):
+        super().__init__()
+        self.features = features.requires_grad_(True).train()
+        self.pixels, self.grid_shape = pixels, grid_shape
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return feature_tokens(self.features, pixels)
 
 
 def load_world_clip(

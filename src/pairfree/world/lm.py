@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
+    BertConfig,
+    BertLMHeadModel,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -44,10 +46,26 @@ def world_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def _save_untrained(out_dir: str | Path, seed: int, make_model: Callable) -> Path:
-    """Build ``make_model(world tokenizer)`` under ``seed`` and save it with the tokenizer."""
+BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                 "sep_token": "[SEP]", "mask_token": "[MASK]"}  # fmt: skip
+PROMPT_WORDS = ("a", "picture", "of")  # ICSD's decoder prompt, "a picture of"
+
+
+def world_bert_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with BERT's special tokens (``[CLS]`` ... ``[SEP]``)."""
+    names = list(BERT_SPECIALS.values()) + list(dict.fromkeys([*words, *PROMPT_WORDS]))
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIALS)
+
+
+def _save_untrained(out_dir: str | Path, seed: int, make_model: Callable, tokenizer=None) -> Path:
+    """Build ``make_model(tokenizer)`` under ``seed`` and save it with the tokenizer (default:
+    the world's GPT-2-style one)."""
     out = Path(out_dir)
-    tokenizer = world_tokenizer(world_words())
+    tokenizer = tokenizer or world_tokenizer(world_words())
     torch.manual_seed(seed)
     make_model(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -108,4 +126,35 @@ def build_world_encoder(
                 eos_token_id=tokenizer.eos_token_id,
             )
         ),
+    )
+
+
+def build_world_bert(
+    out_dir: str | Path,
+    *,
+    n_layer: int = 2,
+    hidden: int = 128,
+    n_head: int = 4,
+    max_length: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialized small BERT decoder with a word-level world tokenizer that
+    has BERT's special tokens: the world's stand-in for ``bert-base-uncased`` as ICSD's text
+    decoder (cross-attention is added when it is loaded, as for the real one)."""
+    return _save_untrained(
+        out_dir,
+        seed,
+        lambda tokenizer: BertLMHeadModel(
+            BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                intermediate_size=4 * hidden,
+                max_position_embeddings=max_length,
+                pad_token_id=tokenizer.pad_token_id,
+                is_decoder=True,
+            )
+        ),
+        world_bert_tokenizer(world_words()),
     )
