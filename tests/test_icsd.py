@@ -366,3 +366,21 @@ def test_world_lm_command_saves_each_untrained_decoder(tmp_path):
     assert tokenizer("[CLS] a picture of", add_special_tokens=False)["input_ids"][0] == (
         tokenizer.cls_token_id
     )
+
+
+def test_pairfree_run_synthesizes_trains_captions_and_scores_in_one_command(
+    tiny, trained, tmp_path
+):
+    """`pairfree run` on an ICSD config: every stage (the synthetic ones reused here), then the
+    best checkpoint captions the test split through its own tower and is scored."""
+    _, world, bert = tiny
+    _, synthetic = trained
+    cfg = tmp_path / "icsd.yaml"
+    cfg.write_text(f"recipe: icsd\nevaluation:\n  dataset: {world.dataset}\n  split: test\n")
+    out = tmp_path / "run"
+    args = icsd_args(world, bert, out, f"synthesis.out={synthetic}", "train.max_steps=6")
+    assert main(["run", str(cfg), *args[2:]]) == 0
+    preds = json.loads((out / "captions_test.json").read_text())
+    assert len(preds) == 6 and all(isinstance(p["caption"], str) for p in preds)
+    assert "CIDEr" in json.loads((out / "metrics_test.json").read_text())["scores"]["overall"]
+    assert (out / "best" / "model.safetensors").is_file()  # picked by CIDEr + BLEU-4

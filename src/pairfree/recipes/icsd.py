@@ -153,6 +153,7 @@ class ICSDConfig:
     max_words: int = 30  # captions are cut to this many words (ICSD's pre_caption)
     freeze_image_encoder: bool = False  # ICSD fine-tunes it
     image_encoder_lr: float | None = None  # None: train.lr, as ICSD (one lr for everything)
+    augment: bool = True  # random crops and flips (False: training images are resized only)
     min_scale: float = 0.5  # the random crop keeps 50-100 % of the image
     model: CrossAttentionConfig = field(
         default_factory=lambda: CrossAttentionConfig(
@@ -215,8 +216,12 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     llm = OnFirstUse(llm_cfg.spec, lambda: load_llm(
         llm_cfg.spec, api_base=llm_cfg.api_base, api_key_env=llm_cfg.api_key_env,
         concurrency=llm_cfg.concurrency, dtype=llm_cfg.dtype, device=job.state.device))  # fmt: skip
-    sampling = Sampling(llm_cfg.max_new_tokens, llm_cfg.temperature, llm_cfg.top_p, True,
-                        llm_cfg.seed)  # fmt: skip
+    sampling = Sampling(
+        max_new_tokens=llm_cfg.max_new_tokens,
+        temperature=llm_cfg.temperature,
+        top_p=llm_cfg.top_p,
+        seed=llm_cfg.seed,
+    )
     result = summarize_groups(llm, groups, out, template=template, sampling=sampling,
                               batch_size=llm_cfg.batch_size, job=job)  # fmt: skip
     if result is not None:
@@ -328,8 +333,8 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         ImageExample(image, [], ids[: cfg.corpus.max_tokens - 1] + stop)
         for (image, _, _), ids in zip(pairs, captions, strict=True)
     ]
-    data = ImageCaptionDataset(examples, vision.pixels, min_scale=cfg.min_scale,
-                               seed=cfg.train.seed)  # fmt: skip
+    data = ImageCaptionDataset(examples, vision.pixels, seed=cfg.train.seed,
+                               min_scale=cfg.min_scale if cfg.augment else None)  # fmt: skip
 
     # validation: held-out groups (their images are never trained on), or a real val split
     names = list(dict.fromkeys(g for _, _, g in pairs))
