@@ -38,6 +38,7 @@ class EvaluationConfig:
     project_to: str | None = None  # text feature store for DeCap projection at inference
     tau: float = 0.01
     checkpoint: str = "best"  # "best" or "last"
+    device: str = "auto"  # where the test split is captioned: auto is the GPU when there is one
     clip_score: bool = False
     spice_dir: str | None = None
     batch_size: int = 64
@@ -147,7 +148,9 @@ def run_experiment(
     result = recipe.train(cfg, progress=progress)
 
     ckpt = result.best_dir if ev.checkpoint == "best" and result.best_dir else result.last_dir
-    captioner = Captioner.from_pretrained(ckpt, project_to=ev.project_to, tau=ev.tau)
+    captioner = Captioner.from_pretrained(
+        ckpt, project_to=ev.project_to, tau=ev.tau, device=ev.device
+    )
     test = TestSet.load(ev.dataset, split=ev.split, image_root=ev.image_root)
     captions = caption_test_set(captioner, test, batch_size=ev.batch_size)
     out = Path(cfg.train.output_dir)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from pairfree.errors import SkipLog
+from pairfree.errors import PairfreeError, SkipLog
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,27 @@ def use_cpu(requested: bool) -> bool:
     writing the same files) instead of joining them over gloo."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return requested or (launched and not torch.cuda.is_available())
+
+
+def resolve_device(name: str | torch.device = "auto") -> str:
+    """A torch device name: ``"auto"`` is the GPU when there is one (CUDA, else Apple's MPS),
+    else the CPU; a named device is checked to exist here."""
+    name = str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PairfreeError(f"unknown device {name!r} (auto, cpu, cuda, cuda:1, mps)") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= max(count, 1) or count == 0:
+            raise PairfreeError(f"device {name!r} asked for, but this machine has {count} CUDA "
+                                "device(s); use --device cpu or auto")  # fmt: skip
+    return name
 
 
 @dataclass

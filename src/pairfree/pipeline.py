@@ -1,18 +1,27 @@
 """Images in, captions out: the inference pipeline behind ``pairfree caption``.
 
-``Captioner.from_pretrained(path).caption(images)`` loads a captioner checkpoint, the CLIP
-encoder named on its card, and the conditioning it was trained for (normalized or not, a
-modality offset, DeCap projection onto a text memory, a hard-prompt vocabulary), then decodes
-with its generation settings. Prefix (ClipCap) and cross-attention (SaCap) captioners load and
-caption alike; the latter also read the images' CLIP grid features.
+``Captioner.from_pretrained(ref)`` loads a captioner checkpoint (a directory, a training run's
+folder, or a Hugging Face Hub repo id), the CLIP encoder named on its card, and the
+conditioning it was trained for (normalized or not, a modality offset, DeCap projection onto
+a text memory, a hard-prompt vocabulary); ``captioner(images)`` then decodes with its
+generation settings: one image (a path, a URL, a PIL image, a numpy array) gives one caption,
+a list gives a list. Prefix (ClipCap) and cross-attention (SaCap, ICSD) captioners load and
+caption alike. ``save_pretrained`` writes a self-contained copy (the feature stores its
+conditioning reads included, and a model card); ``push_to_hub`` uploads one.
 """
 
 from __future__ import annotations
 
+import io
+import shutil
+import tempfile
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,14 +32,23 @@ from pairfree.captioner import (
     condition,
     load_captioner,
 )
-from pairfree.captioner.checkpoint import read_card
+from pairfree.captioner.card import CheckpointCard
+from pairfree.captioner.checkpoint import read_card, save_captioner
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.clip.vision import tower_pixels
 from pairfree.data import load_image
-from pairfree.errors import PairfreeError
+from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.features import FeatureStore
+from pairfree.hub import TRAINING_NAME, model_card, push_folder, resolve_checkpoint, training_record
+from pairfree.io import atomic_write_json, atomic_write_text
+from pairfree.job import resolve_device
+
+ImageInput = Union[Image.Image, str, Path, np.ndarray]  # noqa: UP007 (a runtime alias)
+# conditioning fields that name feature stores, and their folder in a saved checkpoint
+STORES = {"project_to": "memory", "prompt_phrases": "phrases"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Captioner:
@@ -44,12 +62,16 @@ class Captioner:
         *,
         conditioning: Conditioning | None = None,
         generation: GenerationConfig | None = None,
+        card: CheckpointCard | None = None,
+        source: Path | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.clip = clip
         self.conditioning = conditioning or Conditioning()
         self.generation = generation or GenerationConfig()
+        self.card = card  # what it was loaded with (recipe, CLIP spec): needed to save it
+        self.source = source  # the checkpoint directory it was loaded from
         spec = self.conditioning
         self.memory = (
             None if spec.project_to is None else _text_store(spec.project_to, clip).tensor()
@@ -69,23 +91,39 @@ class Captioner:
         clip: str | ClipEncoder | None = None,
         project_to: str | Path | None = None,
         tau: float = 0.01,
-        device: str = "cpu",
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        revision: str | None = None,
         **generation: object,
     ) -> Captioner:
-        """Load ``path``; ``project_to`` is a text feature store used as DeCap memory.
+        """Load a checkpoint directory, a training run's folder (its ``best/``, else
+        ``last/``) or a Hub repo id (``revision``: a branch, tag or commit); ``project_to`` is
+        a text feature store used as DeCap memory.
 
-        ``generation`` overrides the checkpoint's decoding settings (``num_beams=1``...).
+        ``device``: ``"auto"`` is the GPU when there is one; ``dtype`` (``"float16"``,
+        ``"bfloat16"``) runs the decoder and CLIP in half precision. ``generation`` overrides the
+        checkpoint's decoding settings (``num_beams=1``...).
         """
+        device = resolve_device(device)
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise PairfreeError(f"unknown dtype {dtype!r}: one of {sorted(DTYPES)}")
+        half = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+        path = resolve_checkpoint(path, revision=revision)
         spec = clip if clip is not None else read_card(path).clip
-        encoder = load_clip(spec, device=device) if isinstance(spec, str) else spec
+        encoder = load_clip(spec, device=device, dtype=half) if isinstance(spec, str) else spec
         model, tokenizer, card = load_captioner(path, device=device, clip=encoder)
+        model = model.to(half)
         known = {f.name for f in fields(GenerationConfig)}
         unknown = set(generation) - known
         if unknown:
             raise PairfreeError(
                 f"unknown generation options {sorted(unknown)}; known: {sorted(known)}"
             )
-        conditioning = card.conditioning
+        # a saved copy names its own stores relative to itself
+        conditioning = replace(card.conditioning, **{
+            field: str(path / value) for field in STORES
+            if (value := getattr(card.conditioning, field)) and not Path(value).is_absolute()
+        })  # fmt: skip
         if project_to is not None:
             conditioning = replace(conditioning, project_to=str(project_to), tau=tau)
         return cls(
@@ -94,7 +132,52 @@ class Captioner:
             encoder,
             conditioning=conditioning,
             generation=replace(card.generation, **generation),
+            card=card,
+            source=path,
         )
+
+    def save_pretrained(self, out_dir: str | Path, *, repo_id: str | None = None) -> Path:
+        """Write a self-contained copy to ``out_dir`` (atomically): the checkpoint, the feature
+        stores its conditioning reads (as ``memory/`` and ``phrases/``), what its training run
+        recorded (``training.json``) and a model card (``README.md``; ``repo_id`` goes into
+        its loading example)."""
+        if self.card is None:
+            raise PairfreeError("only a captioner loaded with from_pretrained can be saved (its "
+                                "card names the recipe and the CLIP to load it with)")  # fmt: skip
+        stores, conditioning = {}, self.conditioning
+        for field, name in STORES.items():
+            if value := getattr(conditioning, field):
+                stores[name] = Path(value)
+                conditioning = replace(conditioning, **{field: name})
+        card = replace(self.card, conditioning=conditioning, generation=self.generation)
+        record = training_record(self.source) if self.source else None
+        family = "cross_attention" if isinstance(self.model, CrossAttentionCaptioner) else "prefix"
+        meta = {"family": family, "captioner": self.model.config.to_dict()}
+
+        def extra(folder: Path) -> None:
+            for name, store in stores.items():
+                shutil.copytree(store, folder / name)
+            if record is not None:
+                atomic_write_json(folder / TRAINING_NAME, record)
+            atomic_write_text(folder / "README.md", model_card(card, meta, record, repo_id=repo_id))
+
+        save_captioner(self.model, self.tokenizer, out_dir, card, extra=extra)
+        return Path(out_dir)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload pairfree captioner",
+    ) -> str:
+        """Upload a :meth:`save_pretrained` copy to the Hub model repository ``repo_id``
+        (created if missing); returns the commit's URL."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "captioner", repo_id=repo_id)
+            return push_folder(folder, repo_id, private=private, token=token,
+                               commit_message=commit_message)  # fmt: skip
 
     def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Turn CLIP image embeddings into what the decoder was trained to read."""
@@ -159,11 +242,25 @@ class Captioner:
         soft = cond if self.model.soft_prompt is not None else None
         return self.model.generate(soft, grid, ids, mask, **settings)
 
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 32
+    ) -> str | list[str]:
+        return self.caption(images, batch_size=batch_size)
+
     def caption(
-        self, images: Sequence[Image.Image | str | Path], *, batch_size: int = 32
-    ) -> list[str]:
-        """Captions for PIL images or image files (a bad file raises BadInputError)."""
-        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 32
+    ) -> str | list[str]:
+        """The caption of one image (a path, a URL, a PIL image, an ``[H, W, 3]`` array), or
+        the captions of a list of them (or of an ``[N, H, W, 3]`` array); a bad image raises
+        BadInputError naming it."""
+        single = not isinstance(images, list | tuple) and not (
+            isinstance(images, np.ndarray) and images.ndim == 4
+        )
+        pil = [as_image(im) for im in ([images] if single else images)]
+        texts = self._caption(pil, batch_size=batch_size)
+        return texts[0] if single else texts
+
+    def _caption(self, pil: list[Image.Image], *, batch_size: int) -> list[str]:
         embeds = self.clip.encode_images(pil, batch_size=batch_size) if pil else torch.empty(0)
         grid = self.grids(pil, batch_size=batch_size) if self.needs_grid else None
         return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
@@ -180,3 +277,33 @@ def _text_store(path: str, clip: ClipEncoder) -> FeatureStore:
             f"{path} was encoded with {store.encoder}, the captioner uses {clip.name}"
         )
     return store
+
+
+def as_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a PIL image, an image file, an http(s) URL or a numpy array
+    (``[H, W]`` or ``[H, W, 3|4]``; uint8, or floats in 0-1)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            if not np.issubdtype(array.dtype, np.floating):
+                raise PairfreeError(f"an image array must be uint8 or float, not {array.dtype}")
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+            raise PairfreeError(f"an image array must be [H, W] or [H, W, 3], got {array.shape}")
+        return Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1
+                               else array).convert("RGB")  # fmt: skip
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(image, timeout=30) as response:
+                data = response.read()
+            with Image.open(io.BytesIO(data)) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise BadInputError(
+                image, f"cannot fetch or decode the image: {first_line(err)}"
+            ) from err
+    if isinstance(image, str | Path):
+        return load_image(image)
+    raise PairfreeError(f"not an image: {type(image).__name__} (a path, URL, PIL image or array)")

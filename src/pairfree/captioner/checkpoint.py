@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,8 +71,11 @@ def save_captioner(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     card: CheckpointCard,
+    *,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint)."""
+    """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint);
+    ``extra(folder)`` adds files of its own before the folder takes ``out_dir``'s place."""
     family = next(name for name, cls in FAMILIES.items() if isinstance(model, cls))
     meta = {
         "format": FORMAT,
@@ -85,6 +88,8 @@ def save_captioner(
         save_model(model, str(tmp / WEIGHTS_NAME))
         atomic_write_json(tmp / CONFIG_NAME, meta)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
 
 
 def read_card(path: str | Path) -> CheckpointCard:

@@ -172,7 +172,7 @@ class CrossAttentionCaptioner(nn.Module):
             if image.dim() != 4 or image.shape[1:] != (3, size, size):
                 raise ValueError(f"pixels must be [batch, 3, {size}, {size}], got "
                                  f"{tuple(image.shape)}")  # fmt: skip
-            grid = self.vision(image)
+            grid = self.vision(image.to(next(self.vision.parameters()).dtype))
         if grid.dim() != 3 or grid.shape[2] != self.config.grid_width:
             raise ValueError(
                 f"grid features must be [batch, tokens, {self.config.grid_width}], "
@@ -224,9 +224,10 @@ class CrossAttentionCaptioner(nn.Module):
     ) -> list[list[int]]:
         """Caption token ids per image; ``options`` are those of
         :func:`pairfree.captioner.generation.generate`."""
-        device = self.lm.get_input_embeddings().weight.device
+        weight = self.lm.get_input_embeddings().weight
+        device = weight.device
         if condition is not None:
-            condition = condition.to(device)
+            condition = condition.to(device, weight.dtype)
         prefix, mask = self.prompt_embeds(condition, prompt_ids.to(device), prompt_mask.to(device))
         return generation.generate(
             self.lm, prefix, prefix_mask=mask, context=self.context(image.to(device)), **options

@@ -86,7 +86,7 @@ class PrefixCaptioner(nn.Module):
         noise is wanted.
         """
         embedding = self.lm.get_input_embeddings().weight
-        prefix = self.prefix_embeds(condition.to(embedding.device)).to(embedding.dtype)
+        prefix = self.prefix_embeds(condition.to(embedding.device, embedding.dtype))
         return generation.generate(self.lm, prefix, **options)
 
     def _caption_logits(

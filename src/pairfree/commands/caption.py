@@ -25,7 +25,12 @@ def register(sub) -> None:
             "An interrupted run resumes from OUT.partial.jsonl."
         ),
     )
-    p.add_argument("checkpoint", type=Path, help="captioner checkpoint directory")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="captioner checkpoint directory, training run folder (its best/, else last/) or "
+        "Hugging Face Hub repo id",
+    )
     p.add_argument("images", nargs="*", help="image files, folders or globs")
     p.add_argument("--dataset", help="Karpathy/COCO/NoCaps JSON to caption the --split images of")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
@@ -48,6 +53,12 @@ def register(sub) -> None:
     )
     p.add_argument("--max-tokens", type=positive_int, default=None, help="maximum new tokens")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="precision of the decoder and CLIP (half precision is for GPUs)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the caption table")
     add_device(p)
     add_strict(p)
@@ -85,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
         project_to=args.project_to,
         tau=args.tau,
         device=args.device,
+        dtype=args.dtype,
         **overrides,
     )
     settings = {
-        "checkpoint": str(args.checkpoint.resolve()),
+        "checkpoint": str(captioner.source.resolve()),
         "clip": captioner.clip.name,
         "conditioning": asdict(captioner.conditioning),
         "generation": asdict(captioner.generation),

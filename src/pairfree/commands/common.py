@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pairfree.errors import PairfreeError
 from pairfree.io import atomic_write_text
 
 
@@ -29,7 +30,22 @@ def add_strict(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=_device,
+        help="torch device: auto (default: the GPU when there is one, else the CPU), cpu, "
+        "cuda, cuda:1, mps",
+    )
+
+
+def _device(name: str) -> str:
+    from pairfree.job import resolve_device
+
+    try:
+        return resolve_device(name)
+    except PairfreeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def report_skips(records: list[dict], beside: Path) -> None:

@@ -1,0 +1,175 @@
+"""Where captioner checkpoints come from and go: a checkpoint directory, a training run's
+folder, or a Hugging Face Hub repository; and the model card (README.md) written beside them.
+
+A run folder (``train.output_dir``) holds ``best/`` and ``last/``; loading it picks ``best/``,
+else ``last/``, and says so. A Hub repository id (``user/name``) is fetched with
+``huggingface_hub.snapshot_download`` into the usual Hugging Face cache, so ``HF_HUB_OFFLINE=1``
+loads what is cached without the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pairfree.captioner.card import CheckpointCard
+from pairfree.captioner.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from pairfree.errors import PairfreeError, first_line
+
+logger = logging.getLogger(__name__)
+TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(ref: str | Path, *, revision: str | None = None) -> Path:
+    """The checkpoint directory ``ref`` names: itself, a run folder's ``best/`` (else
+    ``last/``), or a Hub repository's cached snapshot."""
+    path = Path(ref)
+    if (path / WEIGHTS_NAME).is_file():
+        return path
+    if path.is_dir():
+        for name in ("best", "last"):
+            if (path / name / CONFIG_NAME).is_file():
+                logger.info("%s is a training run: loading its %s/ checkpoint", path, name)
+                return path / name
+        raise PairfreeError(f"{path} is neither a captioner checkpoint (no {CONFIG_NAME}) nor a "
+                            "training run (no best/ or last/ in it)")  # fmt: skip
+    if _REPO_ID.match(str(ref)) and not path.exists():
+        return _download(str(ref), revision)
+    raise PairfreeError(f"{ref} does not exist (a checkpoint, a run folder, or a Hub repo id)")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise PairfreeError(f"{repo_id} is no local folder, and not in the Hugging Face cache "
+                            f"while the Hub cannot be reached (HF_HUB_OFFLINE?): "
+                            f"{first_line(err)}") from err  # fmt: skip
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise PairfreeError(f"cannot fetch {repo_id} from the Hugging Face Hub: "
+                            f"{first_line(err)}") from err  # fmt: skip
+
+
+def training_record(checkpoint: Path) -> dict[str, Any] | None:
+    """What the run that wrote ``checkpoint`` recorded: the checkpoint's own ``training.json``
+    (a saved or downloaded copy), else its run folder's config, last step and evaluations."""
+    own = checkpoint / TRAINING_NAME
+    if own.is_file():
+        return json.loads(own.read_text(encoding="utf-8"))
+    run = checkpoint.parent
+    config = run / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        record: dict[str, Any] = {"config": json.loads(config.read_text(encoding="utf-8"))}
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record["config"], dict) or "train" not in record["config"]:
+        return None
+    steps = [json.loads(line).get("step") for line in _lines(run / "metrics.jsonl")]
+    record["steps"] = max((s for s in steps if isinstance(s, int)), default=None)
+    record["checkpoint"] = checkpoint.name
+    record["evaluation"] = {
+        p.stem.removeprefix("metrics_"): p.read_text(encoding="utf-8").strip()
+        for p in sorted(run.glob("metrics_*.md"))
+    }
+    return record
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def model_card(
+    card: CheckpointCard,
+    captioner: dict[str, Any],
+    record: dict[str, Any] | None,
+    *,
+    repo_id: str | None = None,
+) -> str:
+    """README.md of a saved captioner: what it is, how it was trained and scored, how to load
+    it (Hugging Face's model-card format, with its metadata header)."""
+    family = captioner.get("family", "prefix")
+    lm = captioner.get("captioner", {}).get("lm", "?")
+    config = (record or {}).get("config", {})
+    corpus = (
+        config.get("corpus", {}).get("path") if isinstance(config.get("corpus"), dict) else None
+    )
+    train = config.get("train", {})
+    where = repo_id or "path/to/this/folder"
+    lines = [
+        "---",
+        "library_name: pairfree",
+        "pipeline_tag: image-to-text",
+        "tags: [image-captioning, pairfree, " + card.recipe + "]",
+        "---",
+        "",
+        f"# {card.recipe} image captioner",
+        "",
+        f"An image captioner trained with [pairfree](https://pypi.org/project/pairfree/)'s "
+        f"`{card.recipe}` recipe, without human-paired image-caption data.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| recipe | `{card.recipe}` |",
+        f"| CLIP | `{card.clip}` |",
+        f"| decoder | `{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'}) |",
+        f"| training data | {f'`{corpus}`' if corpus else 'not recorded'} |",
+        f"| training steps | {(record or {}).get('steps') or 'not recorded'} |",
+        f"| batch size, lr | {train.get('batch_size', '?')}, {train.get('lr', '?')} |",
+        f"| decoding | beam {card.generation.num_beams}, at most "
+        f"{card.generation.max_new_tokens} tokens |",
+        "",
+    ]
+    evaluation = (record or {}).get("evaluation") or {}
+    for split, table in evaluation.items():
+        lines += [f"## Evaluation ({split})", "", table, ""]
+    if evaluation:
+        lines += ["B@n: BLEU-n, M: METEOR, R: ROUGE-L, C: CIDEr-D, S: SPICE (x100, as in the "
+                  "papers).", ""]  # fmt: skip
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from pairfree import Captioner",
+        "",
+        f'captioner = Captioner.from_pretrained("{where}")',
+        'print(captioner("image.jpg"))          # one caption',
+        'print(captioner(["a.jpg", "b.jpg"]))   # a list',
+        "```",
+        "",
+        f"or `pairfree caption {where} image.jpg`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload pairfree captioner",
+) -> str:
+    """Upload ``folder`` to the Hub model repository ``repo_id`` (made if missing); its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                 commit_message=commit_message)  # fmt: skip
+    except OSError as err:
+        raise PairfreeError(f"cannot push to {repo_id}: {first_line(err)}") from err
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -1,0 +1,194 @@
+"""The Hugging Face-style inference API: from_pretrained on a checkpoint, a run folder or a Hub
+repo id (from a local Hub cache the test builds, offline), one image in -> one caption out and
+a list -> a list (paths, URLs, PIL images, arrays), save_pretrained's self-contained copy and
+model card, push_to_hub."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pairfree.cli import main
+from pairfree.errors import PairfreeError
+from pairfree.pipeline import Captioner
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A CapDec run through `pairfree run` on a tiny world: best/, last/, metrics_test.md, and
+    its DeCap projection memory."""
+    from pairfree.world import make_world
+    from pairfree.world.lm import build_world_lm
+
+    root = tmp_path_factory.mktemp("hub")
+    world = make_world(root / "world", n_train_images=0, n_val=0, n_test=4, n_corpus=40, seed=1)
+    lm = build_world_lm(root / "lm", n_layer=1, n_embd=32, n_head=2)
+    config = root / "capdec.yaml"
+    config.write_text(f"recipe: capdec\nevaluation:\n  dataset: {world.dataset}\n  split: test\n")
+    out = root / "run"
+    args = ["run", str(config), f"corpus.path={world.corpus}", "clip=world:builtin",
+            f"model.lm={lm}", "model.prefix_length=2", "train.batch_size=8", "train.max_steps=4",
+            "train.warmup_steps=1", "corpus.val_fraction=0.2", f"train.output_dir={out}",
+            f"features={root / 'features'}", "generation.num_beams=1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    images = sorted((world.root / "images").glob("test_*.png"))
+    return out, images, root / "features"
+
+
+def test_a_run_folder_loads_its_best_checkpoint_and_says_so(run, caplog):
+    out, images, _ = run
+    with caplog.at_level(logging.INFO, logger="pairfree.hub"):
+        captioner = Captioner.from_pretrained(out)
+    assert captioner.source == out / "best"
+    assert "loading its best/ checkpoint" in caplog.text
+    assert captioner(images[0]) == Captioner.from_pretrained(out / "best")(images[0])
+    shutil.rmtree(out / "best")  # a run without best/ falls back to last/
+    try:
+        assert Captioner.from_pretrained(out).source == out / "last"
+    finally:
+        shutil.copytree(out / "last", out / "best")
+    with pytest.raises(PairfreeError, match="neither a captioner checkpoint"):
+        Captioner.from_pretrained(out / "checkpoints")
+    with pytest.raises(PairfreeError, match="does not exist"):
+        Captioner.from_pretrained(out / "nope")
+
+
+def test_one_image_gives_one_caption_and_a_list_gives_a_list(run):
+    out, images, _ = run
+    captioner = Captioner.from_pretrained(out / "last")
+    pil = Image.open(images[0]).convert("RGB")
+    one = captioner(images[0])
+    assert isinstance(one, str) and one
+    assert captioner(str(images[0])) == captioner(pil) == captioner(np.asarray(pil)) == one
+    assert captioner(np.asarray(pil, dtype=np.float32) / 255.0) == one
+    many = captioner(list(images))
+    assert isinstance(many, list) and len(many) == len(images) and many[0] == one
+    assert captioner.caption(np.stack([np.asarray(pil)] * 2)) == [one, one]  # an [N, H, W, 3] batch
+    assert captioner([]) == []
+    with pytest.raises(PairfreeError, match="not an image"):
+        captioner(42)
+
+
+def test_an_image_url_is_fetched(run):
+    out, images, _ = run
+    folder = images[0].parent
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        captioner = Captioner.from_pretrained(out / "last")
+        assert captioner(f"{base}/{images[0].name}") == captioner(images[0])
+        with pytest.raises(PairfreeError, match="missing.png"):
+            captioner(f"{base}/missing.png")
+    finally:
+        server.shutdown()
+
+
+def test_save_pretrained_writes_a_self_contained_copy_with_a_model_card(run, tmp_path):
+    out, images, features = run
+    captioner = Captioner.from_pretrained(out / "best", project_to=features)  # DeCap memory
+    expected = captioner(list(images))
+    saved = captioner.save_pretrained(tmp_path / "saved", repo_id="someone/world-capdec")
+    assert (saved / "memory").is_dir() and (saved / "training.json").is_file()
+    card = (saved / "README.md").read_text()
+    for fact in ("pipeline_tag: image-to-text", "`capdec`", "`world:builtin`", "training steps | 4",
+                 "## Evaluation (test)", "| overall |", "C: CIDEr-D", 'Captioner.from_pretrained("someone/world-capdec")',
+                 str(Path(out).parent / "world")):  # fmt: skip
+        assert fact in card, fact
+    moved = tmp_path / "elsewhere"
+    shutil.move(saved, moved)  # relative store paths: the copy works wherever it goes
+    again = Captioner.from_pretrained(moved)
+    assert again.conditioning.project_to == str(moved / "memory")
+    assert again(list(images)) == expected
+    # saving the loaded copy again keeps its training record and card
+    again.save_pretrained(tmp_path / "twice")
+    assert "training steps | 4" in (tmp_path / "twice" / "README.md").read_text()
+
+
+def hub_cache(root: Path, repo_id: str, files: Path, commit: str = "a" * 40) -> Path:
+    """A Hugging Face cache holding ``files`` as ``repo_id``'s main revision (the layout
+    ``huggingface_hub`` writes when it downloads a snapshot)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_a_hub_repo_id_loads_from_the_cache_offline(run, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    out, images, _ = run
+    cache = hub_cache(tmp_path / "hf", "someone/world-capdec", out / "last")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert constants.HF_HUB_OFFLINE  # conftest: no network in tests
+    captioner = Captioner.from_pretrained("someone/world-capdec")
+    assert captioner.source.parent.name == "snapshots"
+    assert captioner(images[0]) == Captioner.from_pretrained(out / "last")(images[0])
+    with pytest.raises(PairfreeError, match="not in the Hugging Face cache"):
+        Captioner.from_pretrained("someone/not-there")
+
+
+def test_push_to_hub_uploads_the_saved_copy(run, monkeypatch):
+    import huggingface_hub
+
+    out, _, _ = run
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            names = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload", repo_id, names, commit_message))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = Captioner.from_pretrained(out / "best").push_to_hub("someone/x", private=True, token="t")
+    assert url == "https://huggingface.co/someone/x/commit/1"
+    assert calls[0] == ("token", "t") and calls[1] == ("create", "someone/x", True, True)
+    assert calls[2][0] == "upload" and calls[2][1] == "someone/x"
+    assert {"README.md", "config.json", "model.safetensors", "training.json"} <= set(calls[2][2])
+
+
+def test_devices_default_to_the_gpu_when_there_is_one_and_are_checked(run, capsys):
+    import torch
+
+    from pairfree.job import resolve_device
+
+    out, images, _ = run
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(PairfreeError, match="unknown device"):
+        resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(PairfreeError, match="0 CUDA device"):
+            resolve_device("cuda:1")
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error, before any work
+            main(["caption", str(out), str(images[0]), "--device", "cuda"])
+        assert exited.value.code == 2 and "0 CUDA device" in capsys.readouterr().err
+    # half precision decodes too (bfloat16 runs on a CPU)
+    half = Captioner.from_pretrained(out / "last", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(half(images[0]), str)
+    with pytest.raises(PairfreeError, match="unknown dtype"):
+        Captioner.from_pretrained(out / "last", dtype="int4")
