@@ -52,8 +52,13 @@ def test_demo_runs_end_to_end_at_a_reduced_size(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--steps", "30", "--corpus", "300", "--test-images", "12"]
     assert main([*args, "--no-progress"]) == 0
-    rows = table_rows(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    rows = table_rows(printed.out)
     assert list(rows) == ["CapDec, noise 0.016", "no noise"]
+    # it says what it is doing while it works
+    for said in ("demo: the 'default' world", "demo: training 2 text-only runs in 2 processes",
+                 "demo: captioning and scoring no noise"):  # fmt: skip
+        assert said in printed.err, said
     results = strict_json(out / "results.json")
     for result in results:
         row = rows[result["method"]]

@@ -294,3 +294,36 @@ def test_schedules_warm_up_then_decay_as_named(schedule):
         "constant": [1.0] * 5,
     }[schedule]
     assert after == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_is_watchable_log_lines_tensorboard_and_quiet(
+    corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path, capsys
+):
+    """Log lines every log_every steps (loss, lr, steps/s, time left) and after validation,
+    with --no-progress too; TensorBoard scalars through accelerate's tracker; -q silences the
+    lines, -v keeps them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pairfree.cli import main
+
+    out = tmp_path / "run"
+    args = overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, out, **{
+        "train.max_steps": 4, "train.log_every": 2, "corpus.val_fraction": 0.2,
+        "train.report_to": "[tensorboard]"})  # fmt: skip
+    assert main(["train", "capdec", "--no-progress", *args]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    steps = [line for line in lines if "validation" not in line]
+    assert steps[0].startswith("step 2/4 (50%) | loss ") and "| lr " in steps[0]
+    assert "steps/s" in steps[0] and steps[0].endswith("left") and len(steps) == 2
+    assert any(line.startswith("step 4/4 validation | val_loss ") for line in lines)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    assert "val_loss" in events.Tags()["scalars"]
+
+    assert main(["train", "capdec", "-q", *args, "train.output_dir=" + str(tmp_path / "q")]) == 0
+    assert "step " not in capsys.readouterr().err
+    assert main(["-v", "train", "capdec", "--no-progress", *args,
+                 "train.output_dir=" + str(tmp_path / "v")]) == 0  # fmt: skip
+    assert "step 2/4 (50%)" in capsys.readouterr().err

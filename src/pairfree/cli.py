@@ -39,7 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"pairfree.commands.{name}").register(sub)
+    add_verbosity(parser)
     return parser
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``-v/--verbose`` on ``parser`` and every subcommand below it, so they
+    work before or after the subcommand's name."""
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log warnings and errors only: no progress bars or lines (`caption`: "
+        "no table either); results are still printed",
+    )
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also debug messages")  # fmt: skip
+    for action in parser._actions:  # argparse keeps subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                add_verbosity(child)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -54,14 +75,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def show_library_logs() -> None:
-    """pairfree's library logs (resume points, skipped items) go to stderr as plain lines."""
+def show_library_logs(level: int = logging.INFO) -> None:
+    """pairfree's library logs (training progress, resume points, skipped items) go to stderr
+    as plain lines, from ``level`` up."""
     logger = logging.getLogger("pairfree")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
+    show_library_logs(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else
+                      logging.INFO)  # fmt: skip
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

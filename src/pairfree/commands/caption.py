@@ -59,7 +59,6 @@ def register(sub) -> None:
         default="float32",
         help="precision of the decoder and CLIP (half precision is for GPUs)",
     )
-    p.add_argument("--quiet", action="store_true", help="do not print the caption table")
     add_device(p)
     add_strict(p)
     p.set_defaults(func=run)
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(partial, "a", encoding="utf-8") as log,
-        tqdm(total=len(todo), desc="caption", unit="img") as bar,
+        tqdm(total=len(todo), desc="caption", unit="img", disable=args.quiet) as bar,
     ):
         if fresh:
             log.write(json.dumps({"settings": settings}) + "\n")

@@ -7,6 +7,7 @@ caption back into objects and compare them with the scene the image was rendered
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ from pairfree.training.text_only import encode_corpus
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
+logger = logging.getLogger(__name__)
+
 DEMO_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 
 
@@ -48,6 +51,8 @@ def train_one(cfg: DemoConfig, method: Method, progress: bool = True) -> tuple[P
     """Train ``method``'s run from scratch; returns (run directory, seconds)."""
     start = time.time()
     config = method_config(cfg, method)
+    logger.info("demo: training %s (%s, %d steps) -> %s", method.name, method.recipe,
+                config.train.max_steps or 0, config.train.output_dir)  # fmt: skip
     train_recipe(method.recipe, config, resume=False, progress=progress)
     return Path(config.train.output_dir), time.time() - start
 
@@ -62,6 +67,8 @@ def train_methods(
     others run one after another. Returns training key -> (run directory, seconds)."""
     if any(m.needs_images for m in methods) and (cfg.n_train_images < 1 or cfg.n_val < 1):
         raise PairfreeError("these methods train on world images: use DemoConfig.with_images()")
+    logger.info("demo: the %r world (seed %d: %d corpus captions, %d test images) in %s",
+                cfg.preset, cfg.seed, cfg.n_corpus, cfg.n_test, cfg.out)  # fmt: skip
     cfg.world()
     if not (cfg.lm_dir / "config.json").exists():
         build_world_lm(cfg.lm_dir)
@@ -85,6 +92,7 @@ def train_methods(
             jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
             initargs=(threads,),
         ) as pool:  # fmt: skip
+            logger.info("demo: training %d text-only runs in %d processes", len(parallel), jobs)
             futures = {m.training_key: pool.submit(train_one, cfg, m, False) for m in parallel}
             trained = {key: future.result() for key, future in futures.items()}
     for key, method in runs.items():
@@ -99,6 +107,8 @@ def synthesize_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
     (Stable Diffusion's mistakes included), the rephrasings from the world's LLM. Each step
     is resumable and reruns in no time once done."""
     out, job = cfg.synthetic_dir, Job(progress=progress)
+    logger.info("demo: SaCap's synthetic data (an image per caption, 3 rephrasings and their "
+                "images) -> %s", out)  # fmt: skip
     t2i = load_text_to_image(f"world:{cfg.preset}")
     settings = {"seed": cfg.seed, "variants": 1}
 
@@ -148,6 +158,8 @@ def run_methods(
                 clip=clip,
                 project_to=cfg.corpus_features if method.project else None,
             )
+            logger.info("demo: captioning and scoring %s on %d %r test images", method.name,
+                        len(test.images), preset)  # fmt: skip
             captions = caption_test_set(captioner, test)
             scores = score_world_captions(captions, test, scenes, clip)
             results.append(MethodResult(method.name, preset, scores, captions, seconds))

@@ -5,7 +5,9 @@ and calls ``ctx.optimize(name, loss)`` for each optimizer it owns (one for CapDe
 GANs). The trainer owns everything else, once: Hugging Face ``accelerate`` (one process or
 many, DDP, mixed precision, gradient accumulation), the deterministic data order, warm-up
 schedules, gradient clipping, validation, best/last artifacts, JSONL metrics, a progress bar,
-and exact resume from a checkpoint (weights, optimizers, schedulers, every RNG, data position).
+a log line every ``log_every`` steps (loss, learning rate, steps/s, time left) and after each
+validation, TensorBoard / W&B through accelerate's trackers (``report_to``), and exact resume
+from a checkpoint (weights, optimizers, schedulers, every RNG, data position).
 
 Resume checkpoints are written by us as safetensors (weights) plus ``torch.save`` files of
 plain tensors and numbers that are read back with ``weights_only=True``.
@@ -32,6 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_write_json, strict_json
@@ -71,6 +74,9 @@ class TrainConfig:
     select_mode: str = "min"  # "min" | "max"
     num_workers: int = 0
     cpu: bool = False
+    # experiment trackers, through accelerate: "tensorboard" (written to <output_dir>/logs),
+    # "wandb", ... or "all" installed ones; [] for none (metrics.jsonl is always written)
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         at_least_one = ["epochs", "batch_size", "grad_accum", "checkpoint_every",
@@ -230,6 +236,8 @@ class Trainer:
             gradient_accumulation_steps=config.grad_accum,
             cpu=use_cpu(config.cpu),
             dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=trackers(config.report_to),
+            project_dir=str(self.out / "logs"),
         )
         acc = self.accelerator
         micro = config.batch_size // config.grad_accum
@@ -429,9 +437,32 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
+        numbers = {k: float(v) for k, v in {**record, **record.get("eval", {})}.items()
+                   if k not in ("step", "eval") and isinstance(v, int | float)}  # fmt: skip
+        if self.config.report_to:
+            self.accelerator.log(numbers, step=record["step"])
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(strict_json(record)) + "\n")
+            logger.info("%s", self._log_line(record))
+
+    def _log_line(self, record: dict) -> str:
+        """``step 50/700 (7%) | loss 3.33 | lr 1.5e-03 | 1.8 steps/s | 6m12s left`` or
+        ``step 175 validation | val_loss 1.05 | val_CIDEr 137.1``."""
+        head = f"step {record['step']}/{self.total_steps}"
+        if "eval" in record:
+            cells = [f"{k} {_short(v)}" for k, v in record["eval"].items()]
+            return " | ".join([f"{head} validation", *cells])
+        cells = [f"{k} {_short(v)}" for k, v in record.items()
+                 if k not in ("step", "epoch", "elapsed_s")]  # fmt: skip
+        done = record["step"] - self.first_step
+        seconds = time.time() - self.started
+        if done > 0 and seconds > 0:
+            rate = done / seconds
+            left = (self.total_steps - record["step"]) / rate
+            cells += [f"{rate:.3g} steps/s", f"{_duration(left)} left"]
+        percent = 100 * record["step"] // max(1, self.total_steps)
+        return " | ".join([f"{head} ({percent}%)", *cells])
 
     def _evaluate_and_select(self, ctx: StepContext) -> None:
         self.last_eval_step = self.global_step
@@ -454,7 +485,7 @@ class Trainer:
             return
         saved, now = json.loads(saved_config.read_text()), self._config_record()
         free = {"epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                "eval_every", "num_workers", "output_dir"}  # fmt: skip
+                "eval_every", "num_workers", "output_dir", "report_to"}  # fmt: skip
         for record in (saved, now):
             for key in free:
                 record["train"].pop(key, None)
@@ -466,6 +497,11 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to ``total_steps``; with ``resume`` continue from the newest checkpoint."""
+        # log lines print above the progress bar instead of through it
+        with logging_redirect_tqdm(loggers=[logging.getLogger("pairfree")]):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         acc, cfg = self.accelerator, self.config
         self.out.mkdir(parents=True, exist_ok=True)
         saved_config = self.out / "config.json"
@@ -485,6 +521,9 @@ class Trainer:
         ctx = StepContext(self)
         for module in self.modules.values():
             module.train()
+        if cfg.report_to:
+            acc.init_trackers(self.out.name, config=_scalars(self._config_record()))
+        self.started, self.first_step = time.time(), self.global_step
         bar = tqdm(
             total=self.total_steps,
             initial=self.global_step,
@@ -492,7 +531,6 @@ class Trainer:
             disable=not self.progress or not acc.is_main_process,
             unit="step",
         )
-        started = time.time()
         running: dict[str, float] = {}
         n_running = 0
         while self.global_step < self.total_steps:
@@ -522,7 +560,7 @@ class Trainer:
                     lr = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
                     record = {k: v / n_running for k, v in running.items()}
                     record.update(step=self.global_step, epoch=self.epoch, lr=lr)
-                    record["elapsed_s"] = round(time.time() - started, 2)
+                    record["elapsed_s"] = round(time.time() - self.started, 2)
                     self._log(record)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in logs})
                     running, n_running = {}, 0
@@ -541,6 +579,8 @@ class Trainer:
         if self.last_eval_step != self.global_step:
             self._evaluate_and_select(ctx)
         last = self._write_artifact("last")
+        if cfg.report_to:
+            acc.end_training()
         if self.global_step % cfg.checkpoint_every:
             self.save_checkpoint()
         best = self.out / "best"
@@ -551,3 +591,31 @@ class Trainer:
             last_dir=last,
             history=self.history,
         )
+
+
+def trackers(report_to: Sequence[str]) -> list[str] | str | None:
+    """accelerate's ``log_with``: the named trackers, ``"all"`` of the installed ones, None."""
+    if not report_to:
+        return None
+    return "all" if "all" in report_to else list(report_to)
+
+
+def _scalars(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config flattened to the scalar values trackers record as hyperparameters."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, bool | int | float | str):
+            out[prefix + key] = value
+    return out
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
