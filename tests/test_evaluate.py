@@ -388,3 +388,31 @@ def test_bad_predictions_are_errors_naming_the_id():
         caption_metrics({"7": "a dog"}, {"7": "a dog"})
     with pytest.raises(PairfreeError, match="unknown metrics"):
         caption_metrics({"7": "a dog"}, {"7": ["a dog"]}, metrics=("BLEU", "WER"))
+
+
+@needs_java
+def test_meteor_starts_its_java_process_once_per_process(monkeypatch):
+    """Every scoring call reuses this process's METEOR scorer (its JVM takes 10-15 s to start),
+    with the same scores a fresh one gives; a dead one is replaced."""
+    import pairfree.evaluate.coco as coco
+
+    started = []
+    real = coco.Meteor
+
+    def counting():
+        started.append(1)
+        return real()
+
+    monkeypatch.setattr(coco, "Meteor", counting)
+    monkeypatch.setattr(coco, "_METEOR", {})
+    refs = {"1": ["a man riding a horse on the beach"], "2": ["two dogs play in the snow"]}
+    preds = {"1": "a man on a horse", "2": "dogs in the snow"}
+    first = caption_metrics(preds, refs, metrics=("METEOR",))
+    second = caption_metrics(preds, refs, metrics=("METEOR",))
+    assert first == second and len(started) == 1
+    fresh = real().compute_score({i: [r[0]] for i, r in refs.items()},
+                                 {i: [p] for i, p in preds.items()})[0]  # fmt: skip
+    assert first["METEOR"] == pytest.approx(100 * fresh)
+    coco._METEOR[os.getpid()].meteor_p.kill()
+    coco._METEOR[os.getpid()].meteor_p.wait()
+    assert caption_metrics(preds, refs, metrics=("METEOR",)) == first and len(started) == 2

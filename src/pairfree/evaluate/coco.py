@@ -10,6 +10,7 @@ tokenization. Scores are reported x100, as in the papers.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -115,7 +116,7 @@ def _score_groups(
             spice = spice_per_image(gts, res, spice_dir)
         else:
             logger.warning(message)
-    meteor = Meteor() if "METEOR" in metrics else None
+    meteor = meteor_scorer() if "METEOR" in metrics else None
 
     keys = [key for m in METRICS if m in metrics for key in METRIC_KEYS[m]]
     out: dict[str, Scores] = {}
@@ -137,6 +138,20 @@ def _score_groups(
                 scores["SPICE"] = np.mean([spice[i] for i in ids])
         out[name] = {k: None if v is None else 100.0 * float(v) for k, v in scores.items()}
     return out
+
+
+_METEOR: dict[int, Meteor] = {}  # process id -> its METEOR scorer (a Java process)
+
+
+def meteor_scorer() -> Meteor:
+    """This process's METEOR scorer: its Java process starts once (10-15 s) and is reused by
+    every later scoring call; a new one replaces it if it died (or after a fork)."""
+    pid = os.getpid()
+    scorer = _METEOR.get(pid)
+    if scorer is None or scorer.meteor_p.poll() is not None:
+        _METEOR.clear()
+        scorer = _METEOR[pid] = Meteor()
+    return scorer
 
 
 def _checked(
