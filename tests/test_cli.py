@@ -2,6 +2,7 @@
 (with bad images and resume), evaluate, a whole experiment, and clear errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -291,3 +292,35 @@ def test_encode_in_two_processes_covers_every_item_once(world, tiny_clip_dir, tm
     two, one = FeatureStore(tmp_path / "two"), FeatureStore(tmp_path / "one")
     assert two.ids == one.ids and len(set(two.ids)) == 24
     torch.testing.assert_close(two.tensor(), one.tensor())
+
+
+def test_caption_in_two_processes_shards_the_images_and_merges_them(
+    world, tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    """Under torchrun each process captions its slice (resumably, in its own partial file);
+    the first merges them in input order: the same file one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert main(["train", "capdec", *train_args(world, tiny_clip_dir, tiny_gpt2_dir, out),
+                 "--no-progress"]) == 0  # fmt: skip
+    images = sorted((world.root / "images").glob("*.png"))
+    (tmp_path / "in").mkdir()
+    for image in images:
+        shutil.copy(image, tmp_path / "in" / image.name)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    one = tmp_path / "one.json"
+    assert main(["caption", str(out / "last"), str(tmp_path / "in"), "--out", str(one), "-q"]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    two = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "pairfree.cli", "caption", str(out / "last"), str(tmp_path / "in"), "--out", str(two),
+           "--batch-size", "2", "-q"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(two.read_text()) == json.loads(one.read_text())
+    assert done.stdout.count(f"captioned {len(images)} images") == 1
+    assert "broken.png" in (tmp_path / "two.json.skipped.jsonl").read_text()
+    assert not list(tmp_path.glob("two.json.partial*"))

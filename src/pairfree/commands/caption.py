@@ -22,7 +22,9 @@ def register(sub) -> None:
             "Caption image files, folders or globs (or the --split images of a --dataset JSON) "
             "with a captioner checkpoint. Writes COCO results JSON [{image_id, caption}] "
             "and prints a table. Bad images are skipped and listed in OUT.skipped.jsonl. "
-            "An interrupted run resumes from OUT.partial.jsonl."
+            "An interrupted run resumes from OUT.partial.jsonl. Under `accelerate launch` (or "
+            "torchrun) each process captions its slice of the images on its own device and "
+            "resumes from its own OUT.partial.rankN.jsonl; the first one writes OUT."
         ),
     )
     p.add_argument(
@@ -72,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.data import image_sources, load_images
     from pairfree.errors import PairfreeError, SkipLog
     from pairfree.io import atomic_write_json, check_output
+    from pairfree.job import Job
     from pairfree.pipeline import Captioner
 
     if not args.images and not args.dataset:
         raise PairfreeError("give image files/folders/globs or --dataset")
     check_output(args.out, inputs=[args.dataset, *args.images])
+    job = Job.create(strict=args.strict, progress=not args.quiet)
     skip_log = SkipLog(strict=args.strict)
     pairs = image_sources(
         args.dataset or args.images,
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         clip=args.clip,
         project_to=args.project_to,
         tau=args.tau,
-        device=args.device,
+        device=args.device if job.num_processes == 1 else job.state.device,
         dtype=args.dtype,
         **overrides,
     )
@@ -105,36 +109,60 @@ def run(args: argparse.Namespace) -> int:
         "generation": asdict(captioner.generation),
     }
 
-    partial = args.out.with_name(args.out.name + ".partial.jsonl")
-    fresh = not partial.exists()
-    done = read_partial(partial, settings)
-    todo = [(i, p) for i, p in pairs if i not in done]
+    # every process skips what any earlier run captioned, then takes its slice of the rest
+    suffix = (
+        f".partial.rank{job.process_index}.jsonl" if job.num_processes > 1 else ".partial.jsonl"
+    )
+    partial = args.out.with_name(args.out.name + suffix)
+    done: dict[str, str] = {}
+    for earlier in partial_files(args.out):
+        done.update(read_partial(earlier, settings)[0])
+    if done and job.is_main_process:
+        print(f"resuming: {len(done)} images already captioned ({args.out}.partial*.jsonl)")
+    todo = [(i, p) for i, p in pairs if i not in done][job.process_index :: job.num_processes]
+    fresh = not partial.exists() or partial.stat().st_size == 0
+    job.wait_for_everyone()  # every process has read the resume files before any grows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(partial, "a", encoding="utf-8") as log,
-        tqdm(total=len(todo), desc="caption", unit="img", disable=args.quiet) as bar,
+        tqdm(total=len(todo), desc="caption", unit="img", disable=not job.show_progress) as bar,
     ):
         if fresh:
             log.write(json.dumps({"settings": settings}) + "\n")
         for start in range(0, len(todo), args.batch_size):
+            skipped = len(skip_log.items)
             ids, images = load_images(todo[start : start + args.batch_size], skip_log)
             for image_id, text in zip(
                 ids, captioner.caption(images, batch_size=args.batch_size), strict=True
             ):
-                done[image_id] = text
                 log.write(json.dumps({"image_id": image_id, "caption": text}) + "\n")
+            for error in skip_log.items[skipped:]:
+                log.write(json.dumps({"skipped": error.to_record()}) + "\n")
             log.flush()
             bar.update(len(todo[start : start + args.batch_size]))
+    job.wait_for_everyone()
+    if not job.is_main_process:
+        return 0
+
+    # the first process merges every process's captions (and what they skipped)
+    skipped = [e.to_record() for e in skip_log.items]
+    files = partial_files(args.out)
+    for path in files:
+        captions, their_skips = read_partial(path, settings)
+        done.update(captions)
+        skipped += [r for r in their_skips if r not in skipped]
     order = [i for i, _ in pairs if i in done]
-    report_skips([e.to_record() for e in skip_log.items], args.out)
+    report_skips(skipped, args.out)
     if not order:
-        partial.unlink()
+        for path in files:
+            path.unlink()
         raise PairfreeError(
-            f"nothing could be captioned: every one of {len(skip_log)} inputs was skipped"
+            f"nothing could be captioned: every one of {len(skipped)} inputs was skipped"
         )
     results = [{"image_id": int(i) if i.isdigit() else i, "caption": done[i]} for i in order]
     atomic_write_json(args.out, results)
-    partial.unlink()
+    for path in files:
+        path.unlink()
     if not args.quiet:
         width = max([len(str(i)) for i in order] + [8])
         print(f"{'image_id':<{width}}  caption")
@@ -144,13 +172,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_partial(partial: Path, settings: dict) -> dict[str, str]:
-    """The captions an interrupted run left, if it ran with the same ``settings``."""
+def partial_files(out: Path) -> list[Path]:
+    """The resume files of ``out``: one per process of earlier or current runs."""
+    return sorted(out.parent.glob(out.name + ".partial*.jsonl"))
+
+
+def read_partial(partial: Path, settings: dict) -> tuple[dict[str, str], list[dict]]:
+    """The captions an interrupted run left (and the images it skipped), if it ran with the
+    same ``settings``."""
     from pairfree.errors import PairfreeError
 
-    if not partial.exists():
-        return {}
-    lines = partial.read_text(encoding="utf-8").splitlines()
+    lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
+    if not lines:
+        return {}, []
     try:
         saved = json.loads(lines[0])["settings"] if lines else None
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -162,11 +196,14 @@ def read_partial(partial: Path, settings: dict) -> dict[str, str]:
             "); rerun with the same ones to resume, or delete it to start over"
         )
     done: dict[str, str] = {}
+    skipped: list[dict] = []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
-            done[str(rec["image_id"])] = rec["caption"]
+            if "skipped" in rec:
+                skipped.append(rec["skipped"])
+            else:
+                done[str(rec["image_id"])] = rec["caption"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by the interruption; that image is captioned again
-    print(f"resuming: {len(done)} images already captioned in {partial}")
-    return done
+    return done, skipped
