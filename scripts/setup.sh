@@ -20,3 +20,11 @@ if ! command -v java >/dev/null 2>&1; then
     echo "warning: no Java found; install a JRE (e.g. apt-get install default-jre-headless) for METEOR and the PTB tokenizer" >&2
   fi
 fi
+# the report and web-demo tests look at pages in a real browser: Debian's chromium, headless
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: no chromium found; the browser tests will be skipped (apt-get install chromium)" >&2
+  fi
+fi

@@ -1,6 +1,7 @@
 """The demo's pipeline at a reduced size, and the world LM and encoder it trains."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,32 @@ def test_demo_runs_end_to_end_at_a_reduced_size(tmp_path, capsys):
         assert float(row["train s"]) == pytest.approx(result["train_seconds"], abs=0.5)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 12 and "no noise" in page
+    assert "Worst cases" in page and "true scene:" in page and "<svg" in page
+    assert page.count('class="right"') + page.count('class="wrong"') == 2 * 12  # every caption
+    look_at_it_in_chromium(out / "report.html", tmp_path)
+
+
+def look_at_it_in_chromium(page: Path, tmp_path: Path) -> None:
+    """Render the page in headless Chromium: the screenshot is not blank, and the rendered DOM
+    holds its tables, charts and images."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium (scripts/setup.sh installs Debian's package)")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600"]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True,
+                   timeout=120, check=True)  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text, tables, images: not blank
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert dom.count("<table") >= 2 and "<svg" in dom and dom.count("<img") == 12
 
 
 def test_world_encoder_loads_as_a_discriminator(tmp_path):

@@ -322,6 +322,15 @@ def test_training_is_watchable_log_lines_tensorboard_and_quiet(
     assert [e.step for e in events.Scalars("loss")] == [2, 4]
     assert "val_loss" in events.Tags()["scalars"]
 
+    # run.json records how and how long it ran; `pairfree report` draws it
+    sessions = json.loads((out / "run.json").read_text())["sessions"]
+    assert sessions[0]["command"] and sessions[0]["to_step"] == 4  # (here: pytest's argv)
+    assert sessions[0]["wall_s"] > 0 and "torch" in sessions[0]["versions"]
+    assert main(["report", str(out), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<svg") == 1 and "val_loss" in page and "Glossary" in page
+    assert "transformers" in page and ">seed</th><td>0<" in page
+
     assert main(["train", "capdec", "-q", *args, "train.output_dir=" + str(tmp_path / "q")]) == 0
     assert "step " not in capsys.readouterr().err
     assert main(["-v", "train", "capdec", "--no-progress", *args,

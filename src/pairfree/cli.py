@@ -20,6 +20,7 @@ COMMANDS = (
     "caption",
     "evaluate",
     "run",
+    "report",
     "offset",
     "import_checkpoint",
     "synthesize",

@@ -98,6 +98,7 @@ class MethodResult:
     scores: dict[str, float | None]
     captions: dict[str, str]
     train_seconds: float
+    run_dir: Path | None = None  # the training run scored (its curves go into the report)
 
 
 @dataclass

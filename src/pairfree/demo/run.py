@@ -162,7 +162,7 @@ def run_methods(
                         len(test.images), preset)  # fmt: skip
             captions = caption_test_set(captioner, test)
             scores = score_world_captions(captions, test, scenes, clip)
-            results.append(MethodResult(method.name, preset, scores, captions, seconds))
+            results.append(MethodResult(method.name, preset, scores, captions, seconds, run))
     return results
 
 

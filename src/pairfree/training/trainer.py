@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -446,6 +447,24 @@ class Trainer:
                 f.write(json.dumps(strict_json(record)) + "\n")
             logger.info("%s", self._log_line(record))
 
+    def _record_session(self, *, finished: bool = False) -> None:
+        """``run.json``: how the run was started (command line, versions) and each session of
+        it (a resumed run has several): start, end, wall time, steps."""
+        if not self.accelerator.is_main_process:
+            return
+        path = self.out / "run.json"
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        sessions = record.setdefault("sessions", [])
+        if not finished:
+            sessions.append({"command": sys.argv, "versions": _versions(),
+                             "processes": self.accelerator.num_processes,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "from_step": self.global_step})  # fmt: skip
+        elif sessions:
+            sessions[-1].update(to_step=self.global_step,
+                                wall_s=round(time.time() - self.started, 1))  # fmt: skip
+        atomic_write_json(path, record)
+
     def _log_line(self, record: dict) -> str:
         """``step 50/700 (7%) | loss 3.33 | lr 1.5e-03 | 1.8 steps/s | 6m12s left`` or
         ``step 175 validation | val_loss 1.05 | val_CIDEr 137.1``."""
@@ -524,6 +543,7 @@ class Trainer:
         if cfg.report_to:
             acc.init_trackers(self.out.name, config=_scalars(self._config_record()))
         self.started, self.first_step = time.time(), self.global_step
+        self._record_session()
         bar = tqdm(
             total=self.total_steps,
             initial=self.global_step,
@@ -579,6 +599,7 @@ class Trainer:
         if self.last_eval_step != self.global_step:
             self._evaluate_and_select(ctx)
         last = self._write_artifact("last")
+        self._record_session(finished=True)
         if cfg.report_to:
             acc.end_training()
         if self.global_step % cfg.checkpoint_every:
@@ -609,6 +630,19 @@ def _scalars(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, bool | int | float | str):
             out[prefix + key] = value
     return out
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import accelerate
+    import transformers
+
+    from pairfree import __version__
+
+    return {"pairfree": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}  # fmt: skip
 
 
 def _short(value: object) -> str:
