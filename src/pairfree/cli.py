@@ -21,6 +21,7 @@ COMMANDS = (
     "evaluate",
     "run",
     "report",
+    "serve",
     "offset",
     "import_checkpoint",
     "synthesize",
