@@ -257,7 +257,7 @@ def readable(path: Path, job: Job) -> bool:
         with Image.open(path) as image:
             image.verify()
         return True
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         job.skip_log.skip(BadInputError(path, f"unreadable image: {first_line(err)}"))
         return False
 
