@@ -342,3 +342,19 @@ def test_every_command_checks_where_it_writes(world, tmp_path, capsys):
                         str(tmp_path / "imported"), "--mapper", "mlp", "--prefix-length", "10"],
                "missing.pt")  # fmt: skip
     assert a_file.read_text() == "keep me" and not (tmp_path / "imported").exists()
+
+
+def test_report_refuses_a_folder_that_is_not_a_run_and_names_a_bad_metrics_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"train": {"seed": 0}, "recipe": "capdec"}')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n'
+                                       '{"step": 3, "loss": 1.0}\n')  # fmt: skip
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 2
+    assert "metrics.jsonl:2" in capsys.readouterr().err and not (tmp_path / "r.html").exists()
+    # a last line cut by an interruption is only left out
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "<svg" in (tmp_path / "r.html").read_text()

@@ -320,6 +320,14 @@ def test_bad_inputs_fail_early_or_are_skipped_and_reported(tiny, trained, tmp_pa
     assert "at least 2" in capsys.readouterr().err
     assert main(icsd_args(world, bert, out, "validation.dataset=nope.json")) == 2
     assert "validation.dataset" in capsys.readouterr().err
+    for bad, named in (
+        ("min_scale=0", "min_scale"),
+        ("image_encoder_lr=-1", "image_encoder_lr"),
+        ("max_words=0", "max_words"),
+        ("synthesis.group_size=0", "groups of 0"),
+    ):
+        assert main(icsd_args(world, bert, out, bad)) == 2, bad
+        assert named in capsys.readouterr().err
     # an unreadable synthetic image is skipped and named; the rest trains
     copy = tmp_path / "synthetic"
     shutil.copytree(synthetic, copy)

@@ -272,6 +272,13 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         raise PairfreeError("no training pairs: set synthesis.multi_context or single_context")
     if not 0 <= s.single_context <= 1:
         raise PairfreeError(f"synthesis.single_context is a share, 0 to 1, not {s.single_context}")
+    if not 0 < cfg.min_scale <= 1:
+        raise PairfreeError(f"min_scale is the crop's smallest share of the image, in (0, 1], "
+                            f"not {cfg.min_scale}")  # fmt: skip
+    if cfg.image_encoder_lr is not None and not cfg.image_encoder_lr > 0:
+        raise PairfreeError(f"image_encoder_lr must be > 0 (or null), not {cfg.image_encoder_lr}")
+    if cfg.max_words < 1:
+        raise PairfreeError(f"max_words must be at least 1, not {cfg.max_words}")
     if cfg.validation.dataset and not Path(cfg.validation.dataset).is_file():
         raise PairfreeError(f"validation.dataset: {cfg.validation.dataset} does not exist")
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
