@@ -18,6 +18,7 @@ from typing import Any
 from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from pairfree.errors import PairfreeError, first_line
+from pairfree.evaluate.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
@@ -63,31 +64,18 @@ def training_record(checkpoint: Path) -> dict[str, Any] | None:
     own = checkpoint / TRAINING_NAME
     if own.is_file():
         return json.loads(own.read_text(encoding="utf-8"))
-    run = checkpoint.parent
-    config = run / "config.json"
-    if not config.is_file():
-        return None
     try:
-        record: dict[str, Any] = {"config": json.loads(config.read_text(encoding="utf-8"))}
-    except json.JSONDecodeError:
+        run = RunRecord.read(checkpoint.parent)
+    except (PairfreeError, json.JSONDecodeError):
+        return None  # not inside a run folder (an imported or hand-made checkpoint)
+    if not isinstance(run.config, dict) or "train" not in run.config:
         return None
-    if not isinstance(record["config"], dict) or "train" not in record["config"]:
-        return None
-    steps = [json.loads(line).get("step") for line in _lines(run / "metrics.jsonl")]
-    record["steps"] = max((s for s in steps if isinstance(s, int)), default=None)
-    record["checkpoint"] = checkpoint.name
-    record["evaluation"] = {
-        p.stem.removeprefix("metrics_"): p.read_text(encoding="utf-8").strip()
-        for p in sorted(run.glob("metrics_*.md"))
+    return {
+        "config": run.config,
+        "steps": run.train[-1]["step"] if run.train else None,
+        "checkpoint": checkpoint.name,
+        "evaluation": {split: text.strip() for split, text in run.evaluations.items()},
     }
-    return record
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError:
-        return []
 
 
 def model_card(

@@ -33,7 +33,7 @@ from pairfree.captioner import (
     load_captioner,
 )
 from pairfree.captioner.card import CheckpointCard
-from pairfree.captioner.checkpoint import read_card, save_captioner
+from pairfree.captioner.checkpoint import family_of, read_card, save_captioner
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
@@ -151,8 +151,7 @@ class Captioner:
                 conditioning = replace(conditioning, **{field: name})
         card = replace(self.card, conditioning=conditioning, generation=self.generation)
         record = training_record(self.source) if self.source else None
-        family = "cross_attention" if isinstance(self.model, CrossAttentionCaptioner) else "prefix"
-        meta = {"family": family, "captioner": self.model.config.to_dict()}
+        meta = {"family": family_of(self.model), "captioner": self.model.config.to_dict()}
 
         def extra(folder: Path) -> None:
             for name, store in stores.items():

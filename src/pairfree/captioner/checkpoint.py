@@ -66,6 +66,11 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def family_of(model: AnyCaptioner) -> str:
+    """The family name a checkpoint of ``model`` records."""
+    return next(name for name, cls in FAMILIES.items() if isinstance(model, cls))
+
+
 def save_captioner(
     model: AnyCaptioner,
     tokenizer: PreTrainedTokenizerBase,
@@ -76,10 +81,9 @@ def save_captioner(
 ) -> None:
     """Write the captioner to ``out_dir`` atomically (replacing any previous checkpoint);
     ``extra(folder)`` adds files of its own before the folder takes ``out_dir``'s place."""
-    family = next(name for name, cls in FAMILIES.items() if isinstance(model, cls))
     meta = {
         "format": FORMAT,
-        "family": family,
+        "family": family_of(model),
         "captioner": model.config.to_dict(),
         "lm_config": model.lm.config.to_dict(),
         "card": card.to_dict(),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pairfree.demo.report import describe
 from pairfree.errors import PairfreeError
 from pairfree.pipeline import Captioner
 
@@ -48,9 +49,7 @@ def build_app(captioner: Captioner, *, seed: int = 0) -> Any:
 
         config = world_preset("default")
         scene = config.sample_scene(rng)
-        truth = "; ".join(f"{o.size} {o.color} {o.shape} (row {o.position[0]}, col "
-                          f"{o.position[1]})" for o in scene.objects)  # fmt: skip
-        return render_scene(scene, rng, size=config.image_size), truth
+        return render_scene(scene, rng, size=config.image_size), describe(scene)
 
     title = "pairfree captioner" + (f" ({card.recipe}, CLIP {card.clip})" if card else "")
     with gr.Blocks(title="pairfree") as app:

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
 from pairfree.captioner import (
@@ -73,7 +72,13 @@ from pairfree.training.text_only import (
     pad_collate,
     save_with_card,
 )
-from pairfree.training.trainer import OptimizerSpec, TrainConfig, Trainer, TrainResult
+from pairfree.training.trainer import (
+    OptimizerSpec,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    captions_across_processes,
+)
 
 
 # --------------------------------------------------------------------------- config
@@ -423,15 +428,18 @@ def train_adversarial(
 
     def evaluate(ctx) -> dict[str, float]:
         """Greedy captions of the validation images (sharded over processes), CIDEr x100."""
-        acc = ctx.accelerator
         generator = ctx.unwrap("generator")
-        mine = slice(acc.process_index, None, acc.num_processes)
         captioner = Captioner(
             generator, tokenizer, clip, conditioning=conditioning, generation=cfg.generation
         )
-        texts = captioner.caption_embeddings(val_embeds[mine], batch_size=cfg.val.batch_size)
+        predictions = captions_across_processes(
+            ctx.accelerator,
+            val_ids,
+            lambda mine: captioner.caption_embeddings(
+                val_embeds[mine], batch_size=cfg.val.batch_size
+            ),
+        )
         generator.train()
-        predictions = dict(gather_object(list(zip(val_ids[mine], texts, strict=True))))
         return {"CIDEr": caption_metrics(predictions, references, metrics=("CIDEr",))["CIDEr"]}
 
     card = CheckpointCard(recipe, cfg.clip, conditioning, cfg.generation)

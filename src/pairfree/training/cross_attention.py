@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
 from pairfree.captioner import CheckpointCard, GenerationConfig, caption_log_probs
@@ -33,6 +32,7 @@ from pairfree.training.trainer import (
     TrainConfig,
     TrainResult,
     ValFn,
+    captions_across_processes,
 )
 
 
@@ -185,13 +185,12 @@ def caption_score_eval(
     refs = {i: list(r) for i, r in zip(ids, references, strict=True)}
 
     def evaluate(ctx) -> dict[str, float]:
-        acc = ctx.accelerator
         model = ctx.unwrap("captioner")
-        mine = slice(acc.process_index, None, acc.num_processes)
         captioner = Captioner(model, tokenizer, clip, generation=generation)
-        texts = captioner.caption(list(images[mine]), batch_size=batch_size)
+        predictions = captions_across_processes(
+            ctx.accelerator, ids, lambda mine: captioner(list(images[mine]), batch_size=batch_size)
+        )
         model.train()
-        predictions = dict(gather_object(list(zip(ids[mine], texts, strict=True))))
         scores = caption_metrics(predictions, refs, metrics=("BLEU", "CIDEr"))
         cider, bleu = float(scores["CIDEr"] or 0.0), float(scores["Bleu_4"] or 0.0)
         return {"val_CIDEr": cider, "val_BLEU_4": bleu, "val_CIDEr+BLEU_4": cider + bleu}

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -438,9 +438,9 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        numbers = {k: float(v) for k, v in {**record, **record.get("eval", {})}.items()
-                   if k not in ("step", "eval") and isinstance(v, int | float)}  # fmt: skip
         if self.config.report_to:
+            numbers = {k: float(v) for k, v in {**record, **record.get("eval", {})}.items()
+                       if k not in ("step", "eval") and isinstance(v, int | float)}  # fmt: skip
             self.accelerator.log(numbers, step=record["step"])
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -612,6 +612,16 @@ class Trainer:
             last_dir=last,
             history=self.history,
         )
+
+
+def captions_across_processes(
+    accelerator: Accelerator, ids: Sequence[str], caption: Callable[[slice], list[str]]
+) -> dict[str, str]:
+    """Id -> caption for all ``ids``: each process captions its slice (``caption(mine)``
+    returns the captions of ``ids[mine]``), every process gets them all (validation by
+    caption metrics)."""
+    mine = slice(accelerator.process_index, None, accelerator.num_processes)
+    return dict(gather_object(list(zip(ids[mine], caption(mine), strict=True))))
 
 
 def trackers(report_to: Sequence[str]) -> list[str] | str | None:
