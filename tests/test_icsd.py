@@ -71,7 +71,9 @@ def test_every_selected_caption_is_paired_with_its_groups_image_and_only_with_it
     assert len(pairs) < sum(len(g["captions"]) for g in groups)
 
 
-def test_icsd_learns_saves_its_tower_and_captions_through_the_cli(trained, tiny, tmp_path):
+def test_icsd_learns_saves_its_tower_and_captions_through_the_cli(
+    trained, tiny, tmp_path, monkeypatch
+):
     from safetensors.torch import load_file
 
     from pairfree.clip import load_clip
@@ -99,7 +101,14 @@ def test_icsd_learns_saves_its_tower_and_captions_through_the_cli(trained, tiny,
     assert main(["caption", str(out / "last"), *map(str, images), "--out", str(captions),
                  "--quiet"]) == 0  # fmt: skip
     cli = [r["caption"] for r in json.loads(captions.read_text())]
-    api = Captioner.from_pretrained(out / "last").caption(images)
+    captioner = Captioner.from_pretrained(out / "last")
+    assert not captioner.needs_embeddings  # ICSD reads pixels only: no CLIP image pass
+
+    def no_clip_pass(*args, **kwargs):
+        raise AssertionError("an ICSD captioner computed CLIP image embeddings")
+
+    monkeypatch.setattr(captioner.clip, "encode_images", no_clip_pass)
+    api = captioner.caption(images)
     assert cli == api and len(api) == len(images)
 
 

@@ -185,6 +185,14 @@ class Captioner:
         )
 
     @property
+    def needs_embeddings(self) -> bool:
+        """Whether captioning reads the images' CLIP embeddings: a prefix captioner always, a
+        cross-attention one only for a soft prompt or hard prompts (ICSD's reads neither)."""
+        if not self.needs_grid:
+            return True
+        return self.model.soft_prompt is not None or self.phrases is not None
+
+    @property
     def needs_grid(self) -> bool:
         """Whether captioning reads grid features besides the image embeddings."""
         return isinstance(self.model, CrossAttentionCaptioner)
@@ -214,7 +222,9 @@ class Captioner:
         batch_size: int = 64,
     ) -> list[str]:
         """Captions for precomputed CLIP image embeddings (e.g. from a feature store), and
-        for a cross-attention captioner what :meth:`grids` gives for the images."""
+        for a cross-attention captioner what :meth:`grids` gives for the images. Where
+        :attr:`needs_embeddings` is false, ``image_embeds`` only counts the images (``[N, 0]``
+        will do)."""
         if self.needs_grid and (grid is None or len(grid) != len(image_embeds)):
             raise PairfreeError("a cross-attention captioner needs each image's grid features")
         device = next(self.model.parameters()).device
@@ -222,7 +232,7 @@ class Captioner:
         texts: list[str] = []
         for start in range(0, len(image_embeds), batch_size):
             chunk = image_embeds[start : start + batch_size]
-            cond = self.conditions(chunk).to(device)
+            cond = self.conditions(chunk).to(device) if self.needs_embeddings else None
             if self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip
@@ -232,7 +242,11 @@ class Captioner:
         return texts
 
     def _generate_cross_attention(
-        self, cond: torch.Tensor, image_embeds: torch.Tensor, grid: torch.Tensor, settings: dict
+        self,
+        cond: torch.Tensor | None,
+        image_embeds: torch.Tensor,
+        grid: torch.Tensor,
+        settings: dict,
     ) -> list[list[int]]:
         texts = self.hard_prompts(image_embeds)
         tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -260,7 +274,10 @@ class Captioner:
         return texts[0] if single else texts
 
     def _caption(self, pil: list[Image.Image], *, batch_size: int) -> list[str]:
-        embeds = self.clip.encode_images(pil, batch_size=batch_size) if pil else torch.empty(0)
+        if pil and self.needs_embeddings:
+            embeds = self.clip.encode_images(pil, batch_size=batch_size)
+        else:
+            embeds = torch.empty(len(pil), 0)
         grid = self.grids(pil, batch_size=batch_size) if self.needs_grid else None
         return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
 
