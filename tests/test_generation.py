@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench import clipcap_original
 from pairfree.captioner import generation
 from pairfree.captioner.generation import generate
 
@@ -257,57 +258,6 @@ def test_decoding_uses_the_current_cache_api_without_warnings(wide_lm, prefixes)
     assert beams == generate(wide_lm, prefixes, num_beams=3, max_new_tokens=6, use_cache=False)
 
 
-# ClipCap's decoding re-derived, one input at a time, re-running the whole sequence every step
-# (rmokady/CLIP_prefix_caption and DavidHuji/CapDec, generate_beam and generate2).
-def clipcap_generate_beam(lm, prefix, beam_size, entry_length, stop):
-    generated, tokens, scores = prefix[None], None, None
-    seq_lengths = torch.ones(beam_size)
-    is_stopped = torch.zeros(beam_size, dtype=torch.bool)
-    with torch.no_grad():
-        for _ in range(entry_length):
-            logits = lm(inputs_embeds=generated).logits[:, -1, :]
-            logits = logits.softmax(-1).log()
-            if scores is None:
-                scores, next_tokens = logits.topk(beam_size, -1)
-                generated = generated.expand(beam_size, *generated.shape[1:])
-                next_tokens, scores = next_tokens.permute(1, 0), scores.squeeze(0)
-                tokens = next_tokens
-            else:
-                logits[is_stopped] = -float("inf")
-                logits[is_stopped, 0] = 0
-                scores_sum = scores[:, None] + logits
-                seq_lengths[~is_stopped] += 1
-                average = scores_sum / seq_lengths[:, None]
-                average, next_tokens = average.view(-1).topk(beam_size, -1)
-                source = next_tokens // scores_sum.shape[1]
-                seq_lengths = seq_lengths[source]
-                next_tokens = (next_tokens % scores_sum.shape[1]).unsqueeze(1)
-                tokens = torch.cat((tokens[source], next_tokens), dim=1)
-                generated = generated[source]
-                scores = average * seq_lengths
-                is_stopped = is_stopped[source]
-            embed = lm.get_input_embeddings()(next_tokens.squeeze()).view(generated.shape[0], 1, -1)
-            generated = torch.cat((generated, embed), dim=1)
-            is_stopped = is_stopped + next_tokens.eq(stop).squeeze()
-            if is_stopped.all():
-                break
-    order = (scores / seq_lengths).argsort(descending=True)
-    return [tokens[i, : int(seq_lengths[i])].tolist() for i in order]
-
-
-def clipcap_generate2(lm, prefix, entry_length, stops):
-    generated, tokens = prefix[None], []
-    with torch.no_grad():
-        for _ in range(entry_length):
-            token = int(lm(inputs_embeds=generated).logits[0, -1].argmax())
-            tokens.append(token)
-            embed = lm.get_input_embeddings()(torch.tensor([[token]]))
-            generated = torch.cat((generated, embed), dim=1)
-            if token in stops:
-                break
-    return tokens
-
-
 @pytest.mark.parametrize("init", [0.3, 0.02])  # peaked, and nearly flat (near-ties)
 def test_clipcap_search_reproduces_the_original_generate_beam(init):
     torch.manual_seed(1)
@@ -318,18 +268,23 @@ def test_clipcap_search_reproduces_the_original_generate_beam(init):
     # a stop token the model often reaches, so that beams finish at different steps
     free = generate(lm, prefixes, num_beams=5, max_new_tokens=9, num_return_sequences=5)
     stop = Counter(t for seq in free for t in seq[1:4]).most_common(1)[0][0]
+    rows = []  # LM rows per step: an input whose beams all stopped leaves the batch
+    hook = lm.transformer.register_forward_hook(lambda m, a, out: rows.append(len(out[0])))
     ours = generate(lm, prefixes, num_beams=5, max_new_tokens=9, stop_token_ids=[stop],
                     search="clipcap", num_return_sequences=5)  # fmt: skip
+    hook.remove()
+    assert rows[:2] == [60, 300] and rows[1:] == sorted(rows[1:], reverse=True)
+    assert rows[-1] < 300 or init == 0.02  # the peaked LM finishes some inputs early
     hf_style = generate(lm, prefixes, num_beams=5, max_new_tokens=9, stop_token_ids=[stop])
     differ = 0
     for i, prefix in enumerate(prefixes):
-        reference = clipcap_generate_beam(lm, prefix, 5, 9, stop)
+        reference = clipcap_original.beam_search(lm, prefix, 5, 9, stop)
         assert ours[5 * i : 5 * i + 5] == reference
         differ += hf_style[i] != reference[0]
     assert differ > 0  # the two searches are not the same algorithm
     greedy = generate(lm, prefixes, max_new_tokens=9, stop_token_ids=[stop, 17], search="clipcap")
     for prefix, seq in zip(prefixes, greedy, strict=True):
-        assert seq == clipcap_generate2(lm, prefix, 9, {stop, 17})
+        assert seq == clipcap_original.greedy(lm, prefix, 9, {stop, 17})
 
 
 def test_clipcap_greedy_also_stops_at_space_period():

@@ -262,47 +262,51 @@ def _clipcap_beam_search(
     with its score frozen (it may only add token 0, at log-probability 0, and its length stops
     growing); each step all ``num_beams * V`` continuations are ranked by mean token
     log-probability (ClipCap's ``softmax().log()``, not ``log_softmax``). An input is done when
-    all its slots are stopped; its slots are then ranked by mean log-probability.
+    all its slots are stopped (ClipCap stops there); it then leaves the batch, and its slots are
+    ranked by mean log-probability.
     """
     batch, k = logits.shape[0], num_beams
     vocab = logits.shape[-1]
     device = logits.device
     stop_ids = stop_ids.to(device)
-    scores, first = logits.softmax(-1).log().topk(k, -1)  # [B, k]
-    tokens = first[..., None]  # [B, k, t]
+    scores, first = logits.softmax(-1).log().topk(k, -1)  # [n, k] for the n inputs still going
+    tokens = first[..., None]  # [n, k, t]
     lengths = torch.ones(batch, k, device=device)
     stopped = torch.isin(first, stop_ids)
-    done = stopped.all(dim=1)
-    stepper.select(torch.arange(batch).repeat_interleave(k))
-    for _ in range(max_new_tokens - 1):
-        if done.all():
+    items = torch.arange(batch, device=device)  # the input each of the n is
+    parent = items[:, None].expand(batch, k)  # the LM row each slot continues
+    final: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for step_number in range(max_new_tokens):
+        done = stopped.all(dim=1) | (step_number == max_new_tokens - 1)
+        for i in done.nonzero().squeeze(1).tolist():
+            final[int(items[i])] = (scores[i], lengths[i], tokens[i])
+        going = ~done
+        if not going.any():
             break
-        step = stepper.step(tokens[..., -1].reshape(-1)).softmax(-1).log().view(batch, k, vocab)
-        step[stopped] = -float("inf")
-        step[..., 0][stopped] = 0.0
-        grown = lengths + (~stopped).float()
-        mean = (scores[..., None] + step) / grown[..., None]
-        best, index = mean.view(batch, k * vocab).topk(k, -1)
-        source, token = index // vocab, index % vocab
-        new_lengths = grown.gather(1, source)
-        new_tokens = torch.cat(
-            (tokens.gather(1, source[..., None].expand_as(tokens)), token[..., None]), -1
+        items, scores, lengths, stopped, tokens, parent = (
+            x[going] for x in (items, scores, lengths, stopped, tokens, parent)
         )
-        new_stopped = stopped.gather(1, source) | torch.isin(token, stop_ids)
-        keep = done[:, None]  # finished inputs stay as they were (ClipCap stopped there)
-        lengths = torch.where(keep, lengths, new_lengths)
-        pad = torch.zeros_like(token)[..., None]
-        tokens = torch.where(keep[..., None], torch.cat((tokens, pad), -1), new_tokens)
-        scores = torch.where(keep, scores, best * new_lengths)
-        stopped = torch.where(keep, stopped, new_stopped)
-        order = torch.where(keep, torch.arange(k, device=device).expand(batch, k), source)
-        stepper.select((torch.arange(batch, device=device)[:, None] * k + order).reshape(-1))
-        done = stopped.all(dim=1)
+        stepper.select(parent.reshape(-1))
+        n = len(items)
+        step = stepper.step(tokens[..., -1].reshape(-1)).softmax(-1).log_().view(n, k, vocab)
+        if stopped.any():
+            step[stopped] = -float("inf")
+            step[..., 0][stopped] = 0.0
+        grown = lengths + (~stopped).float()
+        mean = step.add_(scores[..., None]).div_(grown[..., None])  # in place: n * k * V floats
+        best, index = mean.view(n, k * vocab).topk(k, -1)
+        source, token = index // vocab, index % vocab
+        lengths = grown.gather(1, source)
+        history = tokens.gather(1, source[..., None].expand_as(tokens))
+        tokens = torch.cat((history, token[..., None]), -1)
+        stopped = stopped.gather(1, source) | torch.isin(token, stop_ids)
+        scores = best * lengths
+        parent = torch.arange(n, device=device)[:, None] * k + source
     sequences = []
     for b in range(batch):
-        mean = scores[b] / lengths[b]
-        for slot in mean.argsort(descending=True)[:num_return_sequences].tolist():
-            sequences.append(tokens[b, slot, : int(lengths[b, slot])].tolist())
+        scores_b, lengths_b, tokens_b = final[b]
+        for slot in (scores_b / lengths_b).argsort(descending=True)[:num_return_sequences].tolist():
+            sequences.append(tokens_b[slot, : int(lengths_b[slot])].tolist())
     return sequences
 
 
