@@ -194,6 +194,61 @@ def test_kv_cache_equals_recomputing_the_sequence(wide_lm, prefixes):
     )
 
 
+def test_buffered_cache_layer_holds_what_hugging_faces_dynamic_layer_holds():
+    """Beams spawned, reordered within their input (only generated positions move), grown past
+    the planned length and dropped: the buffered layer's keys and values stay equal to those
+    of the DynamicLayer it replaces."""
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 4, 5, generator=g), torch.randn(3, 2, 4, 5, generator=g)
+    reference = DynamicLayer()
+    reference.update(keys, values)
+    buffered = generation._BufferedLayer(keys, values, capacity=6)
+    steps = [
+        ([0, 0, 1, 1, 2, 2], False),  # beams spawned
+        ([1, 0, 3, 3, 5, 4], True),  # reordered within each input, one beam copied twice
+        ([0, 1, 2, 2, 4, 5], True),
+        ([2, 3], False),  # the first and last inputs finished
+        ([1, 0], True),
+    ]
+    for rows, within in steps:
+        rows = torch.tensor(rows)
+        reference.reorder_cache(rows)
+        buffered.reindex(rows, within)
+        new_k, new_v = (
+            torch.randn(len(rows), 2, 1, 5, generator=g),
+            torch.randn(len(rows), 2, 1, 5, generator=g),
+        )
+        expected = reference.update(new_k, new_v)
+        got = buffered.update(new_k, new_v)
+        for e, o in zip(expected, got, strict=True):
+            assert torch.equal(e, o)
+    assert buffered.length == 9 and buffered.capacity >= 9  # grew past the planned 6
+    assert buffered.scratch is not None  # the within-input path ran
+
+
+def test_decoding_keeps_the_kv_cache_in_buffers_and_moves_only_generated_positions(
+    wide_lm, prefixes, monkeypatch
+):
+    """GPT-2's cache is held in buffered layers (the fast path is not silently skipped), and a
+    beam step re-indexes within each input, so the prefix positions are never copied."""
+    calls = []
+    reindex = generation._BufferedLayer.reindex
+
+    def counting(self, rows, within_groups):
+        calls.append(within_groups)
+        reindex(self, rows, within_groups)
+
+    monkeypatch.setattr(generation._BufferedLayer, "reindex", counting)
+    kw = dict(num_beams=3, max_new_tokens=6, stop_token_ids=[WIDE_STOP], num_return_sequences=3)
+    for search in generation.SEARCHES:
+        calls.clear()
+        cached = generate(wide_lm, prefixes, search=search, **kw)
+        assert calls.count(True) > calls.count(False) > 0  # spawned once, then within inputs
+        assert cached == generate(wide_lm, prefixes, search=search, use_cache=False, **kw)
+
+
 def test_sampling_is_seeded_and_top_k_one_is_greedy(wide_lm, prefixes):
     kwargs = dict(do_sample=True, max_new_tokens=8, num_return_sequences=4, temperature=1.5)
 

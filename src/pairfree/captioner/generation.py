@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 EARLY_STOPPING = (False, True, "never")
 SEARCHES = ("hf", "clipcap")
@@ -77,6 +78,84 @@ class GenerationConfig:
         }
 
 
+class _BufferedLayer(DynamicLayer):
+    """A KV cache layer whose keys and values are views into a buffer sized for the whole
+    generation, so that a step writes its position in place.
+
+    :class:`DynamicLayer` allocates the whole cache anew at every step, once to append
+    (``torch.cat``) and once to re-index (``index_select``); on the CPU a fresh allocation costs
+    more than the copy itself (each page is faulted in on first touch). Here, when rows are
+    only reordered among the beams of one input (``within_groups``), their first ``shared``
+    positions (the prefix, fed before any beam existed) are the same in every row of the group,
+    so only the generated positions move, through a scratch buffer allocated once. Other
+    re-indexings (beams spawned, finished inputs leaving) copy the rows into a new buffer. With
+    beam 5 and a 40-token prefix the cache went from costing more than the step's matrix
+    multiplies to a small share of them (``bench/generation.py --prefix-length 40``).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.capacity = max(capacity, keys.shape[-2])
+        self.rows, self.length = keys.shape[0], keys.shape[-2]
+        self.shared = self.length
+        self.buffer = self._allocate(keys, self.rows, self.capacity)
+        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        for buffer, states in zip(self.buffer, (keys, values), strict=True):
+            buffer[:, :, : self.length] = states
+        self._expose()
+
+    @staticmethod
+    def _allocate(
+        like: torch.Tensor, rows: int, positions: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (rows, like.shape[1], positions, like.shape[3])
+        return like.new_empty(shape), like.new_empty(shape)
+
+    def _expose(self) -> None:
+        self.keys, self.values = (b[: self.rows, :, : self.length] for b in self.buffer)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:  # longer than planned: grow, as DynamicLayer would
+            self.capacity = 2 * end
+            grown = self._allocate(self.keys, self.rows, self.capacity)
+            for new, old in zip(grown, (self.keys, self.values), strict=True):
+                new[:, :, : self.length] = old
+            self.buffer = grown
+        for buffer, states in zip(self.buffer, (key_states, value_states), strict=True):
+            buffer[: self.rows, :, self.length : end] = states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def reindex(self, rows: torch.Tensor, within_groups: bool) -> None:
+        """Row ``i`` becomes the old row ``rows[i]``."""
+        n, span = len(rows), self.length - self.shared
+        if within_groups:
+            if span == 0:  # nothing generated yet (or a cross-attention cache): all shared
+                return
+            if self.scratch is None or self.scratch[0].shape[2] < span:
+                self.scratch = self._allocate(self.keys, n, self.capacity - self.shared)
+            for buffer, scratch in zip(self.buffer, self.scratch, strict=True):
+                generated = buffer[:n, :, self.shared : self.length]
+                moved = scratch[:n, :, :span]
+                torch.index_select(generated, 0, rows, out=moved)
+                generated.copy_(moved)
+        else:
+            new = self._allocate(self.keys, n, self.capacity)
+            for old, buffer in zip((self.keys, self.values), new, strict=True):
+                torch.index_select(old, 0, rows, out=buffer[:, :, : self.length])
+            self.buffer = new
+        self.rows = n
+        self._expose()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.reindex(beam_idx.to(self.device), within_groups=False)
+
+
 class _Stepper:
     """Runs the LM one token per row per step and returns next-token logits.
 
@@ -92,10 +171,13 @@ class _Stepper:
         *,
         prefix_mask: torch.Tensor | None = None,
         context: dict[str, torch.Tensor] | None = None,
+        max_new_tokens: int = 0,
     ) -> None:
         self.lm = lm
         self.use_cache = use_cache
+        self.capacity = prefix.shape[1] + max_new_tokens  # positions the cache will hold
         self.device = prefix.device
+        self.origin = torch.arange(len(prefix), device=self.device)  # the input each row is of
         self.inputs = prefix
         self.mask = None if prefix_mask is None else prefix_mask.to(self.device, torch.long)
         self.context = {k: v.to(self.device) for k, v in (context or {}).items()}
@@ -113,13 +195,41 @@ class _Stepper:
                 f"{type(self.lm).__name__} returned a cache that cannot be re-indexed; "
                 "generate with use_cache=False"
             )
+        if self.use_cache:
+            self._buffer_cache()
         return logits
+
+    def _buffer_cache(self) -> None:
+        """Hold a dynamic cache's layers in :class:`_BufferedLayer` objects (a cross-attending
+        decoder's self- and cross-attention caches alike); other caches stay as the model made
+        them and are re-indexed through their own ``reorder_cache``."""
+        cache = self.cache
+        if isinstance(cache, EncoderDecoderCache):
+            parts = ((cache.self_attention_cache, self.capacity), (cache.cross_attention_cache, 0))
+        else:
+            parts = ((cache, self.capacity),)
+        self.buffered, self.unbuffered = [], []
+        for part, capacity in parts:
+            layers = getattr(part, "layers", [])
+            if type(part) is DynamicCache and all(
+                type(layer) is DynamicLayer and layer.get_seq_length() > 0 for layer in layers
+            ):
+                part.layers = [_BufferedLayer(x.keys, x.values, capacity) for x in layers]
+                self.buffered += part.layers
+            else:
+                self.unbuffered.append(part)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and repeat or reorder) the given rows of the batch."""
         rows = rows.to(self.device)
+        origin = self.origin[rows]
+        within_groups = len(origin) == len(self.origin) and bool((origin == self.origin).all())
+        self.origin = origin
         if self.use_cache:
-            self.cache.reorder_cache(rows)
+            for layer in self.buffered:
+                layer.reindex(rows, within_groups)
+            for part in self.unbuffered:
+                part.reorder_cache(rows)
         else:
             self.inputs = self.inputs[rows]
         if self.mask is not None:
@@ -208,7 +318,8 @@ def generate(
     for name, value in (context or {}).items():
         if len(value) != len(prefix):
             raise ValueError(f"context {name!r} has {len(value)} rows for {len(prefix)} prefixes")
-    stepper = _Stepper(lm, prefix, use_cache, prefix_mask=prefix_mask, context=context)
+    stepper = _Stepper(lm, prefix, use_cache, prefix_mask=prefix_mask, context=context,
+                       max_new_tokens=max_new_tokens)  # fmt: skip
     logits = stepper.start()
     if num_beams > 1 and search == "clipcap":
         sequences = _clipcap_beam_search(
