@@ -135,3 +135,25 @@ def test_full_demo_scores_every_recipe_beside_its_initialization(tmp_path):
     assert all(m in FULL_METHODS for m in methods) and report.exists()
     synthetic = cfg.synthetic_dir
     assert all((synthetic / d / "dataset.jsonl").is_file() for d in ("own", "supporting"))
+
+
+def test_spawned_training_processes_show_the_parents_log_lines(capfd):
+    """The demo trains text-only runs in spawned processes; their trainer lines reach stderr as
+    the parent's do (a spawned process starts with no logging set up), and stay silent where
+    the parent's are not shown."""
+    import logging
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from pairfree.demo.run import start_worker
+    from pairfree.logs import library_log_level, show_library_logs
+
+    show_library_logs(logging.INFO)
+    assert library_log_level() == logging.INFO
+    log = logging.getLogger("pairfree.training")
+    for level, shown in ((library_log_level(), True), (None, False)):
+        with ProcessPoolExecutor(
+            1, mp_context=get_context("spawn"), initializer=start_worker, initargs=(1, level)
+        ) as pool:
+            pool.submit(log.info, "step 7/9 of a spawned run").result()
+        assert ("step 7/9 of a spawned run" in capfd.readouterr().err) is shown

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pairfree import __version__
 from pairfree.errors import PairfreeError
+from pairfree.logs import show_library_logs
 
 COMMANDS = (
     "demo",
@@ -63,29 +64,6 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in dict.fromkeys(action.choices.values()):
                 add_verbosity(child)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (not the one it was created with)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def show_library_logs(level: int = logging.INFO) -> None:
-    """pairfree's library logs (training progress, resume points, skipped items) go to stderr
-    as plain lines, from ``level`` up."""
-    logger = logging.getLogger("pairfree")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

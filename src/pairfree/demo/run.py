@@ -32,6 +32,7 @@ from pairfree.errors import PairfreeError
 from pairfree.experiment import TestSet, caption_test_set, score_captions, train_recipe
 from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import Job
+from pairfree.logs import library_log_level, show_library_logs
 from pairfree.pipeline import Captioner
 from pairfree.synth.images import plan_prompts, synthesize_images
 from pairfree.synth.llm import Sampling, load_llm
@@ -55,6 +56,14 @@ def train_one(cfg: DemoConfig, method: Method, progress: bool = True) -> tuple[P
                 config.train.max_steps or 0, config.train.output_dir)  # fmt: skip
     train_recipe(method.recipe, config, resume=False, progress=progress)
     return Path(config.train.output_dir), time.time() - start
+
+
+def start_worker(threads: int, log_level: int | None) -> None:
+    """A spawned training process: its share of the CPU, and the parent's log lines (the
+    trainer's progress lines) where the parent shows them."""
+    torch.set_num_threads(threads)
+    if log_level is not None:
+        show_library_logs(log_level)
 
 
 def train_methods(
@@ -89,8 +98,8 @@ def train_methods(
         encode_corpus(load_clip(cfg.clip), corpus, cfg.corpus_features, Job(progress=progress))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(
-            jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-            initargs=(threads,),
+            jobs, mp_context=get_context("spawn"), initializer=start_worker,
+            initargs=(threads, library_log_level()),
         ) as pool:  # fmt: skip
             logger.info("demo: training %d text-only runs in %d processes", len(parallel), jobs)
             futures = {m.training_key: pool.submit(train_one, cfg, m, False) for m in parallel}
