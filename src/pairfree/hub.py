@@ -78,6 +78,12 @@ def training_record(checkpoint: Path) -> dict[str, Any] | None:
     }
 
 
+def _shareable(name: str) -> str:
+    """A Hub id as it is; of a path on the training machine, only its last part (the folders
+    are that machine's business, and mean nothing to the card's readers)."""
+    return Path(name).name if Path(name).is_absolute() else name
+
+
 def model_card(
     card: CheckpointCard,
     captioner: dict[str, Any],
@@ -88,11 +94,13 @@ def model_card(
     """README.md of a saved captioner: what it is, how it was trained and scored, how to load
     it (Hugging Face's model-card format, with its metadata header)."""
     family = captioner.get("family", "prefix")
-    lm = captioner.get("captioner", {}).get("lm", "?")
+    lm = _shareable(captioner.get("captioner", {}).get("lm", "?"))
     config = (record or {}).get("config", {})
-    corpus = (
-        config.get("corpus", {}).get("path") if isinstance(config.get("corpus"), dict) else None
-    )
+    corpus = config.get("corpus") if isinstance(config.get("corpus"), dict) else {}
+    data = "not recorded"
+    if corpus.get("path"):
+        data = f"`{_shareable(corpus['path'])}`"
+        data += f", split `{corpus['split']}`" if corpus.get("split") else ""
     train = config.get("train", {})
     where = repo_id or "path/to/this/folder"
     lines = [
@@ -112,7 +120,7 @@ def model_card(
         f"| recipe | `{card.recipe}` |",
         f"| CLIP | `{card.clip}` |",
         f"| decoder | `{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'}) |",
-        f"| training data | {f'`{corpus}`' if corpus else 'not recorded'} |",
+        f"| training data | {data} |",
         f"| training steps | {(record or {}).get('steps') or 'not recorded'} |",
         f"| batch size, lr | {train.get('batch_size', '?')}, {train.get('lr', '?')} |",
         f"| decoding | beam {card.generation.num_beams}, at most "
