@@ -206,7 +206,9 @@ def test_buffered_cache_layer_holds_what_hugging_faces_dynamic_layer_holds():
     reference.update(keys, values)
     buffered = generation._BufferedLayer(keys, values, capacity=6)
     steps = [
-        ([0, 0, 1, 1, 2, 2], False),  # beams spawned
+        ([0, 1, 2], True),  # nothing generated yet: nothing moves
+        ([0, 1, 2], True),  # a scratch buffer for 3 rows
+        ([0, 0, 1, 1, 2, 2], False),  # beams spawned (the scratch is then too small)
         ([1, 0, 3, 3, 5, 4], True),  # reordered within each input, one beam copied twice
         ([0, 1, 2, 2, 4, 5], True),
         ([2, 3], False),  # the first and last inputs finished
@@ -224,7 +226,7 @@ def test_buffered_cache_layer_holds_what_hugging_faces_dynamic_layer_holds():
         got = buffered.update(new_k, new_v)
         for e, o in zip(expected, got, strict=True):
             assert torch.equal(e, o)
-    assert buffered.length == 9 and buffered.capacity >= 9  # grew past the planned 6
+    assert buffered.length == 11 and buffered.capacity >= 11  # grew past the planned 6
     assert buffered.scratch is not None  # the within-input path ran
 
 

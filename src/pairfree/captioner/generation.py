@@ -90,7 +90,7 @@ class _BufferedLayer(DynamicLayer):
     so only the generated positions move, through a scratch buffer allocated once. Other
     re-indexings (beams spawned, finished inputs leaving) copy the rows into a new buffer. With
     beam 5 and a 40-token prefix the cache went from costing more than the step's matrix
-    multiplies to a small share of them (``bench/generation.py --prefix-length 40``).
+    multiplies to a small share of them (``bench/generation.py``).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
@@ -132,12 +132,14 @@ class _BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
     def reindex(self, rows: torch.Tensor, within_groups: bool) -> None:
-        """Row ``i`` becomes the old row ``rows[i]``."""
+        """Row ``i`` becomes the old row ``rows[i]``; ``within_groups``: each row stays with the
+        input it was spawned from (a beam reorder), so the shared prefix stays where it is."""
         n, span = len(rows), self.length - self.shared
         if within_groups:
             if span == 0:  # nothing generated yet (or a cross-attention cache): all shared
                 return
-            if self.scratch is None or self.scratch[0].shape[2] < span:
+            held = (0, 0, 0) if self.scratch is None else self.scratch[0].shape
+            if held[0] < n or held[2] < span:  # rows, positions
                 self.scratch = self._allocate(self.keys, n, self.capacity - self.shared)
             for buffer, scratch in zip(self.buffer, self.scratch, strict=True):
                 generated = buffer[:n, :, self.shared : self.length]
