@@ -84,9 +84,13 @@ def test_evaluate_never_writes_over_its_inputs(world, checkpoint, tmp_path, caps
     scores = json.loads((tmp_path / "preds.scores.json").read_text())
     assert "CIDEr" in scores["scores"]["overall"] and (tmp_path / "preds.scores.md").exists()
     capsys.readouterr()
-    fails_with(capsys, ["evaluate", str(preds), str(world.dataset), "--out", str(tmp_path / "preds")],
-               "is an input")  # fmt: skip
+    for out in ("preds", "preds.json"):  # a .json ending names the same prefix
+        fails_with(capsys, ["evaluate", str(preds), str(world.dataset), "--out",
+                            str(tmp_path / out)], "is an input")  # fmt: skip
     assert digest(preds) == before
+    assert main(["evaluate", str(preds), str(world.dataset), "--split", "test", "--out",
+                 str(tmp_path / "named.json"), "--quiet"]) == 0  # fmt: skip
+    assert (tmp_path / "named.json").is_file() and (tmp_path / "named.md").is_file()
 
 
 @pytest.mark.parametrize("names", [["a/x.png", "b/x.png"], ["7.png", "007.png"]])
@@ -342,6 +346,8 @@ def test_every_command_checks_where_it_writes(world, tmp_path, capsys):
                         str(tmp_path / "imported"), "--mapper", "mlp", "--prefix-length", "10"],
                "missing.pt")  # fmt: skip
     assert a_file.read_text() == "keep me" and not (tmp_path / "imported").exists()
+    if Path("/proc/self").exists():  # a place nobody can write, root included
+        fails_with(capsys, ["world", "make", "/proc/pairfree-world"], "not writable")
 
 
 def test_report_refuses_a_folder_that_is_not_a_run_and_names_a_bad_metrics_line(tmp_path, capsys):

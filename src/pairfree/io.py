@@ -93,5 +93,10 @@ def check_output(
     parent = path if folder and path.is_dir() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PairfreeError(f"cannot write {path}: {parent} is not writable")
+    try:  # a real write: permission bits say nothing to root, or of a read-only file system
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise PairfreeError(
+            f"cannot write {path}: {parent} is not writable ({error.strerror})"
+        ) from None

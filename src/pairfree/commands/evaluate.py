@@ -32,7 +32,8 @@ def register(sub) -> None:
         "--out",
         type=Path,
         default=None,
-        help="output prefix: writes OUT.json and OUT.md (default: PREDICTIONS.scores)",
+        help="output prefix: writes OUT.json and OUT.md (default: PREDICTIONS.scores; "
+        "a .json or .md ending is taken off)",
     )
     add_device(p)
     p.set_defaults(func=run)
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.predictions.with_suffix("").with_name(
         args.predictions.with_suffix("").name + ".scores"
     )
+    if out.suffix in (".json", ".md"):  # `--out scores.json` means the prefix `scores`
+        out = out.with_suffix("")
     json_out, md_out = Path(f"{out}.json"), Path(f"{out}.md")
     for path in (json_out, md_out):
         check_output(path, inputs=[args.predictions, args.references])
