@@ -157,7 +157,7 @@ def test_encode_reports_what_it_skipped_while_reading_and_fails_on_nothing(
     clip = f"hf:{tiny_clip_dir}"
     assert main(["encode", "--captions", str(corpus), "--clip", clip, "--out", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "skipped 1 bad items" in out and "corpus.jsonl" in out and "wrote 2 text" in out
+    assert "skipped 1 bad items (" in out and "corpus.jsonl:2: " in out and "wrote 2 text" in out
     assert len((tmp_path / "store.skipped.jsonl").read_text().splitlines()) == 1
 
     bad = tmp_path / "bad.jsonl"
@@ -166,6 +166,19 @@ def test_encode_reports_what_it_skipped_while_reading_and_fails_on_nothing(
     fails_with(capsys, ["encode", "--captions", str(bad), "--clip", clip, "--out", str(empty)],
                "nothing to encode", "skipped 2")  # fmt: skip
     assert not empty.exists()
+
+
+def test_evaluate_names_a_predictions_file_it_cannot_read(world, tmp_path, capsys):
+    cases = {
+        "binary.json": (b"\xff\xfe\x00", "not UTF-8 text"),
+        "object.json": (b'{"image_id": "x", "caption": "y"}', "expected a JSON list"),
+        "cut.json": (b'[{"image_id": "x",\n', "cut.json:2: not valid JSON"),
+    }
+    for name, (content, fragment) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        fails_with(capsys, ["evaluate", str(tmp_path / name), str(world.dataset)], name, fragment)
+    fails_with(capsys, ["evaluate", str(tmp_path), str(world.dataset)], "is a folder")
+    assert not list(tmp_path.glob("*.scores.*"))
 
 
 def test_json_outputs_are_strict(tmp_path):

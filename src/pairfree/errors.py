@@ -21,6 +21,12 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def where(source: str, line: int | None = None, item_id: str | int | None = None) -> str:
+    """``file:line (id x)``: how a bad item is named, in errors and in skip summaries."""
+    text = source + (f":{line}" if line is not None else "")
+    return text + (f" (id {item_id})" if item_id is not None else "")
+
+
 class BadInputError(PairfreeError):
     """A bad input item; the message names the file and the line or id."""
 
@@ -36,12 +42,7 @@ class BadInputError(PairfreeError):
         self.reason = message
         self.line = line
         self.item_id = item_id
-        where = self.source
-        if line is not None:
-            where += f":{line}"
-        if item_id is not None:
-            where += f" (id {item_id})"
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where(self.source, line, item_id)}: {message}")
 
     def to_record(self) -> dict:
         return {"source": self.source, "line": self.line, "id": self.item_id, "reason": self.reason}

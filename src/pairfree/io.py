@@ -63,15 +63,28 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, text + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file a user gave; a missing file, a folder, bytes that are not UTF-8 text and bad
+    JSON are each a :class:`BadInputError` naming the file (and the line)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(path, "does not exist")
+    if path.is_dir():
+        raise BadInputError(path, "is a folder, not a JSON file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise BadInputError(path, f"not UTF-8 text (byte {e.start} is not)") from None
+    except json.JSONDecodeError as e:
+        raise BadInputError(path, f"not valid JSON: {e.msg}", line=e.lineno) from None
+
+
 def read_json_config(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     """A checkpoint's JSON config, checked to exist, parse and carry ``"format": fmt``."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, f"missing: not a {what} checkpoint")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInputError(path, f"invalid JSON: {e}", line=e.lineno) from e
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise BadInputError(path, f'not a {fmt} config (no "format": "{fmt}")')
     return meta

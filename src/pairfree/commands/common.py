@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pairfree.errors import PairfreeError
+from pairfree.errors import PairfreeError, where
 from pairfree.io import atomic_write_text
 
 
@@ -54,6 +54,8 @@ def report_skips(records: list[dict], beside: Path) -> None:
         return
     path = beside.with_name(beside.name + ".skipped.jsonl")
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    first = "; ".join(f"{r['source']}: {r['reason']}" for r in records[:3])
+    first = "; ".join(
+        f"{where(r['source'], r.get('line'), r.get('id'))}: {r['reason']}" for r in records[:3]
+    )
     print(f"skipped {len(records)} bad items ({first}{' ...' if len(records) > 3 else ''})")
     print(f"list of skipped items: {path}")

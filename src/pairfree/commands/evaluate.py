@@ -40,12 +40,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     from pairfree.data import load_image, read_images
     from pairfree.errors import BadInputError, PairfreeError
     from pairfree.evaluate import evaluate
-    from pairfree.io import check_output
+    from pairfree.io import check_output, read_json
 
     out = args.out or args.predictions.with_suffix("").with_name(
         args.predictions.with_suffix("").name + ".scores"
@@ -56,12 +55,10 @@ def run(args: argparse.Namespace) -> int:
     for path in (json_out, md_out):
         check_output(path, inputs=[args.predictions, args.references])
 
-    try:
-        predictions = json.loads(args.predictions.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PairfreeError(f"{args.predictions} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise PairfreeError(f"{args.predictions}:{err.lineno}: not valid JSON: {err.msg}") from None
+    predictions = read_json(args.predictions)
+    if not isinstance(predictions, list):
+        raise BadInputError(args.predictions, "expected a JSON list of {image_id, caption} "
+                            "objects (COCO's results format)")  # fmt: skip
     items = read_images(
         args.references, format=args.format, split=args.split, image_root=args.image_root
     )
