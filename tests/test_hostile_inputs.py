@@ -181,6 +181,19 @@ def test_evaluate_names_a_predictions_file_it_cannot_read(world, tmp_path, capsy
     assert not list(tmp_path.glob("*.scores.*"))
 
 
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys):
+    cases = {
+        "broken.yaml": (b"recipe: capdec\ntrain:\n  lr: [1e-5\n", "broken.yaml:4: not valid YAML"),
+        "latin1.yaml": ("recipe: capdec  # caf\u00e9\n".encode("latin-1"), "not UTF-8 text"),
+        "list.yaml": (b"- capdec\n", "expected a mapping"),
+    }
+    for name, (content, fragment) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        fails_with(capsys, ["train", "capdec", "--config", str(tmp_path / name)], name, fragment)
+        fails_with(capsys, ["run", str(tmp_path / name)], name, fragment)
+    fails_with(capsys, ["run", str(tmp_path)], "is a folder")
+
+
 def test_json_outputs_are_strict(tmp_path):
     from pairfree.io import atomic_write_json
 

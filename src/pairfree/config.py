@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pairfree.errors import PairfreeError
+from pairfree.errors import BadInputError, PairfreeError, first_line
+from pairfree.io import read_user_text
 
 C = TypeVar("C")
 
@@ -116,13 +117,17 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file; what is wrong with it is one line naming the file (and the line)."""
     path = Path(path)
     if not path.exists():
         raise PairfreeError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_user_text(path)) or {}
     except yaml.YAMLError as err:
-        raise PairfreeError(f"{path}: not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or first_line(err)
+        line = None if mark is None else mark.line + 1
+        raise BadInputError(path, f"not valid YAML: {problem}", line=line) from None
     if not isinstance(data, dict):
         raise PairfreeError(f"{path}: expected a mapping at the top level")
     return data

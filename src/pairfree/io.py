@@ -63,18 +63,24 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, text + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file a user gave; a missing file, a folder, bytes that are not UTF-8 text and bad
-    JSON are each a :class:`BadInputError` naming the file (and the line)."""
+def read_user_text(path: str | Path) -> str:
+    """The text of a file a user gave; a missing file, a folder and bytes that are not UTF-8
+    text are each a :class:`BadInputError` naming the file."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(path, "does not exist")
     if path.is_dir():
-        raise BadInputError(path, "is a folder, not a JSON file")
+        raise BadInputError(path, "is a folder, not a file")
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise BadInputError(path, f"not UTF-8 text (byte {e.start} is not)") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file a user gave (see :func:`read_user_text`); bad JSON names its line."""
+    try:
+        return json.loads(read_user_text(path))
     except json.JSONDecodeError as e:
         raise BadInputError(path, f"not valid JSON: {e.msg}", line=e.lineno) from None
 
