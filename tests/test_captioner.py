@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -369,6 +370,16 @@ def test_importer_refuses_to_guess_the_head_count(tmp_path):
     assert (config.n_head, config.n_layer, config.n_inner) == (12, 12, 3072)
 
 
+class Trap:
+    """Unpickled, it would create ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 class NotATensor:
     pass
 
@@ -388,5 +399,13 @@ def test_original_checkpoint_errors_name_the_file(tmp_path):
         load_original_checkpoint(untied, lm_config=REF_LM)
     pickled = tmp_path / "arbitrary.pt"
     torch.save({"model": NotATensor()}, pickled)
-    with pytest.raises(BadInputError, match="arbitrary.pt"):
+    with pytest.raises(BadInputError, match="arbitrary.pt: not tensors saved by torch.save"):
         load_original_checkpoint(pickled)
+    trap = tmp_path / "trap.pt"  # unpickling it would create a file
+    trap.write_bytes(pickle.dumps({"x": Trap(str(tmp_path / "ran"))}))
+    with pytest.raises(BadInputError, match="nothing in it was run"):
+        load_original_checkpoint(trap)
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(BadInputError, match="empty.pt: empty or cut short"):
+        load_original_checkpoint(tmp_path / "empty.pt")

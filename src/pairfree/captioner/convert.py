@@ -11,6 +11,7 @@ tensor shows: it is taken from the released GPT-2 sizes, or from the LM config t
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedConfig
 
 from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.model import PrefixCaptioner
-from pairfree.errors import BadInputError
+from pairfree.errors import BadInputError, first_line
 
 # the released GPT-2 sizes, (width, layers) -> attention heads: the head count is the one size
 # a state dict does not show, so it is inferred only for these
@@ -75,9 +76,19 @@ def load_original_checkpoint(path: str | Path, **kwargs) -> PrefixCaptioner:
     """Read an original ClipCap/CapDec ``.pt`` (tensors only, never arbitrary pickles) and import
     it; ``kwargs`` go to :func:`import_clipcap_state_dict`."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        raise BadInputError(path, f"cannot read the checkpoint: {e}") from e
+        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing here
+            warnings.simplefilter("ignore", UserWarning)
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own advice (weights_only=False) would run it
+        raise BadInputError(
+            path,
+            "not tensors saved by torch.save (anything else is refused unread: nothing in "
+            "it was run)",
+        ) from None
+    except EOFError:
+        raise BadInputError(path, "empty or cut short") from None
+    except (OSError, RuntimeError) as e:
+        raise BadInputError(path, f"cannot read the checkpoint: {first_line(e)}") from None
     if not isinstance(state_dict, dict) or not all(
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
