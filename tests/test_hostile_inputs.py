@@ -292,7 +292,9 @@ def test_missing_data_and_models_are_one_line(world, tiny_clip_dir, tmp_path, ca
     fails_with(capsys, ["train", "capdec", f"corpus.path={world.corpus}",
                         f"clip=hf:{tiny_clip_dir}", f"model.lm={tmp_path / 'no-lm'}",
                         f"train.output_dir={tmp_path / 'run'}"],
-               "cannot load the LM", "no-lm")  # fmt: skip
+               "cannot load the LM", "no-lm does not exist")  # fmt: skip
+    fails_with(capsys, ["encode", "--captions", str(world.corpus), "--clip", "hf:./no-clip",
+                        "--out", str(tmp_path / "store")], "./no-clip does not exist")  # fmt: skip
     config = tmp_path / "exp.yaml"
     config.write_text(
         f"recipe: capdec\ncorpus: {{path: {world.corpus}}}\n"

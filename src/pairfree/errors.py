@@ -21,6 +21,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def load_failure(what: str, name: str, err: BaseException) -> PairfreeError:
+    """Why pretrained weights named ``name`` (a folder or a Hub id) could not be loaded, in one
+    line: a folder that is not there is said so, rather than as the Hub's complaint that
+    ``name`` is not a valid repo id."""
+    is_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if is_path and not Path(name).expanduser().exists():
+        return PairfreeError(
+            f"cannot load {what}: {name} does not exist (a folder of saved weights or a Hub id)"
+        )
+    return PairfreeError(f"cannot load {what}: {first_line(err)}")
+
+
 def where(source: str, line: int | None = None, item_id: str | int | None = None) -> str:
     """``file:line (id x)``: how a bad item is named, in errors and in skip summaries."""
     text = source + (f":{line}" if line is not None else "")

@@ -11,7 +11,7 @@ import torch
 
 from pairfree.backends import resolve_backend
 from pairfree.clip.base import ClipEncoder
-from pairfree.errors import PairfreeError
+from pairfree.errors import load_failure
 
 # prefix -> "module:function"; each function takes (model, *, device, dtype).
 _BUILTIN: dict[str, str] = {
@@ -33,4 +33,4 @@ def load_clip(
     try:
         return factory(model, device=device, dtype=dtype)
     except OSError as err:  # hub or file problems from transformers / open_clip
-        raise PairfreeError(f"cannot load CLIP {spec!r}: {err}") from err
+        raise load_failure(f"CLIP {spec!r}", model, err) from err

@@ -59,7 +59,7 @@ from pairfree.captioner.cross_attention import (
 from pairfree.clip import load_clip
 from pairfree.data import Caption, dataset_images
 from pairfree.encoding import encode_captions
-from pairfree.errors import BadInputError, PairfreeError, first_line
+from pairfree.errors import BadInputError, PairfreeError, first_line, load_failure
 from pairfree.features import FeatureStore
 from pairfree.io import atomic_write_json
 from pairfree.job import Job
@@ -323,7 +323,7 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
         lm = load_cross_attention_lm(cfg.model.lm)
     except OSError as err:
-        raise PairfreeError(f"cannot load model.lm={cfg.model.lm!r}: {first_line(err)}") from err
+        raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
     vision = clip.vision_tower()
     if cfg.freeze_image_encoder:
         vision.requires_grad_(False)

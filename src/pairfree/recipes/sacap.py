@@ -61,7 +61,7 @@ from pairfree.clip import load_clip
 from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
 from pairfree.data.phrases import corpus_phrases, read_phrases
 from pairfree.encoding import encode_captions, encode_images
-from pairfree.errors import PairfreeError, first_line
+from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
@@ -282,7 +282,7 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
         torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
         lm = load_cross_attention_lm(cfg.model.lm)
     except OSError as err:
-        raise PairfreeError(f"cannot load model.lm={cfg.model.lm!r}: {first_line(err)}") from err
+        raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
     cfg.model.embed_dim = image_embeds.shape[1]
     cfg.model.grid_width = grids[0].shape[-1]
     if not cfg.soft_prompt:

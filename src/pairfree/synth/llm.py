@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pairfree.backends import resolve_backend
-from pairfree.errors import PairfreeError, first_line
+from pairfree.errors import PairfreeError, load_failure
 
 logger = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -121,7 +121,7 @@ def load_hf_llm(
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype], **extra)
     except (OSError, ValueError) as err:
-        raise PairfreeError(f"cannot load the LLM {model!r}: {first_line(err)}") from err
+        raise load_failure(f"the LLM {model!r}", source, err) from err
     return HFCausalLM(lm.to(device), tokenizer, name=f"hf:{model}", response_prefix=response_prefix)
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from pairfree.backends import resolve_backend
-from pairfree.errors import PairfreeError, first_line
+from pairfree.errors import PairfreeError, load_failure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -124,9 +124,7 @@ def load_diffusers(
             model, torch_dtype=DTYPES[settings.dtype]
         )
     except (OSError, ValueError) as err:
-        raise PairfreeError(
-            f"cannot load the text-to-image model {model!r}: {first_line(err)}"
-        ) from err
+        raise load_failure(f"the text-to-image model {model!r}", model, err) from err
     if settings.scheduler:
         scheduler_class = getattr(diffusers, settings.scheduler, None)
         if scheduler_class is None or not hasattr(scheduler_class, "from_config"):

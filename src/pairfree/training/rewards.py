@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pairfree.errors import PairfreeError
+from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore, Item, StoreInfo, write_store
 from pairfree.job import Job
 from pairfree.projection import softmax_pool
@@ -173,7 +173,7 @@ class TextDiscriminator(nn.Module):
             encoder = AutoModel.from_pretrained(name)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:
-            raise PairfreeError(f"cannot load the discriminator encoder {name!r}: {err}") from err
+            raise load_failure(f"the discriminator encoder {name!r}", name, err) from err
         return cls(encoder, tokenizer, max_length=max_length)
 
     def tokenize(

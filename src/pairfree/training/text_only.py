@@ -36,7 +36,7 @@ from pairfree.data import (
     read_captions,
 )
 from pairfree.encoding import encode_captions
-from pairfree.errors import PairfreeError, first_line
+from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.training.trainer import (
@@ -209,7 +209,7 @@ def text_only_setup(
         torch.manual_seed(seed)  # the mapper's initialization is part of the run
         captioner = PrefixCaptioner(model, AutoModelForCausalLM.from_pretrained(model.lm))
     except OSError as err:  # not on disk, and the hub unreachable or the id unknown
-        raise PairfreeError(f"cannot load the LM model.lm={model.lm!r}: {first_line(err)}") from err
+        raise load_failure(f"the LM model.lm={model.lm!r}", model.lm, err) from err
     return CaptionerSetup(
         captioner,
         tokenizer,
