@@ -194,6 +194,20 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsy
     fails_with(capsys, ["run", str(tmp_path)], "is a folder")
 
 
+def test_serve_refuses_a_port_it_cannot_have_before_loading_anything(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fails_with(capsys, ["serve", str(tmp_path / "nope"), "--port", str(port)],
+                   f"127.0.0.1:{port}", "in use")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path / "nope"), "--port", "70000"])
+    assert exit_.value.code == 2 and "at most 65535" in capsys.readouterr().err
+
+
 def test_json_outputs_are_strict(tmp_path):
     from pairfree.io import atomic_write_json
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
-from pairfree.commands.common import add_device
+from pairfree.commands.common import add_device, positive_int
+from pairfree.errors import PairfreeError
 
 
 def register(sub) -> None:
@@ -21,15 +23,39 @@ def register(sub) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint, run folder or Hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
     add_device(p)
     p.set_defaults(func=run)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, not {value}")
+    return value
+
+
+def check_free(host: str, port: int) -> None:
+    """Refuse, before loading anything, a port that is taken or an address that is not this
+    machine's (gradio's own message for both is about its environment variables)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind((host, port))
+    except OSError as err:
+        raise PairfreeError(
+            f"cannot serve on {host}:{port}: {err.strerror or err} (choose another --port or "
+            "--host)"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from pairfree.demo.web import build_app
     from pairfree.pipeline import Captioner
 
+    check_free(args.host, args.port)
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
     app = build_app(captioner)
     print(f"serving {captioner.source} on http://{args.host}:{args.port} (Ctrl-C stops)")
