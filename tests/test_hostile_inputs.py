@@ -287,6 +287,14 @@ def test_zero_counts_on_the_command_line_are_refused(checkpoint, world, capsys, 
     assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "11", "100000"])
+def test_a_world_image_size_out_of_range_is_refused(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exit_:
+        main(["world", "make", str(tmp_path / "w"), "--image-size", size])
+    assert exit_.value.code == 2 and "--image-size" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_an_empty_corpus_is_one_line_and_leaves_no_store(
     tiny_clip_dir, tiny_gpt2_dir, tmp_path, capsys
 ):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pairfree.commands.common import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -31,7 +33,8 @@ def register(sub) -> None:
     make.add_argument("--val", type=int, default=200, help="validation images")
     make.add_argument("--test", type=int, default=200, help="test images")
     make.add_argument("--corpus", type=int, default=10000, help="text-only corpus captions")
-    make.add_argument("--image-size", type=int, default=None, help="pixels (default 64)")
+    make.add_argument("--image-size", type=image_size, default=None,
+                      help=f"pixels, 4 per grid cell to {MAX_IMAGE_SIZE} (default 64)")  # fmt: skip
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=run_make)
     lm = world_sub.add_parser(
@@ -59,6 +62,21 @@ def run_lm(args: argparse.Namespace) -> int:
     build = {"gpt2": build_world_lm, "bert": build_world_bert, "roberta": build_world_encoder}
     print(f"untrained world {args.kind} -> {build[args.kind](args.out, seed=args.seed)}")
     return 0
+
+
+MAX_IMAGE_SIZE = 1024  # beyond it a world image only costs memory (100000 pixels: 900 GB)
+
+
+def image_size(text: str) -> int:
+    """An argparse type: a world image's side in pixels, at least 4 per cell of its grid."""
+    from pairfree.world.scene import GRID
+
+    value = positive_int(text)
+    if not 4 * GRID <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be {4 * GRID} to {MAX_IMAGE_SIZE} pixels, not {value}"
+        )
+    return value
 
 
 def run_make(args: argparse.Namespace) -> int:
