@@ -277,3 +277,25 @@ def test_dedup_leaves_out_groups_holding_the_same_captions(tmp_path):
     assert [grp.id for grp in kept] == ["c0", "c2", "c4"]
     written = (tmp_path / "dedup" / "groups.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in written] == ["c0", "c2", "c4"]
+
+
+def test_a_bad_group_or_summary_line_is_named_by_file_line_and_what_is_wrong(tmp_path):
+    from pairfree.errors import BadInputError, SkipLog
+    from pairfree.synth.text import read_groups, read_summaries
+
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text('{"id": "0", "members": ["0"], "captions": ["a"]}\n{"group": 1}\n')
+    with pytest.raises(
+        BadInputError, match=r"groups.jsonl:2: not a group: .*id, members, captions"
+    ):
+        read_groups(groups)
+    summaries = tmp_path / "summaries.jsonl"
+    good = '{"id": "0", "selected": ["0"], "captions": ["a"], "summary": "b"}'
+    summaries.write_text(f"{good}\nnot json\n")
+    log = SkipLog()
+    assert [s.summary for s in read_summaries(summaries, log)] == ["b"]
+    assert [(e.line, e.reason) for e in log.items] == [(2, "not a summary record: not valid JSON "
+                                                           "(Expecting value)")]  # fmt: skip
+    groups.write_bytes(b"\xff\n")
+    with pytest.raises(BadInputError, match="groups.jsonl: not UTF-8"):
+        read_groups(groups)

@@ -17,15 +17,18 @@ its raw text (the originals drop those answers; here they are counted and kept f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.io import read_user_text
 from pairfree.job import Job
 from pairfree.synth.grouping import nearest_captions
 from pairfree.synth.llm import LLM, Sampling
@@ -136,12 +139,13 @@ def read_rephrasings(path: str | Path, skip_log: SkipLog) -> dict[str, list[str]
     path, out = Path(path), {}
     if not path.is_file():
         raise PairfreeError(f"{path} does not exist (make it with `synthesize rephrase`)")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_user_text(path).splitlines(), 1):
         try:
             record = json.loads(line)
             out[record["caption"]] = list(record["rephrasings"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            skip_log.skip(BadInputError(path, f"not a rephrasing record: {err!r}", line=number))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            reason = "not a rephrasing record (a JSON object with caption and rephrasings)"
+            skip_log.skip(BadInputError(path, reason, line=number))
     return out
 
 
@@ -159,15 +163,30 @@ def read_summaries(path: str | Path, skip_log: SkipLog) -> list[Summary]:
     path, out = Path(path), []
     if not path.is_file():
         raise PairfreeError(f"{path} does not exist (make it with `synthesize summarize`)")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_user_text(path).splitlines(), 1):
         try:
-            summary = Summary(**json.loads(line))
+            summary = _record(Summary, line)
             if not summary.captions or not isinstance(summary.summary, str):
-                raise TypeError("no captions, or no summary text")
+                raise ValueError("no captions, or no summary text")
             out.append(summary)
-        except (json.JSONDecodeError, TypeError) as err:
-            skip_log.skip(BadInputError(path, f"not a summary record: {err!r}", line=number))
+        except ValueError as err:
+            skip_log.skip(BadInputError(path, f"not a summary record: {err}", line=number))
     return out
+
+
+T = TypeVar("T")
+
+
+def _record(cls: type[T], line: str) -> T:
+    """One JSON line as the dataclass ``cls``; a ValueError says what is wrong with it."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg})") from None
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict) or set(data) != set(names):
+        raise ValueError(f"expected a JSON object with the fields {', '.join(names)}")
+    return cls(**data)
 
 
 def read_groups(path: str | Path) -> list[Group]:
@@ -175,11 +194,11 @@ def read_groups(path: str | Path) -> list[Group]:
     path, groups = Path(path), []
     if not path.is_file():
         raise PairfreeError(f"groups file {path} does not exist (make it with `synthesize group`)")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_user_text(path).splitlines(), 1):
         try:
-            groups.append(Group(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise BadInputError(path, f"not a group: {err}", line=number) from err
+            groups.append(_record(Group, line))
+        except ValueError as err:
+            raise BadInputError(path, f"not a group: {err}", line=number) from None
     return groups
 
 
