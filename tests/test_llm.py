@@ -306,3 +306,30 @@ def test_a_real_small_llm_runs_both_tasks_and_its_echoes_are_rejected(caplog):
     except Rejected:
         pass  # the expected outcome at 135M parameters
     print(f"SmolLM2-135M: {len(usable)} of 6 rephrase answers usable")
+
+
+def test_a_server_that_cannot_be_reached_stops_the_job_and_records_no_rejects(
+    tmp_path, capsys, monkeypatch
+):
+    """Refused connections are no prompt's fault: the job stops with one line and rejects
+    nothing (a rerun against the server resumes), where a prompt that only timed out is
+    rejected (above)."""
+    import socket
+
+    from pairfree.cli import main
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    llm = load_llm("openai:m", api_base=f"http://127.0.0.1:{port}/v1", max_retries=1,
+                   backoff=0.01)  # fmt: skip
+    with pytest.raises(PairfreeError, match="cannot reach the LLM server.*2 tries"):
+        llm.generate(["a", "b", "c"], Sampling())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("good\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr("pairfree.synth.llm.time.sleep", lambda seconds: None)  # the backoff
+    assert main(["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
+                 f"http://127.0.0.1:{port}/v1", "--out", str(out), "--no-progress"]) == 2  # fmt: skip
+    assert "cannot reach the LLM server" in capsys.readouterr().err
+    assert not (out / "rejects.jsonl").exists() and not list(out.glob("shards/*"))

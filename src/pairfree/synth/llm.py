@@ -11,7 +11,10 @@
 - ``world:<preset>``: the shapes world's paraphraser and summarizer answering the two task
   prompts (the testbed's stand-in).
 
-A prompt that gets no answer (retries used up) comes back as ``None``; the caller records it.
+A prompt that gets no answer (refused by the server, or retries used up on timeouts, 429 or 5xx)
+comes back as ``None``; the caller records it as rejected. A server that cannot be reached at
+all (connection refused, unknown host) through the retries stops the job instead, so that its
+prompts are not recorded as rejected: finished shards are kept and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -157,7 +160,12 @@ class OpenAIChat:
             "seed": sampling.seed,
         }
         with ThreadPoolExecutor(max(1, self.concurrency)) as pool:
-            return list(pool.map(lambda p: self._ask(p, body), prompts))
+            futures = [pool.submit(self._ask, prompt, body) for prompt in prompts]
+            try:
+                return [future.result() for future in futures]
+            except PairfreeError:  # the server is not there: the prompts waiting need not try
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
     def _ask(self, prompt: str, body: dict) -> str | None:
         data = json.dumps({**body, "messages": [{"role": "user", "content": prompt}]}).encode()
@@ -166,6 +174,7 @@ class OpenAIChat:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         for attempt in range(self.max_retries + 1):
+            unreachable = False
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -180,11 +189,19 @@ class OpenAIChat:
                 problem = type(err).__name__ + (
                     f" ({err.reason})" if hasattr(err, "reason") else ""
                 )
+                unreachable = isinstance(err, urllib.error.URLError) and not isinstance(
+                    err.reason, TimeoutError
+                )  # refused, no such host: no prompt's fault
             except (KeyError, IndexError, TypeError, json.JSONDecodeError):
                 logger.warning("%s: a reply without choices[0].message.content", self.url)
                 return None
             if attempt < self.max_retries:
                 time.sleep(min(self.backoff * 2**attempt, 60.0))
+        if unreachable:
+            raise PairfreeError(
+                f"cannot reach the LLM server {self.url} ({problem}, {self.max_retries + 1} "
+                "tries); what was finished is kept: rerun the same command to resume"
+            )
         logger.warning("%s: no answer after %d tries (%s)", self.url, self.max_retries + 1, problem)
         return None
 

@@ -243,7 +243,7 @@ def summarize_groups(
 
 def _answered(answer: str | None) -> str:
     if answer is None:
-        raise Rejected("no answer from the LLM (its retries were used up)")
+        raise Rejected("no answer from the LLM (refused, or its retries were used up)")
     return answer
 
 
