@@ -180,7 +180,7 @@ def test_openai_backend_retries_times_out_and_keeps_the_key_secret(
     assert [p for p, _ in ChatStub.seen].count("hang") == 3  # the first try and 2 retries
     assert all(auth == "Bearer sk-secret-123" for _, auth in ChatStub.seen)
     assert "sk-secret" not in caplog.text and "no answer after 3 tries" in caplog.text
-    with pytest.raises(PairfreeError, match="API base"):
+    with pytest.raises(PairfreeError, match="API base URL.*synthesis.llm.api_base"):
         load_llm("openai:stub-model")
 
 

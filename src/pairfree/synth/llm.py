@@ -143,7 +143,10 @@ class OpenAIChat:
         backoff: float = 1.0,
     ) -> None:
         if not api_base:
-            raise PairfreeError("the openai: backend needs an API base URL (--api-base)")
+            raise PairfreeError(
+                "the openai: backend needs the server's API base URL (--api-base on the "
+                "command line, synthesis.llm.api_base in a config)"
+            )
         self.name = f"openai:{model}"
         self.model = model
         self.url = api_base.rstrip("/") + "/chat/completions"
