@@ -330,6 +330,8 @@ def test_training_is_watchable_log_lines_tensorboard_and_quiet(
     page = (tmp_path / "report.html").read_text()
     assert page.count("<svg") == 1 and "val_loss" in page and "Glossary" in page
     assert "transformers" in page and ">seed</th><td>0<" in page
+    assert main(["report", str(out), str(out) + "/", "--out", str(tmp_path / "twice.html")]) == 0
+    assert (tmp_path / "twice.html").read_text().count("<svg") == 1  # one run, named twice
 
     assert main(["train", "capdec", "-q", *args, "train.output_dir=" + str(tmp_path / "q")]) == 0
     assert "step " not in capsys.readouterr().err

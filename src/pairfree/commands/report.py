@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.evaluate.runs import run_report
     from pairfree.io import atomic_write_text, check_output
 
-    check_output(args.out, inputs=list(args.runs))
-    atomic_write_text(args.out, run_report(args.runs, title=args.title))
-    print(f"report of {len(args.runs)} run(s) -> {args.out}")
+    runs = list({run.resolve(): run for run in args.runs}.values())  # each run once
+    check_output(args.out, inputs=runs)
+    atomic_write_text(args.out, run_report(runs, title=args.title))
+    print(f"report of {len(runs)} run(s) -> {args.out}")
     return 0
