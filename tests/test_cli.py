@@ -94,11 +94,11 @@ def test_encode_train_caption_evaluate(world, tiny_clip_dir, tiny_gpt2_dir, tmp_
     assert [p["caption"] for p in preds] == projected.caption_embeddings(embeds)
     raw = Captioner.from_pretrained(run / "last", num_beams=2, max_new_tokens=6)
     assert not torch.allclose(raw.conditions(embeds), expected, atol=1e-3)
-    assert main(args + ["--strict"]) == 2  # strict: the first bad image is fatal
+    assert main(args + ["--strict", "--batch-size", "1"]) == 2  # the first bad image is fatal
     assert "broken.png" in capsys.readouterr().err
 
     # an interrupted run resumes: captions already in the partial file are kept, not redone
-    # (the strict run left one: its settings line, then its captions)
+    # (the strict run left one: its settings line, then the captions before the bad image)
     partial = out.with_name(out.name + ".partial.jsonl")
     settings = partial.read_text().splitlines()[0]
     kept = json.dumps({"image_id": images[0].stem, "caption": "kept from before"})

@@ -302,6 +302,17 @@ def test_bad_arguments_are_rejected(wide_lm, prefixes, kwargs):
         generate(wide_lm, prefixes, **kwargs)
 
 
+def test_settings_the_decoder_cannot_run_are_named(wide_lm, prefixes):
+    from pairfree.errors import PairfreeError
+
+    positions = wide_lm.config.n_positions  # 32; the prefixes take 3
+    assert generate(wide_lm, prefixes[:1], max_new_tokens=positions - 2)  # exactly fits
+    with pytest.raises(PairfreeError, match=f"need {positions + 1} positions; the decoder has"):
+        generate(wide_lm, prefixes[:1], max_new_tokens=positions - 1)
+    with pytest.raises(ValueError, match="41 beams for a vocabulary of 40"):
+        generate(wide_lm, prefixes[:1], num_beams=41, search="clipcap")
+
+
 def test_decoding_uses_the_current_cache_api_without_warnings(wide_lm, prefixes):
     """The KV cache goes through the argument name the installed transformers expects, so
     decoding raises no deprecation (FutureWarning) on the way."""

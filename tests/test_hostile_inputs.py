@@ -118,6 +118,18 @@ def test_caption_with_nothing_captioned_fails_and_keeps_the_skip_list(checkpoint
     assert len(skipped) == 2
 
 
+def test_decoding_settings_the_decoder_cannot_run_fail_at_once_and_block_no_rerun(
+    world, checkpoint, tmp_path, capsys
+):
+    images = tmp_path / "in"
+    copy_images(world, images, ["a.png"])
+    args = ["caption", str(checkpoint), str(images), "--out", str(tmp_path / "c.json")]
+    fails_with(capsys, [*args, "--max-tokens", "100000"], "positions", "maximum caption length")
+    fails_with(capsys, [*args, "--beams", "100000"], "100000 beams for a vocabulary")
+    assert main([*args, "--quiet"]) == 0  # nothing was captioned under them: nothing to resume
+    assert len(json.loads((tmp_path / "c.json").read_text())) == 1
+
+
 def test_caption_resumes_only_under_the_same_settings(
     world, checkpoint, tmp_path, capsys, monkeypatch
 ):

@@ -35,6 +35,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
+from pairfree.errors import PairfreeError
+
 EARLY_STOPPING = (False, True, "never")
 SEARCHES = ("hf", "clipcap")
 
@@ -320,6 +322,8 @@ def generate(
     for name, value in (context or {}).items():
         if len(value) != len(prefix):
             raise ValueError(f"context {name!r} has {len(value)} rows for {len(prefix)} prefixes")
+    _check_fits(lm, prefix.shape[1], num_beams=num_beams, max_new_tokens=max_new_tokens,
+                search=search)  # fmt: skip
     stepper = _Stepper(lm, prefix, use_cache, prefix_mask=prefix_mask, context=context,
                        max_new_tokens=max_new_tokens)  # fmt: skip
     logits = stepper.start()
@@ -421,6 +425,29 @@ def _clipcap_beam_search(
         for slot in (scores_b / lengths_b).argsort(descending=True)[:num_return_sequences].tolist():
             sequences.append(tokens_b[slot, : int(lengths_b[slot])].tolist())
     return sequences
+
+
+class DoesNotFitError(PairfreeError, ValueError):
+    """Decoding settings the decoder cannot run: more beams than words, more positions than it
+    has. A user-facing error (the command line prints it in one line)."""
+
+
+def _check_fits(
+    lm: PreTrainedModel, prefix_length: int, *, num_beams: int, max_new_tokens: int, search: str
+) -> None:
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    if search == "clipcap" and num_beams > vocab:  # its beams start from distinct first tokens
+        raise DoesNotFitError(f"{num_beams} beams for a vocabulary of {vocab} tokens")
+    config = lm.config
+    positions = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    needed = prefix_length + max_new_tokens - 1  # the last new token is never fed back
+    if positions is not None and needed > positions:
+        raise DoesNotFitError(
+            f"a prefix of {prefix_length} and {max_new_tokens} new tokens need {needed} "
+            f"positions; the decoder has {positions} (lower the maximum caption length)"
+        )
 
 
 def _check_args(

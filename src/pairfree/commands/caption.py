@@ -127,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
         open(partial, "a", encoding="utf-8") as log,
         tqdm(total=len(todo), desc="caption", unit="img", disable=not job.show_progress) as bar,
     ):
-        if fresh:
-            log.write(json.dumps({"settings": settings}) + "\n")
         for start in range(0, len(todo), args.batch_size):
             skipped = len(skip_log.items)
             ids, images = load_images(todo[start : start + args.batch_size], skip_log)
-            for image_id, text in zip(
-                ids, captioner.caption(images, batch_size=args.batch_size), strict=True
-            ):
+            texts = captioner.caption(images, batch_size=args.batch_size)
+            if fresh:  # only now: settings that fail at once leave nothing to resume under
+                log.write(json.dumps({"settings": settings}) + "\n")
+                fresh = False
+            for image_id, text in zip(ids, texts, strict=True):
                 log.write(json.dumps({"image_id": image_id, "caption": text}) + "\n")
             for error in skip_log.items[skipped:]:
                 log.write(json.dumps({"skipped": error.to_record()}) + "\n")
