@@ -128,6 +128,9 @@ def test_decoding_settings_the_decoder_cannot_run_fail_at_once_and_block_no_reru
     fails_with(capsys, [*args, "--beams", "100000"], "100000 beams for a vocabulary")
     assert main([*args, "--quiet"]) == 0  # nothing was captioned under them: nothing to resume
     assert len(json.loads((tmp_path / "c.json").read_text())) == 1
+    fails_with(capsys, ["caption", str(checkpoint), "--dataset", str(world.dataset), "--split",
+                        "train", "--out", str(tmp_path / "t.json")],
+               "no images to caption", "split train")  # fmt: skip
 
 
 def test_caption_resumes_only_under_the_same_settings(

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         skip_log=skip_log,
     )
+    if not pairs and not skip_log.items:
+        where = f"{args.dataset} (split {args.split})" if args.dataset else "the inputs given"
+        raise PairfreeError(f"no images to caption in {where}")
     overrides = {}
     if args.beams is not None:
         overrides["num_beams"] = args.beams
