@@ -207,6 +207,8 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsy
         fails_with(capsys, ["train", "capdec", "--config", str(tmp_path / name)], name, fragment)
         fails_with(capsys, ["run", str(tmp_path / name)], name, fragment)
     fails_with(capsys, ["run", str(tmp_path)], "is a folder")
+    (tmp_path / "unknown.yaml").write_text("recipe: capdecc\n")  # before what else is missing
+    fails_with(capsys, ["run", str(tmp_path / "unknown.yaml")], "unknown recipe 'capdecc'")
 
 
 def test_serve_refuses_a_port_it_cannot_have_before_loading_anything(tmp_path, capsys):

@@ -137,12 +137,12 @@ def run_experiment(
     recipe_name = data.pop("recipe", None)
     if recipe_name is None:
         raise PairfreeError(f"{config_path}: missing `recipe:` (e.g. recipe: capdec)")
+    recipe = get_recipe(recipe_name)
     ev = from_dict(EvaluationConfig, data.pop("evaluation", {}), where="evaluation")
     if not ev.dataset:
         raise PairfreeError(f"{config_path}: evaluation.dataset is not set")
     if not Path(ev.dataset).is_file():
         raise PairfreeError(f"evaluation.dataset: {ev.dataset} does not exist")
-    recipe = get_recipe(recipe_name)
     cfg = recipe.build_config(data)
     check_output(Path(cfg.train.output_dir), folder=True)
     result = recipe.train(cfg, progress=progress)
