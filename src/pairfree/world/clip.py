@@ -45,7 +45,7 @@ from torch import nn
 
 from pairfree.clip.batching import BatchedClipEncoder
 from pairfree.clip.vision import PixelSpec, VisionTower
-from pairfree.errors import BadInputError
+from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_path, atomic_write_json, read_json_config
 
 FORMAT = "pairfree-world-clip"
@@ -377,6 +377,11 @@ def load_world_clip(
 ) -> WorldClipEncoder:
     """Load a world CLIP checkpoint directory, or ``"builtin"`` for the shipped one."""
     path = builtin_checkpoint() if model == "builtin" else Path(model)
+    if not path.is_dir():
+        raise PairfreeError(
+            f"world CLIP {model!r}: neither 'builtin' (the shipped one) nor a folder made by "
+            "`pairfree world train-clip`"
+        )
     clip, _ = load_world_clip_model(path)
     # The name keys cached feature stores: a retrained checkpoint at the same path must not
     # reuse embeddings of the old one, so the name carries a fingerprint of the weights.
