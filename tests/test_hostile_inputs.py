@@ -304,6 +304,31 @@ def test_zero_counts_on_the_command_line_are_refused(checkpoint, world, capsys, 
     assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "offset",
+            "--dataset",
+            "d.json",
+            "--clip",
+            "world:builtin",
+            "--out",
+            "o",
+            "--max-images",
+            "0",
+        ],
+        ["import-checkpoint", "x.pt", "--out", "o", "--mapper", "mlp", "--prefix-length", "0"],
+        ["world", "train-clip", "o", "--steps", "0"],
+        ["world", "train-clip", "o", "--batch-size", "1"],  # contrastive: needs two
+    ],
+)
+def test_counts_out_of_range_are_argument_errors_on_every_command(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size", ["0", "11", "100000"])
 def test_a_world_image_size_out_of_range_is_refused(tmp_path, capsys, size):
     with pytest.raises(SystemExit) as exit_:

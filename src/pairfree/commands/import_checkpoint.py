@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pairfree.commands.common import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,10 +28,12 @@ def register(sub) -> None:
         help="mapping type it was trained with",
     )
     p.add_argument(
-        "--prefix-length", type=int, required=True, help="k (ClipCap COCO: 10; CapDec: 40)"
+        "--prefix-length", type=positive_int, required=True, help="k (ClipCap COCO: 10; CapDec: 40)"
     )
-    p.add_argument("--clip-length", type=int, default=None, help="k_clip of a transformer mapper")
-    p.add_argument("--num-layers", type=int, default=None, help="transformer mapper depth")
+    p.add_argument(
+        "--clip-length", type=positive_int, default=None, help="k_clip of a transformer mapper"
+    )
+    p.add_argument("--num-layers", type=positive_int, default=None, help="transformer mapper depth")
     p.add_argument(
         "--clip",
         default="open_clip:RN50x4/openai",

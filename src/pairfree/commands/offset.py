@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import add_device, add_strict
+from pairfree.commands.common import add_device, add_strict, positive_int
 
 
 def register(sub) -> None:
@@ -24,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--image-root", default=None)
     p.add_argument("--clip", required=True, help="CLIP spec (the one the captioner uses)")
-    p.add_argument("--max-images", type=int, default=1000, help="pairs to use (default 1000)")
+    p.add_argument(
+        "--max-images", type=positive_int, default=1000, help="pairs to use (default 1000)"
+    )
     p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     add_device(p)
     add_strict(p)

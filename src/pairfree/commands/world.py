@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import positive_int
+from pairfree.commands.common import at_least, positive_int
 
 
 def register(sub) -> None:
@@ -113,8 +113,8 @@ def register_train_clip(world_sub) -> None:
     )
     p.add_argument("out", type=Path, help="checkpoint directory")
     p.add_argument("--worlds", default="default,shifted,novel", help="comma-separated presets")
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=positive_int, default=700)
+    p.add_argument("--batch-size", type=at_least(2), default=256, help="contrastive: 2 or more")
     p.add_argument("--gap", type=float, default=0.8, help="target modality gap (real CLIP: ~0.8)")
     p.add_argument(
         "--modality-specific",
