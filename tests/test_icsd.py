@@ -323,6 +323,8 @@ def test_bad_inputs_fail_early_or_are_skipped_and_reported(tiny, trained, tmp_pa
     none = ["synthesis.multi_context=false", "synthesis.single_context=0"]
     assert main(icsd_args(world, bert, out, *none)) == 2
     assert "no training pairs" in capsys.readouterr().err
+    assert main(icsd_args(world, bert, out, "synthesis.llm.top_p=0")) == 2
+    assert "synthesis.llm: top_p must be in (0, 1]" in capsys.readouterr().err
     one = tmp_path / "one.txt"
     one.write_text("a red circle\n")
     assert main(icsd_args(world, bert, out, f"corpus.path={one}")) == 2

@@ -333,3 +333,28 @@ def test_a_server_that_cannot_be_reached_stops_the_job_and_records_no_rejects(
                  f"http://127.0.0.1:{port}/v1", "--out", str(out), "--no-progress"]) == 2  # fmt: skip
     assert "cannot reach the LLM server" in capsys.readouterr().err
     assert not (out / "rejects.jsonl").exists() and not list(out.glob("shards/*"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [("--temperature", "0", "temperature above 0"), ("--temperature", "nan", "not nan"),
+     ("--top-p", "1.5", "top_p must be in (0, 1]"), ("--max-new-tokens", "0", "at least 1")],
+)  # fmt: skip
+def test_sampling_settings_out_of_range_are_refused_before_the_llm_loads(
+    tmp_path, capsys, monkeypatch, flag, value, fragment
+):
+    from pairfree.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the settings were checked")
+
+    monkeypatch.setattr("pairfree.synth.llm.load_llm", no_loading)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red circle\n")
+    argv = ["synthesize", "rephrase", str(corpus), "--llm", "world:default", "--out",
+            str(tmp_path / "out"), flag, value]  # fmt: skip
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # an argparse-level check
+        code = exit_.code
+    assert code == 2 and fragment in capsys.readouterr().err

@@ -146,6 +146,13 @@ def _llm_job(args: argparse.Namespace, inputs: list):
     from pairfree.synth.llm import Sampling, load_llm
 
     check_output(args.out, inputs=inputs, folder=True)
+    sampling = Sampling(  # checked before the LLM is loaded
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        seed=args.seed,
+    )
     job = Job.create(progress=not args.no_progress)
     llm = load_llm(
         args.llm,
@@ -155,13 +162,6 @@ def _llm_job(args: argparse.Namespace, inputs: list):
         response_prefix=args.response_prefix,
         dtype=args.dtype,
         device=args.device if job.num_processes == 1 else job.state.device,
-    )
-    sampling = Sampling(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        seed=args.seed,
     )
     return job, llm, sampling
 

@@ -209,6 +209,16 @@ def group_stage(
     return read_groups(out / "groups.jsonl")
 
 
+def sampling(llm_cfg: LLMConfig) -> Sampling:
+    """The summarizing LLM's sampling settings (checked when made)."""
+    return Sampling(
+        max_new_tokens=llm_cfg.max_new_tokens,
+        temperature=llm_cfg.temperature,
+        top_p=llm_cfg.top_p,
+        seed=llm_cfg.seed,
+    )
+
+
 def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     """Stage 2: the LLM's selection and summary of every group (resumable, sharded)."""
     llm_cfg = cfg.synthesis.llm
@@ -216,13 +226,7 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     llm = OnFirstUse(llm_cfg.spec, lambda: load_llm(
         llm_cfg.spec, api_base=llm_cfg.api_base, api_key_env=llm_cfg.api_key_env,
         concurrency=llm_cfg.concurrency, dtype=llm_cfg.dtype, device=job.state.device))  # fmt: skip
-    sampling = Sampling(
-        max_new_tokens=llm_cfg.max_new_tokens,
-        temperature=llm_cfg.temperature,
-        top_p=llm_cfg.top_p,
-        seed=llm_cfg.seed,
-    )
-    result = summarize_groups(llm, groups, out, template=template, sampling=sampling,
+    result = summarize_groups(llm, groups, out, template=template, sampling=sampling(llm_cfg),
                               batch_size=llm_cfg.batch_size, job=job)  # fmt: skip
     if result is not None:
         logger.info("icsd: %s", result)
@@ -281,6 +285,10 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         raise PairfreeError(f"max_words must be at least 1, not {cfg.max_words}")
     if cfg.validation.dataset and not Path(cfg.validation.dataset).is_file():
         raise PairfreeError(f"validation.dataset: {cfg.validation.dataset} does not exist")
+    try:  # bad LLM settings are refused now, not after the grouping
+        sampling(s.llm)
+    except PairfreeError as err:
+        raise PairfreeError(f"synthesis.llm: {err}") from None
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     out = Path(s.out) if s.out else Path(cfg.train.output_dir) / "synthetic"
     features = Path(cfg.features) if cfg.features else out / "features"

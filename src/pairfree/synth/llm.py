@@ -48,6 +48,14 @@ class Sampling:
     do_sample: bool = True
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PairfreeError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise PairfreeError(f"sampling needs a temperature above 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PairfreeError(f"top_p must be in (0, 1], not {self.top_p}")
+
 
 @runtime_checkable
 class LLM(Protocol):
