@@ -299,3 +299,12 @@ def test_a_bad_group_or_summary_line_is_named_by_file_line_and_what_is_wrong(tmp
     groups.write_bytes(b"\xff\n")
     with pytest.raises(BadInputError, match="groups.jsonl: not UTF-8"):
         read_groups(groups)
+
+
+def test_diffusion_settings_a_pipeline_cannot_draw_are_one_line(tiny_sd_dir):
+    with pytest.raises(PairfreeError, match="guidance_scale must be 0 or more, not nan"):
+        DiffusionSettings(guidance_scale=float("nan"))
+    odd = DiffusionSettings(steps=1, height=13, width=13)  # not a multiple of the VAE's factor
+    backend = load_text_to_image(f"diffusers:{tiny_sd_dir}", odd)
+    with pytest.raises(PairfreeError, match=r"^diffusers:.*divisible"):
+        backend.generate(["a red circle"], [0])

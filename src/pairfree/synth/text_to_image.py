@@ -15,6 +15,7 @@ in place of a flagged image, and what ICSD's code filters on.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from pairfree.backends import resolve_backend
-from pairfree.errors import PairfreeError, load_failure
+from pairfree.errors import PairfreeError, first_line, load_failure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,9 +70,14 @@ class DiffusionSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, not {self.steps}")
+            raise PairfreeError(f"steps must be at least 1, not {self.steps}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise PairfreeError(f"guidance_scale must be 0 or more, not {self.guidance_scale}")
+        for side in ("height", "width"):
+            if getattr(self, side) is not None and getattr(self, side) < 1:
+                raise PairfreeError(f"{side} must be at least 1 pixel, not {getattr(self, side)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+            raise PairfreeError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
 
 
 class DiffusersTextToImage:
@@ -92,16 +98,19 @@ class DiffusersTextToImage:
         device = self.pipeline.device
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         negative = [s.negative_prompt] * len(prompts) if s.negative_prompt else None
-        out = self.pipeline(
-            list(prompts),
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            negative_prompt=negative,
-            height=s.height,
-            width=s.width,
-            generator=generators,
-            output_type="pil",
-        )
+        try:
+            out = self.pipeline(
+                list(prompts),
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale,
+                negative_prompt=negative,
+                height=s.height,
+                width=s.width,
+                generator=generators,
+                output_type="pil",
+            )
+        except ValueError as err:  # settings the pipeline refuses (a size it cannot draw...)
+            raise PairfreeError(f"{self.name}: {first_line(err)}") from None
         flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
         return [
             GeneratedImage(image, seed, bool(flag) or is_black(image))
