@@ -157,6 +157,7 @@ class _BufferedLayer(DynamicLayer):
         self._expose()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Hugging Face's entry point, kept true to the buffers (the stepper calls reindex)."""
         self.reindex(beam_idx.to(self.device), within_groups=False)
 
 
@@ -226,10 +227,10 @@ class _Stepper:
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and repeat or reorder) the given rows of the batch."""
         rows = rows.to(self.device)
-        origin = self.origin[rows]
-        within_groups = len(origin) == len(self.origin) and bool((origin == self.origin).all())
-        self.origin = origin
         if self.use_cache:
+            origin = self.origin[rows]
+            within_groups = len(origin) == len(self.origin) and bool((origin == self.origin).all())
+            self.origin = origin
             for layer in self.buffered:
                 layer.reindex(rows, within_groups)
             for part in self.unbuffered:
@@ -435,7 +436,7 @@ class DoesNotFitError(PairfreeError, ValueError):
 def _check_fits(
     lm: PreTrainedModel, prefix_length: int, *, num_beams: int, max_new_tokens: int, search: str
 ) -> None:
-    vocab = lm.get_output_embeddings().weight.shape[0]
+    vocab = lm.config.vocab_size
     if search == "clipcap" and num_beams > vocab:  # its beams start from distinct first tokens
         raise DoesNotFitError(f"{num_beams} beams for a vocabulary of {vocab} tokens")
     config = lm.config

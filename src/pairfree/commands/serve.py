@@ -6,7 +6,7 @@ import argparse
 import socket
 from pathlib import Path
 
-from pairfree.commands.common import add_device, positive_int
+from pairfree.commands.common import add_device, at_least
 from pairfree.errors import PairfreeError
 
 
@@ -23,17 +23,10 @@ def register(sub) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint, run folder or Hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=at_least(1, at_most=65535), default=7860,
+                   help="port (default 7860)")  # fmt: skip
     add_device(p)
     p.set_defaults(func=run)
-
-
-def port(text: str) -> int:
-    """An argparse type: a TCP port number."""
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, not {value}")
-    return value
 
 
 def check_free(host: str, port: int) -> None:

@@ -69,14 +69,9 @@ MAX_IMAGE_SIZE = 1024  # beyond it a world image only costs memory (100000 pixel
 
 def image_size(text: str) -> int:
     """An argparse type: a world image's side in pixels, at least 4 per cell of its grid."""
-    from pairfree.world.scene import GRID
+    from pairfree.world.scene import GRID  # here: the world package is slow to import
 
-    value = positive_int(text)
-    if not 4 * GRID <= value <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(
-            f"must be {4 * GRID} to {MAX_IMAGE_SIZE} pixels, not {value}"
-        )
-    return value
+    return at_least(4 * GRID, at_most=MAX_IMAGE_SIZE)(text)
 
 
 def run_make(args: argparse.Namespace) -> int:
