@@ -166,3 +166,6 @@ def test_compare_command_refuses_unpaired_inputs_naming_them(world, tmp_path, ca
     assert "without captions_test.json" in capsys.readouterr().err
     assert main(["compare", str(a), str(tmp_path / "nope.json"), str(references)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(a), str(references), "--confidence", "95"])
+    assert "between 0 and 1" in capsys.readouterr().err

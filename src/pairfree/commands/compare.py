@@ -31,12 +31,24 @@ def register(sub) -> None:
     p.add_argument("--metric", default="CIDEr", choices=("CIDEr", "ROUGE_L", "SPICE"),
                    help="a per-image metric whose mean is the corpus score (default: CIDEr)")  # fmt: skip
     p.add_argument("--resamples", type=at_least(100), default=10_000, help="default: 10000")
-    p.add_argument("--confidence", type=float, default=0.95, help="default: 0.95")
+    p.add_argument("--confidence", type=share, default=0.95,
+                   help="level of the intervals, between 0 and 1 (default: 0.95)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
     p.add_argument("--names", default="A,B", help="names of the two methods in the table")
     p.add_argument("--spice-dir", default=None, help="folder with SPICE and its CoreNLP jars")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=run)
+
+
+def share(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (0.95 for 95 %), not {text}")
+    return value
 
 
 def predictions_files(spec: str, split: str) -> list[Path]:
