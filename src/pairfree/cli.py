@@ -20,6 +20,7 @@ COMMANDS = (
     "train",
     "caption",
     "evaluate",
+    "compare",
     "run",
     "report",
     "serve",

@@ -36,6 +36,7 @@ METRIC_KEYS = {
     "SPICE": ("SPICE",),
 }
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+PER_IMAGE_METRICS = ("CIDEr", "ROUGE_L", "SPICE")  # a corpus score is the mean of these
 
 Scores = dict[str, float | None]
 
@@ -60,6 +61,32 @@ def caption_metrics(
     (see :func:`pairfree.evaluate.spice.spice_status`).
     """
     return _score_groups(predictions, references, None, metrics, spice_dir)["overall"]
+
+
+def per_image_scores(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    *,
+    metric: str = "CIDEr",
+    spice_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Each predicted image's score x100 against its references, for a metric whose corpus
+    score is the mean of these (CIDEr-D: document frequencies from the references of the
+    predicted images, as in :func:`caption_metrics`; ROUGE-L; SPICE)."""
+    if metric not in PER_IMAGE_METRICS:
+        raise PairfreeError(f"{metric!r} has no per-image score whose mean is the corpus "
+                            f"score; choose from {PER_IMAGE_METRICS}")  # fmt: skip
+    predictions, references = _checked(predictions, references)
+    res, gts = _tokenize(predictions, references)
+    if metric == "SPICE":
+        available, message = spice_status(spice_dir)
+        if not available:
+            raise PairfreeError(message)
+        by_id = spice_per_image(gts, res, spice_dir)
+        return {i: 100.0 * float(by_id[i]) for i in predictions}
+    scorer = Cider() if metric == "CIDEr" else Rouge()
+    _, scores = scorer.compute_score(gts, res)  # in the order of gts' keys
+    return {i: 100.0 * float(v) for i, v in zip(gts, scores, strict=True)}
 
 
 def nocaps_groups(image_ids: Iterable[str], domains: Mapping[str, str]) -> dict[str, list[str]]:

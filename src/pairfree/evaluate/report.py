@@ -94,7 +94,7 @@ def evaluate(
     given per domain and overall. With ``clip`` and ``images`` (image id -> image) CLIPScore
     and RefCLIPScore are added to every group.
     """
-    captions = _predictions_by_id(predictions)
+    captions = predictions_by_id(predictions)
     notes = []
     empty = [i for i, caption in captions.items() if not caption.strip()]
     if empty:
@@ -135,7 +135,7 @@ def evaluate(
     return EvaluationReport(scores=scores, notes=notes)
 
 
-def _predictions_by_id(predictions: list[dict]) -> dict[str, str]:
+def predictions_by_id(predictions: list[dict]) -> dict[str, str]:
     """``{image_id as str: caption}``; malformed entries and duplicate ids are errors, since a
     dropped or doubled image would silently change every corpus-level score."""
     captions: dict[str, str] = {}

@@ -1,0 +1,171 @@
+"""Confidence intervals and paired comparisons: known answers on constructed scores, per-image
+CIDEr that averages to the corpus score, and ``pairfree compare`` on prediction files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pairfree.cli import main
+from pairfree.errors import PairfreeError
+from pairfree.evaluate import caption_metrics
+from pairfree.evaluate.coco import per_image_scores
+from pairfree.evaluate.stats import bootstrap_mean, paired_bootstrap
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+
+
+def test_bootstrap_interval_of_a_mean_has_the_textbook_standard_error():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(100.0, 20.0, size=2000)
+    interval = bootstrap_mean(scores, resamples=2000)
+    expected = scores.std(ddof=1) / np.sqrt(len(scores))  # 0.45
+    assert interval.mean == pytest.approx(scores.mean())
+    assert interval.stderr == pytest.approx(expected, rel=0.1)
+    assert interval.high - interval.low == pytest.approx(2 * 1.96 * expected, rel=0.1)
+    assert interval.low < scores.mean() < interval.high
+
+
+def test_identical_methods_differ_by_exactly_nothing():
+    scores = np.random.default_rng(2).uniform(0, 300, size=(3, 200))
+    c = paired_bootstrap(scores, scores.copy(), resamples=500)
+    assert (c.difference.mean, c.difference.low, c.difference.high) == (0.0, 0.0, 0.0)
+    assert c.p_value == 1.0 and not c.significant
+    assert (c.n_seeds, c.n_images) == (3, 200)
+
+
+def test_a_strictly_better_method_is_ahead_with_its_difference_inside_the_interval():
+    rng = np.random.default_rng(3)
+    b = rng.uniform(0, 300, size=(2, 300))
+    a = b + 5.0 + rng.normal(0, 2.0, size=b.shape)
+    c = paired_bootstrap(a, b, resamples=1000)
+    assert c.significant and c.difference.low > 0
+    assert c.difference.low < 5.0 < c.difference.high
+    assert c.p_value < 0.01
+
+
+def test_pairing_finds_a_small_difference_that_the_separate_intervals_hide():
+    """Image difficulty dominates both methods' scores; the paired difference cancels it."""
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0, 300, size=(1, 400))
+    a, b = difficulty + 2.0 + rng.normal(0, 1, difficulty.shape), difficulty
+    c = paired_bootstrap(a, b, resamples=1000)
+    assert c.a.low < c.b.high  # the two methods' own intervals overlap ...
+    assert c.significant  # ... yet A is ahead on the same images
+
+
+def test_seeds_that_disagree_widen_the_interval():
+    """+4 on one seed and -2 on the other: images alone would call it; seeds do not."""
+    rng = np.random.default_rng(5)
+    b = rng.uniform(0, 300, size=(2, 1000))
+    a = b + np.array([[4.0], [-2.0]]) + rng.normal(0, 0.5, size=b.shape)
+    one_seed = paired_bootstrap(a[:1], b[:1], resamples=1000)
+    both = paired_bootstrap(a, b, resamples=1000)
+    assert one_seed.significant
+    assert not both.significant and both.difference.low < 0 < both.difference.high
+
+
+def test_bad_shapes_and_settings_are_refused():
+    with pytest.raises(PairfreeError, match="same seeds and images"):
+        paired_bootstrap(np.zeros((2, 5)), np.zeros((2, 6)))
+    with pytest.raises(PairfreeError, match="finite"):
+        bootstrap_mean([1.0, float("nan")])
+    with pytest.raises(PairfreeError, match="resamples"):
+        bootstrap_mean([1.0, 2.0], resamples=10)
+    with pytest.raises(PairfreeError, match="confidence"):
+        bootstrap_mean([1.0, 2.0], confidence=95)
+
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+COLORS = ("red", "green", "blue", "white", "purple", "yellow")
+
+
+def _scenes(n: int) -> dict[str, list[str]]:
+    refs = {}
+    for i in range(n):
+        color, shape = COLORS[i % 6], SHAPES[(i // 6) % 6]
+        refs[str(100 + i)] = [
+            f"a {color} {shape} on a plain background.",
+            f"there is a {color} {shape}.",
+            f"a picture of a {color} {shape} in the middle.",
+        ]
+    return refs
+
+
+@needs_java
+def test_per_image_cider_averages_to_the_corpus_score():
+    refs = _scenes(12)
+    preds = {i: f"a {r[0].split()[1]} shape" for i, r in refs.items()}
+    per_image = per_image_scores(preds, refs, metric="CIDEr")
+    assert set(per_image) == set(refs)
+    corpus = caption_metrics(preds, refs, metrics=["CIDEr"])["CIDEr"]
+    assert np.mean(list(per_image.values())) == pytest.approx(corpus)
+    with pytest.raises(PairfreeError, match="BLEU"):
+        per_image_scores(preds, refs, metric="BLEU")
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def world(tmp_path):
+    refs = _scenes(36)
+    images = [
+        {"filepath": "val2014", "filename": f"{i}.jpg", "cocoid": int(i), "split": "test",
+         "sentences": [{"raw": r} for r in texts]}
+        for i, texts in refs.items()
+    ]  # fmt: skip
+    references = _write(tmp_path / "dataset_coco.json", {"images": images})
+    good = [{"image_id": int(i), "caption": r[1]} for i, r in refs.items()]
+    bad = [{"image_id": int(i), "caption": "a thing"} for i in refs]
+    return references, good, bad
+
+
+@needs_java
+def test_compare_command_finds_the_better_method_and_writes_json(world, tmp_path, capsys):
+    references, good, bad = world
+    a0, a1 = _write(tmp_path / "a0.json", good), _write(tmp_path / "a1.json", good)
+    (tmp_path / "run_b").mkdir()
+    _write(tmp_path / "run_b" / "captions_test.json", bad)
+    b1 = _write(tmp_path / "b1.json", bad)
+    out = tmp_path / "cmp.json"
+    code = main(["compare", f"{a0},{a1}", f"{tmp_path / 'run_b'},{b1}", str(references),
+                 "--names", "good,bad", "--resamples", "500", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "36 images x 2 seed(s)" in printed and "A is ahead" in printed
+    result = json.loads(out.read_text())
+    assert result["difference"]["low"] > 0 and result["n_seeds"] == 2
+    assert result["predictions"]["bad"][0].endswith("captions_test.json")
+
+
+@needs_java
+def test_compare_command_calls_identical_files_a_tie(world, tmp_path, capsys):
+    references, good, _ = world
+    a = _write(tmp_path / "a.json", good)
+    assert main(["compare", str(a), str(a), str(references), "--resamples", "200"]) == 0
+    assert "a tie at this confidence" in capsys.readouterr().out
+
+
+@needs_java
+def test_compare_command_refuses_unpaired_inputs_naming_them(world, tmp_path, capsys):
+    references, good, bad = world
+    a = _write(tmp_path / "a.json", good)
+    short = _write(tmp_path / "short.json", bad[:-1])
+    assert main(["compare", str(a), str(short), str(references)]) == 2
+    err = capsys.readouterr().err
+    assert "B seed 0 does not caption the same images" in err and "'135'" in err
+    assert main(["compare", f"{a},{a}", str(a), str(references)]) == 2
+    assert "A has 2, B has 1" in capsys.readouterr().err
+    assert main(["compare", str(a), str(tmp_path), str(references)]) == 2
+    assert "without captions_test.json" in capsys.readouterr().err
+    assert main(["compare", str(a), str(tmp_path / "nope.json"), str(references)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", str(a), str(a), str(references), "--confidence", "95"])
+    assert "between 0 and 1" in capsys.readouterr().err
