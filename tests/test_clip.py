@@ -316,3 +316,97 @@ def test_fine_tuning_keeps_a_towers_batch_norm_statistics():
     tower(tower_pixels(tower.pixels, [_image(0).resize((64, 64))])).sum().backward()
     assert all(torch.equal(v, tower.state_dict()[k]) for k, v in before.items())
     assert all(m.weight.grad is not None for m in norms)  # their scales still learn
+
+
+# --- a tower copy at another resolution (ICSD trains CLIP ViT-B/32 at 384 px) ---------------
+
+
+def _bicubic_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of a 1-D bicubic resize written out: Keys' cubic kernel with
+    a = -0.75, output pixel i read at input coordinate (i + 0.5) * n_in / n_out - 0.5 (pixel
+    centres, not aligned corners), samples past an edge taken from the edge."""
+
+    def cubic(x: float, a: float = -0.75) -> float:
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        source = (i + 0.5) * n_in / n_out - 0.5
+        base = int(np.floor(source))
+        for k in range(base - 1, base + 3):
+            weights[i, min(max(k, 0), n_in - 1)] += cubic(source - k)
+    return weights
+
+
+@pytest.mark.parametrize(("n", "side"), [(7, 12), (3, 5), (4, 2)])
+def test_resized_position_embeddings_follow_the_originals_bicubic_resize(n, side):
+    """ICSD's 384-px CLIP: the class token's embedding kept in front, the n x n grid's
+    (row-major) resized bicubically without aligned corners, flattened row-major again."""
+    from pairfree.clip.vision import resize_positions
+
+    positions = torch.randn(1 + n * n, 3, generator=torch.Generator().manual_seed(n))
+    out = resize_positions(positions, side)
+    assert out.shape == (1 + side * side, 3)
+    torch.testing.assert_close(out[0], positions[0])
+    w = _bicubic_weights(n, side)
+    grid = positions[1:].double().reshape(n, n, 3)
+    expected = torch.einsum("ia,jb,abd->ijd", w, w, grid).reshape(side * side, 3)
+    torch.testing.assert_close(out[1:].double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(resize_positions(positions, n), positions)
+
+
+def test_hf_vision_tower_at_another_size_reads_it_through_resized_positions(hf, tiny_clip_dir):
+    from transformers import CLIPVisionModel
+
+    from pairfree.clip.vision import resize_positions, tower_pixels
+
+    native = hf.vision_tower().eval()
+    assert hf.vision_tower(32).state_dict().keys() == native.state_dict().keys()
+    square = [_image(seed).resize((32, 32), Image.Resampling.NEAREST) for seed in range(2)]
+    pixels = tower_pixels(native.pixels, square)
+    torch.testing.assert_close(hf.vision_tower(32).eval()(pixels), native(pixels))
+
+    tower = hf.vision_tower(48).eval()  # patch 8: a 6 x 6 grid instead of 4 x 4
+    assert tower.pixels.image_size == 48 and tower.grid_shape == (37, 32)
+    reference = CLIPVisionModel.from_pretrained(tiny_clip_dir).state_dict()
+    table = next(v for k, v in reference.items() if k.endswith("position_embedding.weight"))
+    resized = tower.vision.embeddings.position_embedding.weight
+    torch.testing.assert_close(resized.detach(), resize_positions(table, 6))
+    grid = tower(tower_pixels(tower.pixels, [_image(0), _image(1)]))
+    assert grid.shape == (2, 37, 32)
+    grid.square().mean().backward()
+    assert resized.requires_grad and resized.grad is not None  # its own parameters, trained
+    # the frozen encoder keeps its native table
+    assert hf.model.vision_model.embeddings.position_embedding.weight.shape == (17, 32)
+    assert hf.encode_image_grid([_image(0)]).shape == (1, 17, 32)
+    with pytest.raises(PairfreeError, match="not a multiple of its 8-px patches"):
+        hf.vision_tower(50)
+
+
+def test_open_clip_vit_tower_at_another_size_and_cnn_towers_that_cannot_change(tiny_open_clip):
+    from pairfree.clip.vision import resize_positions, tower_pixels
+
+    _, _, path = tiny_open_clip["pairfree-test-TinyViT"]
+    enc = load_clip(f"open_clip:pairfree-test-TinyViT@{path}")
+    tower = enc.vision_tower(40).eval()
+    assert tower.pixels.image_size == 40 and tower.grid_shape == (26, 32)
+    torch.testing.assert_close(
+        tower.visual.positional_embedding.detach(),
+        resize_positions(enc.model.visual.positional_embedding, 5),
+    )
+    assert tower(tower_pixels(tower.pixels, [_image(0)])).shape == (1, 26, 32)
+    square = [_image(0).resize((32, 32), Image.Resampling.NEAREST)]
+    torch.testing.assert_close(
+        enc.vision_tower(32).eval()(tower_pixels(enc.vision_tower().pixels, square)),
+        enc.encode_image_grid(square),
+    )
+    _, _, rn_path = tiny_open_clip["pairfree-test-TinyRN"]
+    with pytest.raises(PairfreeError, match="reads 64-px images only"):
+        load_clip(f"open_clip:pairfree-test-TinyRN@{rn_path}").vision_tower(128)
+    world = load_clip("world:builtin")
+    assert world.vision_tower(None).pixels.image_size == world.vision_tower(64).pixels.image_size
+    with pytest.raises(PairfreeError, match="world:builtin.*reads 64-px images only"):
+        world.vision_tower(384)

@@ -34,7 +34,7 @@ def icsd_args(world, bert, out, *extra) -> list[str]:
             "train.batch_size=8", "train.lr=3e-3", "train.eval_every=6",
             "train.checkpoint_every=4", "train.log_every=2", "corpus.val_fraction=0.2",
             "generation.num_beams=2", f"train.output_dir={out}", "--no-progress",
-            *extra]  # fmt: skip
+            "image_size=null", "synthesis.group_clip=null", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_icsd_learns_saves_its_tower_and_captions_through_the_cli(
     assert evals and all("val_CIDEr+BLEU_4" in e and "val_loss" in e for e in evals)
     meta = json.loads((out / "last" / "config.json").read_text())
     assert meta["captioner"]["image_encoder"] is True and meta["card"]["recipe"] == "icsd"
+    assert meta["captioner"]["image_size"] == 64  # image_size=null: the world tower's own
     assert meta["card"]["generation"]["num_beams"] == 2
     # the fine-tuned tower is in the checkpoint, and differs from the CLIP it started from
     weights = load_file(str(out / "last" / "model.safetensors"))
@@ -170,9 +171,10 @@ def test_nsfw_flagged_images_never_reach_a_batch(tiny, tmp_path, monkeypatch):
     assert not flagged & {p["image"] for p in pairs}
 
 
-def test_prompt_tokens_are_masked_from_the_loss(tiny):
-    """The loss is the cross-entropy of the caption tokens (and [SEP]) only: the prompt
-    "[CLS] a picture of" is read, never predicted."""
+def test_loss_is_blips_smoothed_cross_entropy_of_the_caption_tokens(tiny):
+    """ICSD's loss is BLIP's: cross-entropy with label smoothing 0.1 over the whole
+    vocabulary, averaged over the caption tokens and [SEP] of the batch; the prompt
+    "[CLS] a picture of" is read, never predicted, and padding is ignored."""
     from transformers import AutoTokenizer
 
     from pairfree.captioner.cross_attention import (
@@ -181,6 +183,7 @@ def test_prompt_tokens_are_masked_from_the_loss(tiny):
         load_cross_attention_lm,
     )
     from pairfree.clip import load_clip
+    from pairfree.recipes.icsd import ICSDConfig
 
     _, _, bert = tiny
     tokenizer = AutoTokenizer.from_pretrained(bert)
@@ -192,24 +195,40 @@ def test_prompt_tokens_are_masked_from_the_loss(tiny):
     separator = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
     model = CrossAttentionCaptioner(config, load_cross_attention_lm(str(bert)),
                                     separator_ids=separator, vision=vision).eval()  # fmt: skip
-    caption = tokenizer(" a red circle", add_special_tokens=False)["input_ids"] + [
-        tokenizer.sep_token_id
-    ]
-    ids = torch.tensor([caption])
-    pixels = torch.randn(1, 3, 64, 64)
-    empty = torch.zeros(1, 0, dtype=torch.long)
+    captions = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+                for c in ("a red circle", "two small blue squares on the left")]  # fmt: skip
+    width = max(map(len, captions))
+    ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in captions])
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in captions])
+    pixels = torch.randn(2, 3, 64, 64)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    smoothing = ICSDConfig().label_smoothing
+    assert smoothing == 0.1
     with torch.no_grad():
-        loss = model(None, pixels, empty, empty, ids, torch.ones_like(ids)).loss
-        full = torch.tensor([separator + caption])
-        logits = model.lm(input_ids=full, **model.context(pixels)).logits[0]
-    log_probs = logits[:-1].log_softmax(-1).gather(-1, full[0, 1:, None]).squeeze(-1)
-    n_prompt = len(separator)
-    torch.testing.assert_close(loss, -log_probs[n_prompt - 1 :].mean())
-    assert not torch.isclose(loss, -log_probs.mean())  # the prompt's tokens would change it
+        loss = model(None, pixels, empty, empty, ids, mask, label_smoothing=smoothing).loss
+        plain = model(None, pixels, empty, empty, ids, mask).loss
+        # BLIP: the decoder reads prompt + caption; labels are the same ids with the prompt's
+        # positions and the padding set to -100; logits at t predict label t + 1
+        full = torch.cat((torch.tensor([separator] * 2), ids), 1)
+        full_mask = torch.cat((torch.ones(2, len(separator), dtype=torch.long), mask), 1)
+        logits = model.lm(input_ids=full, attention_mask=full_mask, **model.context(pixels)).logits
+    labels = full.masked_fill(full_mask == 0, -100)
+    labels[:, : len(separator)] = -100
+    log_p = logits[:, :-1].log_softmax(-1)
+    targets = labels[:, 1:]
+    kept = targets != -100
+    nll = -log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    uniform = -log_p.mean(-1)  # the smoothed share is spread evenly over the vocabulary
+    per_token = (1 - smoothing) * nll + smoothing * uniform
+    torch.testing.assert_close(loss, per_token[kept].mean())
+    torch.testing.assert_close(plain, nll[kept].mean())  # SaCap's, and ICSD's option 0
+    assert kept.sum() == mask.sum() and not torch.isclose(loss, plain)
 
 
-def test_augmentation_keeps_the_encoders_resolution_and_is_seeded(tmp_path):
-    from pairfree.clip.vision import PixelSpec
+def test_training_images_come_at_the_configured_size_and_are_seeded(tmp_path, tiny_clip_dir):
+    """A tower copy at ``image_size`` (here 48 px for a 32-px ViT with 8-px patches, as
+    ICSD's 384 for the 224-px ViT-B/32) gets its training and evaluation images at that size."""
+    from pairfree.clip import load_clip
     from pairfree.training.cross_attention import ImageCaptionDataset, ImageExample
 
     files = []
@@ -217,11 +236,12 @@ def test_augmentation_keeps_the_encoders_resolution_and_is_seeded(tmp_path):
         path = tmp_path / f"{i}.png"
         Image.effect_mandelbrot(size, (-2, -1.2, 1, 1.2), 30 + i).convert("RGB").save(path)
         files.append(path)
-    spec = PixelSpec(48)
-    data = ImageCaptionDataset([ImageExample(f, [], [1]) for f in files], spec, min_scale=0.5,
-                               seed=7)  # fmt: skip
+    tower = load_clip(f"hf:{tiny_clip_dir}").vision_tower(48)
+    data = ImageCaptionDataset([ImageExample(f, [], [1]) for f in files], tower.pixels,
+                               min_scale=0.5, seed=7)  # fmt: skip
     first = [data[i][1] for i in range(3)]
     assert all(p.shape == (3, 48, 48) for p in first)
+    assert tower(torch.stack(first)).shape == (3, 37, 32)  # 6 x 6 patches and the class token
     assert all(torch.equal(a, data[i][1]) for i, a in enumerate(first))  # seeded
     data.set_epoch(1)
     assert not all(torch.equal(a, data[i][1]) for i, a in enumerate(first))  # new epoch, new crop
@@ -336,6 +356,8 @@ def test_bad_inputs_fail_early_or_are_skipped_and_reported(tiny, trained, tmp_pa
         ("image_encoder_lr=-1", "image_encoder_lr"),
         ("max_words=0", "max_words"),
         ("synthesis.group_size=0", "groups of 0"),
+        ("label_smoothing=1", "label_smoothing must be in [0, 1)"),
+        ("image_size=384", "image_size=384: world:builtin"),  # a CNN keeps its 64 px
     ):
         assert main(icsd_args(world, bert, out, bad)) == 2, bad
         assert named in capsys.readouterr().err
@@ -373,6 +395,9 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
     assert images.backend == "diffusers:CompVis/stable-diffusion-v1-4" and images.steps == 20
     assert images.scheduler == "DPMSolverMultistepScheduler"
     assert (images.height, images.width) == (512, 512)
+    assert cfg.image_size == 384 and cfg.label_smoothing == 0.1 and not cfg.pretrained_head
+    assert cfg.synthesis.group_clip == "hf:openai/clip-vit-base-patch16"
+    assert cfg.corpus.cleaning.dedupe is False  # ICSD groups every caption, repeats too
 
 
 def test_world_lm_command_saves_each_untrained_decoder(tmp_path):
@@ -403,3 +428,190 @@ def test_pairfree_run_synthesizes_trains_captions_and_scores_in_one_command(
     assert len(preds) == 6 and all(isinstance(p["caption"], str) for p in preds)
     assert "CIDEr" in json.loads((out / "metrics_test.json").read_text())["scores"]["overall"]
     assert (out / "best" / "model.safetensors").is_file()  # picked by CIDEr + BLEU-4
+
+
+def test_bert_output_head_starts_anew_as_blips_and_pretrained_is_the_option(tiny, tiny_gpt2_dir):
+    """BLIP builds a new BertLMHeadModel and loads pretrained weights into its ``bert`` only:
+    the head's transform (dense, LayerNorm) and output bias start from a new model's init;
+    the word embeddings the head projects with are the pretrained ones."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, BertLMHeadModel
+
+    from pairfree.captioner.cross_attention import load_cross_attention_lm, reset_output_head
+
+    _, _, bert = tiny
+    saved = load_file(str(bert / "model.safetensors"))
+    head = {k for k in saved if k.startswith("cls.")}
+    assert {"cls.predictions.transform.dense.weight", "cls.predictions.bias"} <= head
+    with torch.no_grad():  # a stand-in for pretraining: no head parameter at its init value
+        for k in head:
+            saved[k].normal_(0.5, 0.1)
+    pretrained = load_cross_attention_lm(str(bert))
+    pretrained.load_state_dict(saved, strict=False)
+    kept = dict(pretrained.named_parameters())
+    torch.manual_seed(0)
+    fresh = load_cross_attention_lm(str(bert), fresh_head=True)
+    fresh.load_state_dict(
+        {k: v for k, v in saved.items() if not k.startswith("cls.")}, strict=False
+    )
+    torch.manual_seed(0)
+    names = reset_output_head(pretrained)
+    blip = BertLMHeadModel(AutoConfig.from_pretrained(bert))  # the parts BLIP makes anew
+    assert sorted(names) == sorted(
+        n for n, _ in blip.named_parameters() if not n.startswith("bert.")
+    )
+    params = dict(pretrained.named_parameters())
+    transform = "cls.predictions.transform."
+    assert torch.equal(params[transform + "LayerNorm.weight"], torch.ones(32))
+    assert (
+        not params[transform + "LayerNorm.bias"].any() and not params["cls.predictions.bias"].any()
+    )
+    assert not params[transform + "dense.bias"].any()
+    std = float(params[transform + "dense.weight"].std())
+    assert abs(std - pretrained.config.initializer_range) < 0.005
+    for name, param in params.items():  # the encoder, embeddings and cross-attention kept
+        if not name.startswith("cls."):
+            assert torch.equal(param, kept[name]), name
+    output = pretrained.get_output_embeddings().weight
+    assert output is pretrained.get_input_embeddings().weight  # still tied
+    # fresh_head=True at load does the same
+    assert torch.equal(
+        dict(fresh.named_parameters())[transform + "LayerNorm.weight"], torch.ones(32)
+    )
+    assert not dict(fresh.named_parameters())["cls.predictions.bias"].any()
+    # GPT-2's head is its tied embeddings alone: nothing to start anew
+    gpt2 = load_cross_attention_lm(str(tiny_gpt2_dir))
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    assert reset_output_head(gpt2) == []
+    assert all(torch.equal(v, gpt2.state_dict()[k]) for k, v in before.items())
+
+
+def test_checkpoint_keeps_the_towers_size_and_captions_at_it(
+    tiny_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    """A captioner whose tower reads 48-px images (its CLIP's native size: 32) is saved with
+    that size and loaded at it; captioning resizes images to it. A checkpoint written before
+    the size was recorded loads at the CLIP's own size."""
+    from transformers import AutoTokenizer
+
+    from pairfree.captioner import CheckpointCard, GenerationConfig
+    from pairfree.captioner.checkpoint import load_captioner, save_captioner
+    from pairfree.captioner.cross_attention import (
+        CrossAttentionCaptioner,
+        CrossAttentionConfig,
+        load_cross_attention_lm,
+    )
+    from pairfree.clip import load_clip
+    from pairfree.errors import BadInputError
+    from pairfree.pipeline import Captioner
+
+    clip = load_clip(f"hf:{tiny_clip_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    card = CheckpointCard("icsd", f"hf:{tiny_clip_dir}", generation=GenerationConfig(
+        num_beams=2, max_new_tokens=4, stop="."))  # fmt: skip
+    images = [tmp_path / f"{c}.png" for c in ("red", "navy")]
+    for path in images:
+        Image.new("RGB", (70, 50), path.stem).save(path)
+
+    def saved(size: int | None, out: Path) -> CrossAttentionCaptioner:
+        vision = clip.vision_tower(size)
+        config = CrossAttentionConfig(lm=str(tiny_gpt2_dir), grid_width=32, prefix_length=0,
+                                      image_encoder=True, image_size=vision.pixels.image_size)  # fmt: skip
+        torch.manual_seed(0)
+        model = CrossAttentionCaptioner(config, load_cross_attention_lm(str(tiny_gpt2_dir)),
+                                        separator_ids=[25], vision=vision).eval()  # fmt: skip
+        save_captioner(model, tokenizer, out, card)
+        return model
+
+    model = saved(48, tmp_path / "at48")
+    meta = json.loads((tmp_path / "at48" / "config.json").read_text())
+    assert meta["captioner"]["image_size"] == 48
+    loaded, _, _ = load_captioner(tmp_path / "at48")
+    assert loaded.vision.pixels.image_size == 48 and loaded.vision.grid_shape == (37, 32)
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    expected = Captioner(model, tokenizer, clip, generation=card.generation).caption(images)
+    assert Captioner.from_pretrained(tmp_path / "at48").caption(images) == expected
+
+    saved(None, tmp_path / "old")  # an older checkpoint: no image_size in its config
+    path = tmp_path / "old" / "config.json"
+    meta = json.loads(path.read_text())
+    assert meta["captioner"].pop("image_size") == 32
+    path.write_text(json.dumps(meta))
+    assert load_captioner(tmp_path / "old")[0].vision.pixels.image_size == 32
+    # a recorded size the CLIP's tower cannot take is named, not a shape mismatch
+    meta["captioner"]["image_size"] = 50
+    path.write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="its image tower.*not a multiple of its 8-px"):
+        load_captioner(tmp_path / "old")
+
+
+def test_captions_are_grouped_by_the_grouping_clip_repeats_included(tiny, tmp_path, monkeypatch):
+    """ICSD groups by its own CLIP's text embeddings (ViT-B/16; the run's CLIP only where none
+    is named) and groups every caption of the corpus, a repeated one as often as it occurs."""
+    import pairfree.recipes.icsd as icsd
+    from pairfree.clip import load_clip
+    from pairfree.recipes import get_recipe
+    from pairfree.synth.text import group_captions
+
+    _, world, bert = tiny
+    lines = world.corpus.read_text().splitlines()[:6]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([*lines, lines[0]]) + "\n")
+    assert icsd.ICSDConfig().synthesis.group_clip == "hf:openai/clip-vit-base-patch16"
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(icsd, "summarize_stage", stop)
+    overrides = [a for a in icsd_args(world, bert, tmp_path / "run") if "=" in a]
+    overrides += [f"corpus.path={corpus}", "synthesis.group_clip=world:builtin",
+                  "clip=world:builtin", f"synthesis.out={tmp_path / 'syn'}"]  # fmt: skip
+    loaded = []
+    real_load = icsd.load_clip
+
+    def load(spec, **kwargs):
+        loaded.append(spec)
+        return real_load(spec, **kwargs)
+
+    monkeypatch.setattr(icsd, "load_clip", load)
+    with pytest.raises(Stop):
+        icsd.train_icsd(get_recipe("icsd").build_config({}, overrides), progress=False)
+    assert loaded == ["world:builtin", "world:builtin"]  # the run's, then the grouping CLIP
+    request = json.loads((tmp_path / "syn" / "groups" / "request.json").read_text())
+    assert request["clip"] == "world:builtin"
+    groups = read_jsonl(tmp_path / "syn" / "groups" / "groups.jsonl")
+    texts = [*lines, lines[0]]
+    assert [g["captions"][0] for g in groups] == texts  # the repeat is grouped again
+    clip = load_clip("world:builtin")
+    expected = group_captions([str(i) for i in range(7)], texts, clip.encode_texts(texts),
+                              tmp_path / "expected", k=5)  # fmt: skip
+    assert [g["captions"] for g in groups] == [g.captions for g in expected]
+    # grouped already: the grouping CLIP is not loaded again
+    loaded.clear()
+    with pytest.raises(Stop):
+        icsd.train_icsd(get_recipe("icsd").build_config({}, overrides), progress=False)
+    assert loaded == ["world:builtin"]
+    # corpus.cleaning.dedupe=true leaves the repeat out
+    with pytest.raises(Stop):
+        icsd.train_icsd(get_recipe("icsd").build_config({}, [*overrides,
+                        "corpus.cleaning.dedupe=true", f"features={tmp_path / 'f'}"]), progress=False)  # fmt: skip
+    groups = read_jsonl(tmp_path / "syn" / "groups" / "groups.jsonl")
+    assert [g["captions"][0] for g in groups] == lines
+
+
+def test_world_icsd_runs_keep_the_world_clips_size_and_group_with_it(tmp_path):
+    """The world CLIP's CNN tower cannot read ICSD's 384 px and the world has no ViT-B/16:
+    the demo's and benchmark's ICSD runs use the world CLIP's own size and its text tower."""
+    from pairfree.clip import load_clip
+    from pairfree.demo.methods import ICSD_METHODS, DemoConfig, method_config
+
+    cfg = DemoConfig(out=str(tmp_path), n_corpus=20, n_test=2)
+    for method in ICSD_METHODS:
+        icsd = method_config(cfg, method)
+        assert icsd.image_size is None and icsd.synthesis.group_clip is None
+        assert icsd.label_smoothing == 0.1 and not icsd.pretrained_head  # ICSD's own
+        load_clip(icsd.clip).vision_tower(icsd.image_size)  # takes it

@@ -117,7 +117,8 @@ def load_captioner(
     """Load a checkpoint written by :func:`save_captioner`; returns the model in eval mode,
     its tokenizer and its card. A checkpoint without a family is a prefix captioner (all were
     before cross-attention captioners existed). A captioner with its own image tower takes the
-    tower's architecture from ``clip`` (default: the CLIP its card names)."""
+    tower's architecture from ``clip`` (default: the CLIP its card names), at the resolution
+    it was trained at."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     meta = read_json_config(config_path, FORMAT, "pairfree captioner")
@@ -147,7 +148,11 @@ def load_captioner(
         separator = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
         vision = None
         if config.image_encoder:
-            vision = (clip or load_clip(card.clip, device=device)).vision_tower()
+            encoder = clip or load_clip(card.clip, device=device)
+            try:
+                vision = encoder.vision_tower(config.image_size)
+            except PairfreeError as e:
+                raise BadInputError(config_path, f"its image tower: {e}") from e
         model = CrossAttentionCaptioner(config, lm, separator_ids=separator, vision=vision)
     try:
         load_model(model, weights_path, strict=True)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -60,6 +61,9 @@ class CrossAttentionConfig:
     """The text that ends the prompt and starts the caption."""
     image_encoder: bool = False
     """The captioner carries (and reads pixels through) its own CLIP image tower."""
+    image_size: int | None = None
+    """The side of the images its own tower reads (None: the CLIP's native one; checkpoints
+    written before this setting existed read that)."""
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "grid_width", "soft_prompt_hidden"):
@@ -70,6 +74,8 @@ class CrossAttentionConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.separator:
             raise ValueError("separator must not be empty")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 (or None), got {self.image_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,13 +88,47 @@ class CrossAttentionConfig:
         return cls(**d)
 
 
-def load_cross_attention_lm(lm: str) -> PreTrainedModel:
+def load_cross_attention_lm(lm: str, *, fresh_head: bool = False) -> PreTrainedModel:
     """``lm``'s pretrained weights in a decoder with (new, randomly initialized)
-    cross-attention layers; ``is_decoder`` makes an encoder such as BERT causal."""
+    cross-attention layers; ``is_decoder`` makes an encoder such as BERT causal. With
+    ``fresh_head`` the output head's own layers start anew (:func:`reset_output_head`)."""
     config = AutoConfig.from_pretrained(lm)
     config.add_cross_attention = True
     config.is_decoder = True
-    return AutoModelForCausalLM.from_pretrained(lm, config=config)
+    model = AutoModelForCausalLM.from_pretrained(lm, config=config)
+    if fresh_head:
+        reset_output_head(model)
+    return model
+
+
+def reset_output_head(lm: PreTrainedModel) -> list[str]:
+    """Initialize the output head's own parameters as a new model's: Linear weights from
+    N(0, ``initializer_range``), LayerNorm weights 1, biases 0. Parameters the head shares with
+    the base model (the word embeddings a tied head projects with) are kept. BERT's head is its
+    ``transform`` (dense, GELU, LayerNorm) and output bias; GPT-2's is the tied embeddings
+    alone. Returns the names of the parameters reset.
+
+    BLIP (so ICSD) builds its decoder's head this way: it makes a new ``BertLMHeadModel`` and
+    loads pretrained weights into its encoder only."""
+    std = getattr(lm.config, "initializer_range", 0.02)
+    shared = {id(p) for p in lm.base_model.parameters()}
+    reset = []
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if id(param) in shared:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            module = lm.get_submodule(owner)
+            if leaf == "bias":
+                param.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                param.fill_(1.0)
+            elif isinstance(module, nn.Linear):
+                param.normal_(0.0, std)
+            else:
+                raise ValueError(f"no fresh initialization for {name} ({type(module).__name__})")
+            reset.append(name)
+    return reset
 
 
 class SoftPromptMLP(nn.Module):
@@ -126,6 +166,9 @@ class CrossAttentionCaptioner(nn.Module):
         self.config = config
         if config.image_encoder != (vision is not None):
             raise ValueError("a vision tower goes with image_encoder=True, and only with it")
+        if vision is not None and config.image_size not in (None, vision.pixels.image_size):
+            raise ValueError(f"the vision tower reads {vision.pixels.image_size}-px images, the "
+                             f"config says {config.image_size}")  # fmt: skip
         self.vision = vision
         self.lm = lm if lm is not None else load_cross_attention_lm(config.lm)
         if not getattr(self.lm.config, "add_cross_attention", False):
@@ -189,10 +232,12 @@ class CrossAttentionCaptioner(nn.Module):
         prompt_mask: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
+        label_smoothing: float = 0.0,
     ) -> CaptionerOutput:
-        """Mean token cross-entropy over the caption tokens (right-padded ``input_ids``);
-        ``logits[:, t]`` predicts caption token t. ``image``: grid features, or pixels for
-        a captioner with its own image tower."""
+        """Mean token cross-entropy over the caption tokens (right-padded ``input_ids``),
+        smoothed over the whole vocabulary by ``label_smoothing`` (BLIP's decoder, ICSD's:
+        0.1); ``logits[:, t]`` predicts caption token t. ``image``: grid features, or pixels
+        for a captioner with its own image tower."""
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 "input_ids and attention_mask must both be [batch, length], got "
@@ -209,9 +254,15 @@ class CrossAttentionCaptioner(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **self.context(image)
         )
         logits = out.logits[:, prefix.shape[1] - 1 : -1]
-        log_probs = caption_log_probs(logits, input_ids, attention_mask, length_normalize=False)
-        loss = -log_probs.sum() / attention_mask.sum().clamp(min=1)
-        return CaptionerOutput(loss=loss, logits=logits)
+        if label_smoothing:
+            targets = input_ids.masked_fill(attention_mask == 0, -100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+        else:
+            loss = -caption_log_probs(
+                logits, input_ids, attention_mask, length_normalize=False
+            ).sum()
+        return CaptionerOutput(loss=loss / attention_mask.sum().clamp(min=1), logits=logits)
 
     @torch.no_grad()
     def generate(

@@ -37,7 +37,9 @@ class ClipEncoder(Protocol):
         CNN's last feature map), for cross-attending decoders."""
         ...
 
-    def vision_tower(self) -> VisionTower:
+    def vision_tower(self, image_size: int | None = None) -> VisionTower:
         """A trainable copy of the image tower that gives :meth:`encode_image_grid`'s
-        features from pixels (for recipes that fine-tune it, as ICSD does)."""
+        features from pixels (for recipes that fine-tune it, as ICSD does), reading
+        ``image_size``-px images (None: the tower's own; a ViT's position embeddings are
+        resized, a tower that cannot change resolution raises ``PairfreeError``)."""
         ...

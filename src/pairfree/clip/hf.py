@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel, ProcessorMixin
 
 from pairfree.clip.batching import BatchedClipEncoder, fingerprint
-from pairfree.clip.vision import PixelSpec, VisionTower
+from pairfree.clip.vision import PixelSpec, VisionTower, resize_positions, tower_resolution
 
 
 class HFClip(BatchedClipEncoder):
@@ -53,14 +53,28 @@ class HFClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return HFVisionTower.grid(self.model.vision_model, self._pixels(images))
 
-    def vision_tower(self) -> HFVisionTower:
+    def vision_tower(self, image_size: int | None = None) -> HFVisionTower:
+        config = self.model.config.vision_config
+        size = tower_resolution(self.name, config.image_size, image_size, config.patch_size)
+        vision = copy.deepcopy(self.model.vision_model)
+        if size != config.image_size:
+            resize_vision(vision, size)
         processor = self.processor.image_processor
-        spec = PixelSpec(
-            self.model.config.vision_config.image_size,
-            tuple(processor.image_mean),
-            tuple(processor.image_std),
-        )
-        return HFVisionTower(copy.deepcopy(self.model.vision_model), spec, self.grid_shape)
+        spec = PixelSpec(size, tuple(processor.image_mean), tuple(processor.image_std))
+        grid = ((size // config.patch_size) ** 2 + 1, config.hidden_size)
+        return HFVisionTower(vision, spec, grid)
+
+
+def resize_vision(vision: torch.nn.Module, image_size: int) -> None:
+    """Make a ``CLIPVisionTransformer`` read ``image_size``-px images: its position embeddings
+    resized (:func:`~pairfree.clip.vision.resize_positions`) into a new, trainable table."""
+    embeddings = vision.embeddings
+    side = image_size // embeddings.patch_size
+    weight = resize_positions(embeddings.position_embedding.weight.detach(), side)
+    embeddings.position_embedding = torch.nn.Embedding.from_pretrained(weight, freeze=False)
+    embeddings.image_size = embeddings.config.image_size = image_size
+    embeddings.num_patches, embeddings.num_positions = side * side, side * side + 1
+    embeddings.position_ids = torch.arange(side * side + 1, device=weight.device).unsqueeze(0)
 
 
 class HFVisionTower(VisionTower):

@@ -20,7 +20,14 @@ import torch
 from PIL import Image
 
 from pairfree.clip.batching import BatchedClipEncoder, fingerprint
-from pairfree.clip.vision import CLIP_MEAN, CLIP_STD, PixelSpec, VisionTower
+from pairfree.clip.vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PixelSpec,
+    VisionTower,
+    resize_positions,
+    tower_resolution,
+)
 from pairfree.errors import PairfreeError
 
 try:
@@ -90,16 +97,29 @@ class OpenClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return OpenClipVisionTower.grid(self.model.visual, self._pixels(images))
 
-    def vision_tower(self) -> OpenClipVisionTower:
+    def vision_tower(self, image_size: int | None = None) -> OpenClipVisionTower:
         visual = self.model.visual
-        size = visual.image_size
-        size = size[0] if isinstance(size, tuple | list) else size
+        native = visual.image_size
+        native = int(native[0] if isinstance(native, tuple | list) else native)
+        vit = isinstance(visual, VisionTransformer)
+        patch = visual.patch_size[0] if vit else None
+        size = tower_resolution(self.name, native, image_size, patch)
+        grid_shape = self.grid_shape
+        visual = copy.deepcopy(visual)
+        if size != native:
+            side = size // patch
+            positions = visual.positional_embedding
+            visual.positional_embedding = torch.nn.Parameter(
+                resize_positions(positions.detach(), side), requires_grad=positions.requires_grad
+            )
+            visual.image_size, visual.grid_size = (size, size), (side, side)
+            grid_shape = (side * side + 1, grid_shape[1])
         spec = PixelSpec(
-            int(size),
+            size,
             tuple(getattr(visual, "image_mean", None) or CLIP_MEAN),
             tuple(getattr(visual, "image_std", None) or CLIP_STD),
         )
-        return OpenClipVisionTower(copy.deepcopy(visual), spec, self.grid_shape)
+        return OpenClipVisionTower(visual, spec, grid_shape)
 
 
 class OpenClipVisionTower(VisionTower):

@@ -278,7 +278,9 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     its text-to-image model (SD's mistakes included) make the data in the recipe's own stages;
     the world CLIP's image tower is fine-tuned under a world BERT decoder with cross-attention,
     on CapDec's world-scale schedule with ICSD's cosine decay and weight decay; the best
-    checkpoint by CIDEr + BLEU-4 on held-out synthetic images (never the test set).
+    checkpoint by CIDEr + BLEU-4 on held-out synthetic images (never the test set). The world
+    CLIP groups the captions and its CNN tower reads its own 64 px (ICSD's ViT-B/16 grouping
+    and 384-px ViT have no world counterpart).
 
     The untrained decoder needs the world's learning rate; the tower, pretrained as ICSD's CLIP
     is, is fine-tuned at ICSD's own 1e-5. (A first run fine-tuned it at the decoder's 2e-3 and
@@ -295,11 +297,13 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
         "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
         "synthesis": {
             "out": str(cfg.synthetic_dir / "icsd"),
+            "group_clip": None,
             "llm": {"spec": f"world:{cfg.preset}", "seed": cfg.seed},
             "images": {"backend": f"world:{cfg.preset}", "seed": cfg.seed},
         },
         "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-icsd"),
         "model": {"lm": str(cfg.bert_dir)},
+        "image_size": None,
         "image_encoder_lr": 1e-5,
         "validation": {"max_images": 100},
         "train": schedule,

@@ -3,7 +3,9 @@
 From a caption corpus alone, in stages that are each cached and resumable (under
 ``<synthesis.out>``, default ``<train.output_dir>/synthetic``):
 
-1. group: every caption with its 29 nearest captions by CLIP text cosine (``groups/``);
+1. group: every caption of the corpus (a repeated one as often as it occurs, as ICSD groups
+   every annotation) with its 29 nearest captions by the text cosine of ICSD's grouping CLIP,
+   ViT-B/16 (``synthesis.group_clip``; null: the run's CLIP) (``groups/``);
 2. select and summarize: an LLM picks the captions of each group that describe one scene and
    writes one summary of at most 50 words (``summaries/``, ICSD's prompt; answers that do not
    parse are dropped and kept in ``rejects.jsonl``);
@@ -16,11 +18,19 @@ Objective: every *selected* caption is paired with its group's image (and only w
 captioner is ICSD's (BLIP's): the CLIP image tower, fine-tuned by default
 (``freeze_image_encoder``), whose grid tokens a text decoder with cross-attention reads (BERT,
 as BLIP's MED decoder is; GPT-2 with cross-attention works too); the decoder reads
-``[CLS] a picture of`` and is trained on the caption tokens and ``[SEP]`` only. Images are
-augmented (a random crop of 50-100 % of the area at the tower's resolution, a random flip,
-CLIP normalization). AdamW lr 1e-5, weight decay 0.05 on every parameter, cosine decay over
-30 epochs; validation every 500 steps by CIDEr + BLEU-4 of beam-3 captions, which picks the
-best checkpoint, as the original does.
+``[CLS] a picture of`` and is trained on the caption tokens and ``[SEP]`` only, by
+cross-entropy with label smoothing 0.1 (``label_smoothing``, BLIP's ``med.py``). The decoder's
+pretrained weights are its encoder's: the output head's transform and bias start anew, as
+BLIP's ``BertLMHeadModel`` built from its config and given a pretrained ``bert`` only does
+(``pretrained_head: true`` keeps BERT's MLM head; not measured: the world's BERT is untrained).
+The tower reads ``image_size`` = 384 px, as ICSD's ``clip-vit-base-patch32-384px``: the copy's
+position embeddings are resized from 7x7 to 12x12 patches (bicubic, the class token's kept,
+145 grid tokens) and trained from there; the size is saved with the checkpoint, so captioning
+reads the same (``image_size: null`` keeps the tower's own, as the world's 64-px CNN must).
+Images are augmented (a random crop of 50-100 % of the area at that size, a random flip, CLIP
+normalization). AdamW lr 1e-5, weight decay 0.05 on every parameter, cosine decay over 30
+epochs; validation every 500 steps by CIDEr + BLEU-4 of beam-3 captions, which picks the best
+checkpoint, as the original does.
 
 Where pairfree differs from the original code, on purpose:
 
@@ -127,6 +137,8 @@ class ImageSynthesisConfig:
 class SynthesisConfig:
     out: str | None = None  # default <train.output_dir>/synthetic
     group_size: int = 30  # captions per group, the anchor included
+    # the CLIP whose text embeddings group the captions (ICSD's: ViT-B/16); None: the run's
+    group_clip: str | None = "hf:openai/clip-vit-base-patch16"
     index: str = "exact"  # "exact" | "faiss" (large corpora)
     dedup: bool = False  # leave out groups identical to an earlier one (ICSD keeps them)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -147,7 +159,7 @@ class ValidationConfig:
 @dataclass
 class ICSDConfig:
     clip: str = "hf:openai/clip-vit-base-patch32"
-    features: str | None = None  # cache of the corpus' text embeddings; default <out>/features
+    features: str | None = None  # the grouping CLIP's corpus embeddings; default <out>/features
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(max_tokens=40))
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     max_words: int = 30  # captions are cut to this many words (ICSD's pre_caption)
@@ -155,6 +167,11 @@ class ICSDConfig:
     image_encoder_lr: float | None = None  # None: train.lr, as ICSD (one lr for everything)
     augment: bool = True  # random crops and flips (False: training images are resized only)
     min_scale: float = 0.5  # the random crop keeps 50-100 % of the image
+    # the side of the images the tower reads in training and captioning (ICSD's 384: ViT-B/32
+    # with resized position embeddings, 145 grid tokens); None: the tower's own (224 for it)
+    image_size: int | None = 384
+    label_smoothing: float = 0.1  # of the decoder's loss, as BLIP's
+    pretrained_head: bool = False  # keep BERT's MLM head transform (BLIP starts it anew)
     model: CrossAttentionConfig = field(
         default_factory=lambda: CrossAttentionConfig(
             lm="bert-base-uncased", prefix_length=0, separator="[CLS] a picture of"
@@ -184,9 +201,11 @@ def pre_caption(text: str, max_words: int) -> str:
 def group_stage(
     cfg: ICSDConfig, clip, texts: list[str], out: Path, features: Path, job: Job
 ) -> list[Group]:
-    """Stage 1, reused when the same captions were grouped by the same CLIP before."""
+    """Stage 1, reused when the same captions were grouped by the same CLIP before; the
+    grouping CLIP (``synthesis.group_clip``, else the run's ``clip``) loads only if needed."""
     s = cfg.synthesis
-    request = {"clip": clip.name, "k": s.group_size, "index": s.index, "dedup": s.dedup,
+    request = {"clip": s.group_clip or clip.name, "k": s.group_size, "index": s.index,
+               "dedup": s.dedup,
                "captions": hashlib.sha256("\n".join(texts).encode()).hexdigest()}  # fmt: skip
     done = out / "request.json"
     if (
@@ -195,6 +214,8 @@ def group_stage(
         and json.loads(done.read_text()) == request
     ):
         return read_groups(out / "groups.jsonl")
+    if s.group_clip is not None:
+        clip = load_clip(s.group_clip, device=job.state.device)
     captions = [Caption(t, None, cfg.corpus.path, None) for t in texts]
     encode_captions(clip, captions, features, job=job)
     job.wait_for_everyone()
@@ -283,6 +304,8 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         raise PairfreeError(f"image_encoder_lr must be > 0 (or null), not {cfg.image_encoder_lr}")
     if cfg.max_words < 1:
         raise PairfreeError(f"max_words must be at least 1, not {cfg.max_words}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise PairfreeError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
     if cfg.validation.dataset and not Path(cfg.validation.dataset).is_file():
         raise PairfreeError(f"validation.dataset: {cfg.validation.dataset} does not exist")
     try:  # bad LLM settings are refused now, not after the grouping
@@ -293,7 +316,12 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
     out = Path(s.out) if s.out else Path(cfg.train.output_dir) / "synthetic"
     features = Path(cfg.features) if cfg.features else out / "features"
     clip = load_clip(cfg.clip, device=job.state.device)
-    texts = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job)))
+    try:  # the captioner's copy of the image tower, made now: a bad size fails before synthesis
+        vision = clip.vision_tower(cfg.image_size)
+    except PairfreeError as err:
+        raise PairfreeError(f"image_size={cfg.image_size}: {err} (image_size: null reads the "
+                            "tower's own size)") from None  # fmt: skip
+    texts = [c.text for c in prepare_corpus(cfg.corpus, job)]  # repeats too, as ICSD groups
     if len(texts) < 2:
         raise PairfreeError(f"{cfg.corpus.path}: ICSD groups captions; it needs at least 2")
 
@@ -329,13 +357,13 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
         torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
-        lm = load_cross_attention_lm(cfg.model.lm)
+        lm = load_cross_attention_lm(cfg.model.lm, fresh_head=not cfg.pretrained_head)
     except OSError as err:
         raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
-    vision = clip.vision_tower()
     if cfg.freeze_image_encoder:
         vision.requires_grad_(False)
     cfg.model.image_encoder = True
+    cfg.model.image_size = vision.pixels.image_size
     cfg.model.embed_dim = clip.embed_dim
     cfg.model.grid_width = vision.grid_shape[1]
     separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
@@ -375,6 +403,7 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         progress=progress,
         evaluate=evaluate,
         lr_by_prefix={} if cfg.image_encoder_lr is None else {"vision.": cfg.image_encoder_lr},
+        label_smoothing=cfg.label_smoothing,
     )
 
 

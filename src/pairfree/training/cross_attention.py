@@ -143,14 +143,15 @@ def _soft(model: CrossAttentionCaptioner, condition: torch.Tensor) -> torch.Tens
     return condition if model.soft_prompt is not None else None
 
 
-def grid_caption_step() -> StepFn:
-    """Token cross-entropy of the caption given its image's grid, soft and hard prompt."""
+def grid_caption_step(label_smoothing: float = 0.0) -> StepFn:
+    """Token cross-entropy of the caption given its image's grid, soft and hard prompt
+    (smoothed by ``label_smoothing``)."""
 
     def step(ctx, batch):
         cond, grid, prompt_ids, prompt_mask, ids, mask = batch
         model = ctx.modules["captioner"]
         loss = model(_soft(ctx.unwrap("captioner"), cond), grid, prompt_ids, prompt_mask, ids,
-                     mask).loss  # fmt: skip
+                     mask, label_smoothing=label_smoothing).loss  # fmt: skip
         ctx.optimize("captioner", token_weighted(ctx.accelerator, loss, mask))
         return {"loss": loss.detach()}
 
@@ -208,16 +209,18 @@ def fit_cross_attention(
     progress: bool = True,
     evaluate: EvalFn | None = None,
     lr_by_prefix: Mapping[str, float] | None = None,
+    label_smoothing: float = 0.0,
 ) -> TrainResult:
     """Train a cross-attention captioner (module "captioner", one AdamW) on grid or image
     examples; artifacts carry ``card``; ``evaluate`` adds validation metrics; ``lr_by_prefix``
-    as :func:`~pairfree.training.text_only.fit_captioner`'s."""
+    as :func:`~pairfree.training.text_only.fit_captioner`'s; ``label_smoothing`` smooths the
+    training loss (ICSD's 0.1; SaCap's code has none), never the validation loss."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return fit_captioner(
         train,
         setup,
-        grid_caption_step(),
+        grid_caption_step(label_smoothing),
         grid_caption_val_step(),
         card,
         run_config=run_config,

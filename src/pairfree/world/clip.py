@@ -44,7 +44,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from pairfree.clip.batching import BatchedClipEncoder
-from pairfree.clip.vision import PixelSpec, VisionTower
+from pairfree.clip.vision import PixelSpec, VisionTower, tower_resolution
 from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_path, atomic_write_json, read_json_config
 
@@ -352,8 +352,9 @@ class WorldClipEncoder(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.image_tower.grid(self.model.pixels(images))
 
-    def vision_tower(self) -> WorldVisionTower:
+    def vision_tower(self, image_size: int | None = None) -> WorldVisionTower:
         config = self.model.config
+        tower_resolution(self.name, config.image_size, image_size, patch=None)
         spec = PixelSpec(config.image_size, config.image_mean, config.image_std)
         features = copy.deepcopy(self.model.image_tower.features)
         return WorldVisionTower(features, spec, self.grid_shape)
