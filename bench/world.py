@@ -10,6 +10,11 @@ in- and cross-domain only), SaCap with its three ablations on synthetic images o
 corpus, and ICSD with its single-context ablation on synthetic images of LLM summaries of
 caption groups (the world's text-to-image model and LLM).
 
+CIDEr is given with its 95 % confidence interval (bootstrap over test images and seeds), and
+each method is compared with CapDec (noise 0.016) on the same images and seeds (a paired
+bootstrap of per-image CIDEr-D): the difference with its interval, marked * where the interval
+excludes 0. Every run's per-image CIDEr is written to ``<out>/world-table.json``.
+
     python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
     python bench/world.py --recipes sacap        # only some recipes' rows (each run is seeded:
@@ -19,6 +24,7 @@ caption groups (the world's text-to-image model and LLM).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -37,6 +43,9 @@ from pairfree.demo import (
 )
 from pairfree.demo.report import CLIP_COLUMNS, COCO_COLUMNS, TRUTH_COLUMNS
 from pairfree.evaluate import markdown_table
+from pairfree.evaluate.coco import per_image_scores
+from pairfree.evaluate.stats import bootstrap_mean, paired_bootstrap
+from pairfree.experiment import TestSet
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
 # train preset -> (methods, ((setting name, test preset), ...))
@@ -48,6 +57,7 @@ SETTINGS = {
     "novel": ((*TEXT_METHODS, *SACAP_METHODS, *ICSD_METHODS), (("novel objects", "novel"),)),
 }
 COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + TRUTH_COLUMNS[:3]
+BASELINE = TEXT_METHODS[0].name  # CapDec, noise 0.016: every other method is compared with it
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,12 +73,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
-    """Every method and setting for one seed: (method, setting) -> scores, method -> seconds."""
+def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
+    """Every method and setting for one seed: (method, setting) -> scores, method -> seconds,
+    (method, setting) -> per-image CIDEr-D in the order of the test images' ids."""
     import torch
 
     torch.set_num_threads(1)  # one core per seed process
-    scores, seconds = {}, {}
+    scores, seconds, per_image = {}, {}, {}
     for train_preset, (methods, settings) in SETTINGS.items():
         if args.recipes:
             methods = [m for m in methods if m.recipe in args.recipes.split(",")]
@@ -80,10 +91,32 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
         if any(m.needs_images for m in methods):
             cfg = cfg.with_images()
         setting_of = {preset: setting for setting, preset in settings}
+        references = {}
         for r in run_methods(cfg, methods, test_presets=list(setting_of), progress=False):
-            scores[(r.method, setting_of[r.test_preset])] = r.scores
+            key = (r.method, setting_of[r.test_preset])
+            scores[key] = r.scores
             seconds[r.method] = r.train_seconds
-    return scores, seconds
+            if r.test_preset not in references:
+                test = TestSet.load(cfg.world(r.test_preset).dataset, split="test")
+                references[r.test_preset] = test.references
+            cider = per_image_scores(r.captions, references[r.test_preset])
+            per_image[key] = [cider[i] for i in sorted(cider)]
+    return scores, seconds, per_image
+
+
+def cider_cells(
+    per_image: dict[tuple[str, str], list[list[float]]], method: str, setting: str
+) -> tuple[str, str]:
+    """CIDEr-D with its 95 % interval, and the paired difference from the baseline (with a
+    * where its interval excludes 0)."""
+    values = per_image[(method, setting)]
+    cell = str(bootstrap_mean(values))
+    baseline = per_image.get((BASELINE, setting))
+    if method == BASELINE or baseline is None:
+        return cell, ""
+    c = paired_bootstrap(values, baseline)
+    d = c.difference
+    return cell, f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{'*' if c.significant else ''}"
 
 
 def main() -> None:
@@ -96,12 +129,19 @@ def main() -> None:
     build_world_bert(Path(args.out) / "world-bert")
     scores: dict[tuple[str, str], list[dict]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
+    per_image: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for seed_scores, seed_seconds in pool.map(run_seed, [args] * args.seeds, range(args.seeds)):
+        seeds = pool.map(run_seed, [args] * args.seeds, range(args.seeds))
+        for seed_scores, seed_seconds, seed_per_image in seeds:
             for key, value in seed_scores.items():
                 scores[key].append(value)
             for key, value in seed_seconds.items():
                 seconds[key].append(value)
+            for key, value in seed_per_image.items():
+                per_image[key].append(value)
+    table = [{"method": m, "setting": s, "scores": runs, "per_image_cider": per_image[(m, s)]}
+             for (m, s), runs in scores.items()]  # fmt: skip
+    (Path(args.out) / "world-table.json").write_text(json.dumps(table), encoding="utf-8")
     print(f"{args.seeds} seeds, {args.steps} steps (GAN phase {args.gan_steps}), corpus "
           f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
           f"with {args.jobs} processes")  # fmt: skip
@@ -109,11 +149,16 @@ def main() -> None:
     for (method, setting), runs in scores.items():
         cells = []
         for key, _ in COLUMNS:
+            if key == "CIDEr":
+                cells.extend(cider_cells(per_image, method, setting))
+                continue
             values = [r[key] for r in runs if r.get(key) is not None]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "n/a")
         rows.append([method, setting, *cells, f"{statistics.mean(seconds[method]):.0f}"])
-    header = ["method", "setting", *(label for _, label in COLUMNS), "train s"]
+    labels = [label for key, label in COLUMNS for label in
+              ((f"{label} [95 % CI]", "ΔC vs CapDec") if key == "CIDEr" else (label,))]  # fmt: skip
+    header = ["method", "setting", *labels, "train s"]
     print(markdown_table(header, rows, labels=2))
 
 
