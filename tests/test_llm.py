@@ -1,6 +1,8 @@
-"""LLM backends and the two tasks: prompts, tolerant parsing with strict content, the world's
-stand-in, a transformers LM batched with left padding, and an OpenAI-compatible server (a stub
-on 127.0.0.1) with retries, timeouts and a key that is never logged."""
+"""LLM backends and the two tasks: the originals' prompts as whole strings, answers read as the
+originals read them (re-derived here) without evaluating them, or strictly; the world's
+stand-in, a transformers LM batched with left padding, prompted raw or through its chat
+template and stopping at <|eot_id|>, and an OpenAI-compatible server (a stub on 127.0.0.1) with
+retries, timeouts and a key that is never logged."""
 
 from __future__ import annotations
 
