@@ -157,6 +157,7 @@ def icsd_reads(answer: str, captions: list[str]) -> tuple[list[str], str]:
         ("{'index': [1, 3, 4], 'summary': 'A dog runs on a beach.'}", None),
         ('{"index": [2, 5], "summary": "A dog runs on a beach."}', None),
         ("{'index': ['1', '7'], 'summary': 'A dog.'}", None),
+        ("{'index': [4], 'summary': 'A sign that reads } {.'}", None),
         ("{'indices': [2, 5], 'description': 'A dog.'}", "keys 'indices' and 'description'"),
         ("{'index': [0, 2], 'summary': 'A dog.'}", "read from the end"),
         ("{'index': [-1, 2], 'summary': 'A dog.'}", "read from the end"),

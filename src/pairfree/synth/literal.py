@@ -24,12 +24,18 @@ _CLOSE = {"{": "}", "[": "]", "(": ")"}
 
 def read_literal(text: str) -> object:
     """The value of ``text``, a single literal (surrounding whitespace allowed)."""
-    reader = _Reader(text)
-    value = reader.value(0)
-    reader.skip_space()
-    if reader.pos != len(text):
-        raise reader.error("text after the literal")
+    value, end = read_literal_at(text, 0)
+    if text[end:].strip():
+        raise ValueError(f"text after the literal at character {end}")
     return value
+
+
+def read_literal_at(text: str, start: int) -> tuple[object, int]:
+    """The literal that begins at ``start`` in ``text``, and where it ends (what follows is
+    not read)."""
+    reader = _Reader(text)
+    reader.pos = start
+    return reader.value(0), reader.pos
 
 
 class _Reader:

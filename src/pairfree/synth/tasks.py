@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pairfree.errors import PairfreeError
-from pairfree.synth.literal import read_literal
+from pairfree.synth.literal import read_literal_at
 
 REPHRASE_PROMPT = (
     "You are a text rewriting expert. Given a description text: {caption}. Please rephrase this "
@@ -186,19 +186,13 @@ def _text_problem(text: str, max_words: int) -> str | None:
 
 
 def _first_object(answer: str) -> dict:
-    """The first ``{...}`` in ``answer`` that reads as JSON or as a Python literal dict."""
+    """The first dict in ``answer`` written as JSON or as a Python literal (prose around it and
+    braces inside its strings are no matter)."""
+    json_at = json.JSONDecoder().raw_decode
     for match in re.finditer(r"\{", answer):
-        depth, end = 0, None
-        for pos in range(match.start(), len(answer)):
-            depth += {"{": 1, "}": -1}.get(answer[pos], 0)
-            if depth == 0:
-                end = pos + 1
-                break
-        if end is None:
-            continue
-        for parse in (json.loads, read_literal):
+        for read in (json_at, read_literal_at):
             try:
-                value = parse(answer[match.start() : end])
+                value, _ = read(answer, match.start())
             except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict):
