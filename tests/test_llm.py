@@ -619,3 +619,15 @@ def test_sampling_settings_out_of_range_are_refused_before_the_llm_loads(
     except SystemExit as exit_:  # an argparse-level check
         code = exit_.code
     assert code == 2 and fragment in capsys.readouterr().err
+
+
+def test_rephrase_prompts_an_hf_model_raw_and_summarize_through_its_template():
+    from pairfree.cli import build_parser
+
+    parser = build_parser()
+    for kind, template in [("rephrase", "never"), ("summarize", "auto")]:
+        args = parser.parse_args(["synthesize", kind, "in", "--llm", "hf:m", "--out", "out"])
+        assert args.chat_template == template and not args.strict_answers
+    args = parser.parse_args(["synthesize", "rephrase", "in", "--llm", "hf:m", "--out", "out",
+                              "--chat-template", "auto", "--strict-answers"])  # fmt: skip
+    assert args.chat_template == "auto" and args.strict_answers
