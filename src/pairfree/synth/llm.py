@@ -3,8 +3,8 @@
 - ``hf:<hub id or folder>`` (or ``hf:<folder>/<file>.gguf``): a transformers causal LM, batched
   with left padding, bf16/fp16 on a GPU; GGUF checkpoints load with ``gguf_file=``.
   ``chat_template``: ``never`` sends the prompt as it is, after the tokenizer's own special
-  tokens (its BOS), as SaCap prompted the base Llama-3-8B (whose tokenizer carries a chat
-  template it never used); ``always`` wraps it as a user turn with the tokenizer's chat
+  tokens (its BOS), as SaCap prompted the base Llama-3-8B (a template the tokenizer may carry
+  is not used); ``always`` wraps it as a user turn with the tokenizer's chat
   template; ``auto`` (the loader's default, for chat models) uses the template when there is
   one. Decoding stops at the end-of-text token, the model's own stop tokens and Llama-3's
   ``<|eot_id|>`` where the vocabulary has it (SaCap's terminators).
