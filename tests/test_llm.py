@@ -315,7 +315,9 @@ def test_a_base_model_gets_the_raw_prompt_and_stops_at_eot_as_sacap_did(tiny_lla
     from pairfree.synth.llm import HFCausalLM
 
     model, tokenizer = tiny_llama
-    tokenizer.chat_template = "{% for m in messages %}user: {{ m['content'] }}<|eot_id|>{% endfor %}assistant :"  # a base Llama-3's tokenizer carries one too
+    # a base model's tokenizer may carry a chat template too
+    turn = "user: {{ m['content'] }}<|eot_id|>"
+    tokenizer.chat_template = "{% for m in messages %}" + turn + "{% endfor %}assistant :"
     prompt = rephrase_prompt("a red ball")
     raw = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     base = HFCausalLM(model, tokenizer, name="tiny", chat_template="never")
