@@ -1,21 +1,29 @@
-"""LLM backends and the two tasks: prompts, tolerant parsing with strict content, the world's
-stand-in, a transformers LM batched with left padding, and an OpenAI-compatible server (a stub
-on 127.0.0.1) with retries, timeouts and a key that is never logged."""
+"""LLM backends and the two tasks: the originals' prompts as whole strings, answers read as the
+originals read them (re-derived here) without evaluating them, or strictly; the world's
+stand-in, a transformers LM batched with left padding, prompted raw or through its chat
+template and stopping at <|eot_id|>, and an OpenAI-compatible server (a stub on 127.0.0.1) with
+retries, timeouts and a key that is never logged."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
-from pairfree.errors import PairfreeError
+from pairfree.errors import PairfreeError, SkipLog
+from pairfree.synth.literal import read_literal
 from pairfree.synth.llm import LLM, Sampling, load_llm
 from pairfree.synth.tasks import (
     REPHRASE_PROMPT,
+    SUMMARIZE_PROMPT,
     Rejected,
+    Selection,
     load_prompt,
     parse_rephrasings,
     parse_selection,
@@ -24,16 +32,43 @@ from pairfree.synth.tasks import (
 )
 
 GOOD = '{"1": "a red ball on grass", "2": "grass with a red ball", "3": "a ball, red, on grass"}'
+GOOD_TEXTS = ["a red ball on grass", "grass with a red ball", "a ball, red, on grass"]
+LONG = " ".join(["word"] * 16)
 
 
 # --------------------------------------------------------------------------- tasks
-def test_prompts_put_the_input_where_the_original_did(tmp_path):
-    prompt = rephrase_prompt("A red ball on the grass.")
-    assert "Given a description text: A red ball on the grass. Please rephrase" in prompt
-    assert prompt.endswith('{"1": "text1", "2": "text2", "3": "text3"}.')
-    group = summarize_prompt(["a dog", "a brown dog."])
-    assert group.endswith("The given sentences set are: <1> a dog. <2> a brown dog. ")
-    assert "{'index': list,'summary': str}" in group
+def sacap_prompt(caption: str) -> str:
+    """SaCap's caption_rephrasing.py: the caption goes in as it is, then '. Please ...'."""
+    example = '{"1": "text1", "2": "text2", "3": "text3"}'
+    return (
+        "You are a text rewriting expert. Given a description text: " + caption + ". Please "
+        "rephrase this provided description text into 3 different expressions, with each no "
+        "longer than 15 words. Return the results in the JSON format as follows: " + example + "."
+    )
+
+
+def icsd_prompt(captions: list[str]) -> str:
+    """ICSD's sele_and_sum.py: its task text, then '<i> caption. ' for each caption, a period
+    added where one is missing."""
+    task = (
+        "Select and summary sentences in the given sentences set. You should find 5 to 10 "
+        "sentences that form a description from the same or different views of the same image. "
+        "The meanings of the selected sentences in a group should not conflict with each other. "
+        "Summarize the sentences as one not exceed 50 words to describe the scene in objective "
+        "style. The summary sentence must be objective and concise, without ambiguity and "
+        "uncertainty. Return the selected index and the summary sentence in json format like "
+        "{'index': list,'summary': str}. Return directly the json format results without "
+        "explanation. The given sentences set are: "
+    )
+    ended = [c if c.endswith(".") else c + "." for c in captions]
+    return task + "".join(f"<{n}> {c} " for n, c in enumerate(ended, start=1))
+
+
+def test_prompts_are_the_originals_whole_strings(tmp_path):
+    for caption in ["A red ball on the grass.", "a dog on a mat"]:
+        assert rephrase_prompt(caption) == sacap_prompt(caption)
+    group = ["a dog", "a brown dog.", "Two dogs play in the park"]
+    assert summarize_prompt(group) == icsd_prompt(group)
     custom = tmp_path / "p.txt"
     custom.write_text("Reword: {caption}")
     assert rephrase_prompt("x", load_prompt(custom, REPHRASE_PROMPT, "caption")) == "Reword: x"
@@ -42,50 +77,161 @@ def test_prompts_put_the_input_where_the_original_did(tmp_path):
         load_prompt(custom, REPHRASE_PROMPT, "caption")
 
 
+def sacap_reads(answer: str) -> list[str] | None:
+    """What SaCap's code keeps of an answer: the first '{"1": "..", "2": "..", "3": ".."}',
+    each value the shortest run of characters within a line up to a quote that is followed by
+    a comma and the next key (the last: by the closing brace), as written; None if none."""
+    value = '"([^\\n]*?)"'
+    keys = [rf'"{k}"\s*:\s*' for k in (1, 2, 3)]
+    found = re.search(
+        r"\{\s*" + keys[0] + value + r",\s*" + keys[1] + value + r",\s*" + keys[2] + value
+        + r"\s*\}",
+        answer,
+    )  # fmt: skip
+    return list(found.groups()) if found else None
+
+
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "texts", "lenient"),
     [
-        GOOD,
-        f"Sure! Here they are:\n{GOOD}\nHope this helps.",
-        GOOD.replace('"', "'"),
-        GOOD[:-1] + ",}",
+        (GOOD, GOOD_TEXTS, None),
+        (f"Sure! Here they are:\n{GOOD}\nHope this helps.", GOOD_TEXTS, None),
+        # a base model goes on after its answer, here with another prompt and answer
+        (f' {GOOD}\n\nGiven a description text: a cat. {{"1": "x", "2": "y", "3": "z"}}',
+         GOOD_TEXTS, None),
+        ('{"1": "a "big" red ball", "2": "b", "3": "c"}', ['a "big" red ball', "b", "c"], None),
+        ('{"1": "text1", "2": "text2", "3": "text3"}', ["text1", "text2", "text3"],
+         "placeholder 'text1' echoed back"),
+        ('{"1": "' + LONG + '", "2": "b", "3": "c"}', [LONG, "b", "c"], "16 words, over the limit"),
+        ('{"1": "", "2": "b", "3": "c"}', ["", "b", "c"], "an empty text"),
+        # forms SaCap's pattern misses, read here as JSON or a Python literal
+        (GOOD.replace('"', "'"), GOOD_TEXTS, None),
+        (GOOD[:-1] + ",}", GOOD_TEXTS, None),
+        ('{"3": "a ball, red, on grass", "1": "a red ball on grass", '
+         '"2": "grass with a red ball"}', GOOD_TEXTS, None),
     ],
-)
-def test_rephrasings_parse_in_any_reasonable_form(answer):
-    assert parse_rephrasings(answer) == [
-        "a red ball on grass",
-        "grass with a red ball",
-        "a ball, red, on grass",
-    ]
+)  # fmt: skip
+def test_rephrasings_are_read_as_sacap_reads_them(answer, texts, lenient):
+    parsed = parse_rephrasings(answer)
+    assert parsed.texts == texts
+    assert (parsed.lenient is None) == (lenient is None)
+    if lenient:
+        assert lenient in parsed.lenient
+        with pytest.raises(Rejected, match=re.escape(lenient)):
+            parse_rephrasings(answer, strict=True)
+    else:
+        assert parse_rephrasings(answer, strict=True).texts == texts
+    original = sacap_reads(answer)
+    assert original is None or original == texts  # what SaCap kept, kept the same
 
 
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
-        ('{"1": "text1", "2": "text2", "3": "text3"}', "placeholder"),
         ("I would rather not.", "no JSON object"),
         ('{"1": "a", "2": "b"}', "string values"),
-        ('{"1": "' + "word " * 16 + '", "2": "b", "3": "c"}', "16 words"),
+        ('{"1": "a",\n"2": "b\nc", "3": "d"', "no JSON object"),
     ],
 )
-def test_unusable_rephrasings_are_rejected_with_a_reason(answer, reason):
+def test_rephrasings_neither_reading_can_use_are_rejected_with_a_reason(answer, reason):
+    assert sacap_reads(answer) is None
     with pytest.raises(Rejected, match=reason):
         parse_rephrasings(answer)
 
 
-def test_selections_are_checked_against_the_group():
-    chosen = parse_selection("{'index': [1, 3, 4], 'summary': 'A dog runs on a beach.'}", 30)
-    assert chosen.indices == [0, 2, 3] and chosen.summary == "A dog runs on a beach."
-    for answer, reason in [
-        ("{'index': [0, 2], 'summary': 'A dog.'}", "outside 1..30"),
-        ("{'index': [31], 'summary': 'A dog.'}", "outside 1..30"),
-        ("{'index': [2, 2], 'summary': 'A dog.'}", "repeated"),
-        ("{'index': list, 'summary': str}", "no JSON object"),
+GROUP = [f"caption {n}" for n in range(1, 31)]
+
+
+def icsd_reads(answer: str, captions: list[str]) -> tuple[list[str], str]:
+    """What ICSD's postprocess.py keeps: the answer evaluated (a literal here, so
+    literal_eval gives what eval gave), its two keys taken by position, each index i as
+    captions[int(i) - 1]; any failure drops the group."""
+    value = ast.literal_eval(answer)
+    index_key, summary_key = list(value.keys())
+    return [captions[int(i) - 1] for i in value[index_key]], value[summary_key]
+
+
+@pytest.mark.parametrize(
+    ("answer", "lenient"),
+    [
+        ("{'index': [1, 3, 4], 'summary': 'A dog runs on a beach.'}", None),
+        ('{"index": [2, 5], "summary": "A dog runs on a beach."}', None),
+        ("{'index': ['1', '7'], 'summary': 'A dog.'}", None),
+        ("{'index': [4], 'summary': 'A sign that reads } {.'}", None),
+        ("{'indices': [2, 5], 'description': 'A dog.'}", "keys 'indices' and 'description'"),
+        ("{'index': [0, 2], 'summary': 'A dog.'}", "read from the end"),
+        ("{'index': [-1, 2], 'summary': 'A dog.'}", "read from the end"),
+        ("{'index': [2, 2, 5], 'summary': 'A dog.'}", "repeated indices"),
+        ("{'index': (1, 2), 'summary': 'A dog.'}", "the index is a tuple"),
+        ("{'index': '135', 'summary': 'A dog.'}", "the index is a str"),
         ("{'index': [1], 'summary': 'str'}", "placeholder"),
-        ("{'index': [1], 'summary': '" + "word " * 51 + "'}", "51 words"),
-    ]:
+        ("{'index': [1], 'summary': '" + " ".join(["word"] * 51) + "'}", "51 words"),
+    ],
+)
+def test_selections_are_read_as_icsd_reads_them_without_eval(answer, lenient):
+    chosen = parse_selection(answer, len(GROUP))
+    captions, summary = icsd_reads(answer, GROUP)
+    assert [GROUP[i] for i in chosen.indices] == captions and chosen.summary == summary
+    assert (chosen.lenient is None) == (lenient is None)
+    if lenient:
+        assert lenient in chosen.lenient
+        with pytest.raises(Rejected, match=re.escape(lenient)):
+            parse_selection(answer, len(GROUP), strict=True)
+    else:
+        assert parse_selection(answer, len(GROUP), strict=True) == chosen
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "icsd_kept"),
+    [
+        ("{'index': [31], 'summary': 'A dog.'}", "outside 1..30", False),
+        ("{'index': [-30], 'summary': 'A dog.'}", "outside 1..30", False),
+        ("{'index': list, 'summary': str}", "no JSON object", False),
+        ("{'index': [1, 'x'], 'summary': 'A dog.'}", "not whole numbers", False),
+        ("{'index': 3, 'summary': 'A dog.'}", "not a list", False),
+        ("{'index': [1], 'summary': 'A dog.', 'why': 'it fits'}", None, False),
+        ("Here it is: {'summary': 'A dog.', 'index': [1]}", None, False),
+        # ICSD draws this summary's image but pairs no caption with it
+        ("{'index': [], 'summary': 'A dog.'}", "no captions selected", True),
+    ],
+)
+def test_selections_outside_what_icsd_kept(answer, reason, icsd_kept):
+    try:
+        icsd_reads(answer, GROUP)
+        kept = True
+    except (ValueError, SyntaxError, IndexError, TypeError):
+        kept = False
+    assert kept == icsd_kept
+    if reason is None:  # a form ICSD's eval() lost: read here, and by its names
+        assert parse_selection(answer, len(GROUP)) == Selection([0], "A dog.")
+    else:
         with pytest.raises(Rejected, match=reason):
-            parse_selection(answer, 30)
+            parse_selection(answer, len(GROUP))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        """{'a': [1, 2.5, -3e2, True, None], "b": ('x' 'y', {1, 2}, ()), 'c': '\\u00e9\\n\\'q'}""",
+        "[1, [2, [3, {}]]]",
+        "('one',)",
+        "'''multi\nline'''",
+        "{'k': (1)}",
+    ],
+)
+def test_the_literal_reader_gives_what_python_gives(text):
+    assert read_literal(text) == ast.literal_eval(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("__import__('os').system('true')", "not a literal"), ("{'a': len('x')}", "not a literal"),
+     ("{'a': 1} + {}", "text after"), ("[" * 40 + "]" * 40, "nested deeper"),
+     ("{[1]: 2}", "unhashable"), ("'open", "unterminated"), ("{'a': 1, 'b'}", "without ':'")],
+)  # fmt: skip
+def test_the_literal_reader_refuses_anything_else(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        read_literal(text)
 
 
 # --------------------------------------------------------------------------- backends
@@ -97,7 +243,7 @@ def test_world_llm_answers_both_tasks_with_the_same_facts():
     caption = "a big red circle to the left of a small blue square"
     (answer,) = llm.generate([rephrase_prompt(caption)], Sampling(seed=1))
     facts = parse_caption(caption)
-    for text in parse_rephrasings(answer):
+    for text in parse_rephrasings(answer).texts:
         assert {(o.shape, o.color) for o in parse_caption(text).objects} == {
             (o.shape, o.color) for o in facts.objects
         }
@@ -118,6 +264,123 @@ def test_hf_llm_batches_with_left_padding_like_one_at_a_time(tiny_gpt2_dir):
     assert all(a.startswith('{"1": "') for a in prefixed.generate(prompts, greedy))
     with pytest.raises(PairfreeError, match="cannot load the LLM"):
         load_llm("hf:/no/such/llm")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A 1-layer Llama with a word-level tokenizer carrying Llama-3's special tokens (the
+    tokenizer adds <|begin_of_text|>); its zero output head makes every next token id 0,
+    <|eot_id|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "[UNK]"]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", REPHRASE_PROMPT + " a red ball user")))
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+        unk_token="[UNK]", additional_special_tokens=["<|eot_id|>"],
+    )  # fmt: skip
+    config = LlamaConfig(vocab_size=len(specials) + len(words), hidden_size=16,
+                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.lm_head.weight.data.zero_()
+    return model, tokenizer
+
+
+def sent_and_steps(llm, prompt: str) -> tuple[list[int], int]:
+    """The token ids the model was given for ``prompt`` and how many steps it decoded."""
+    calls = []
+    hook = llm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"][0].tolist()),
+        with_kwargs=True,
+    )
+    try:
+        llm.generate([prompt], Sampling(max_new_tokens=5, do_sample=False))
+    finally:
+        hook.remove()
+    return calls[0], len(calls)
+
+
+def test_a_base_model_gets_the_raw_prompt_and_stops_at_eot_as_sacap_did(tiny_llama, monkeypatch):
+    from pairfree.synth.llm import HFCausalLM
+
+    model, tokenizer = tiny_llama
+    # a base model's tokenizer may carry a chat template too
+    turn = "user: {{ m['content'] }}<|eot_id|>"
+    tokenizer.chat_template = "{% for m in messages %}" + turn + "{% endfor %}assistant :"
+    prompt = rephrase_prompt("a red ball")
+    raw = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    base = HFCausalLM(model, tokenizer, name="tiny", chat_template="never")
+    sent, steps = sent_and_steps(base, prompt)
+    assert sent == raw  # <|begin_of_text|> and the prompt, as SaCap's tokenizer call made them
+    assert steps == 1 and base.stop_ids == [2, 0]  # <|end_of_text|>, <|eot_id|>
+    chat = HFCausalLM(model, tokenizer, name="tiny", chat_template="auto")
+    templated = tokenizer("user: " + prompt + "<|eot_id|>assistant :", add_special_tokens=False)
+    assert sent_and_steps(chat, prompt)[0] == templated["input_ids"]
+    monkeypatch.setattr("pairfree.synth.llm.STOP_TOKENS", ())
+    assert sent_and_steps(HFCausalLM(model, tokenizer, name="tiny", chat_template="never"),
+                          prompt)[1] == 5  # without <|eot_id|> it runs on  # fmt: skip
+    tokenizer.chat_template = None
+    assert sent_and_steps(HFCausalLM(model, tokenizer, name="tiny"), prompt)[0] == raw
+    with pytest.raises(PairfreeError, match="'always' but the tokenizer has none"):
+        HFCausalLM(model, tokenizer, name="tiny", chat_template="always")
+    with pytest.raises(PairfreeError, match="chat_template must be one of auto, never, always"):
+        load_llm("hf:/no/such/llm", chat_template="sometimes")
+
+
+class Scripted:
+    """An LLM that answers every prompt with the answer scripted for the text in it."""
+
+    name = "scripted"
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def generate(self, prompts, sampling):
+        return [next(a for key, a in self.answers.items() if key in p) for p in prompts]
+
+
+def test_the_jobs_count_the_answers_only_the_originals_reading_keeps(tmp_path):
+    from pairfree.synth.text import (
+        Group,
+        read_summaries,
+        rephrase_captions,
+        summarize_groups,
+    )
+
+    llm = Scripted({"a red ball": GOOD, "a blue cube": '{"1": "text1", "2": "text2", "3": "text3"}',
+                    "a cat": "no idea"})  # fmt: skip
+    captions = ["a red ball", "a blue cube", "a cat"]
+    done = rephrase_captions(llm, captions, tmp_path / "r", template=REPHRASE_PROMPT,
+                             sampling=Sampling())  # fmt: skip
+    assert (done.kept, done.lenient, done.rejected) == (2, 1, 1)
+    assert "kept 2 (1 only as the original reads them), rejected 1" in str(done)
+    records = [
+        json.loads(x) for x in (tmp_path / "r" / "rephrasings.jsonl").read_text().split("\n") if x
+    ]
+    assert records[1]["rephrasings"] == ["text1", "text2", "text3"]
+    assert "placeholder" in records[1]["lenient"] and "lenient" not in records[0]
+    strict = rephrase_captions(llm, captions, tmp_path / "s", template=REPHRASE_PROMPT,
+                               sampling=Sampling(), strict=True)  # fmt: skip
+    assert (strict.kept, strict.lenient, strict.rejected) == (1, 0, 2)
+
+    group = Group("0", ["0", "1", "2"], ["a dog", "a brown dog", "a cat"])
+    llm = Scripted({"a dog": "{'index': [1, 0], 'summary': 'A brown dog and a cat.'}"})
+    done = summarize_groups(llm, [group], tmp_path / "g", template=SUMMARIZE_PROMPT,
+                            sampling=Sampling())  # fmt: skip
+    assert (done.kept, done.lenient) == (1, 1)
+    (summary,) = read_summaries(tmp_path / "g" / "summaries.jsonl", SkipLog())
+    assert summary.captions == ["a dog", "a cat"] and "from the end" in summary.lenient
 
 
 class ChatStub(BaseHTTPRequestHandler):
@@ -293,7 +556,7 @@ def test_a_real_small_llm_runs_both_tasks_and_its_echoes_are_rejected(caplog):
     usable = []
     for answer in answers:
         try:
-            usable.append(parse_rephrasings(answer))
+            usable.append(parse_rephrasings(answer, strict=True).texts)
         except Rejected:
             continue
     for texts in usable:  # whatever was accepted is no template echo
@@ -358,3 +621,15 @@ def test_sampling_settings_out_of_range_are_refused_before_the_llm_loads(
     except SystemExit as exit_:  # an argparse-level check
         code = exit_.code
     assert code == 2 and fragment in capsys.readouterr().err
+
+
+def test_rephrase_prompts_an_hf_model_raw_and_summarize_through_its_template():
+    from pairfree.cli import build_parser
+
+    parser = build_parser()
+    for kind, template in [("rephrase", "never"), ("summarize", "auto")]:
+        args = parser.parse_args(["synthesize", kind, "in", "--llm", "hf:m", "--out", "out"])
+        assert args.chat_template == template and not args.strict_answers
+    args = parser.parse_args(["synthesize", "rephrase", "in", "--llm", "hf:m", "--out", "out",
+                              "--chat-template", "auto", "--strict-answers"])  # fmt: skip
+    assert args.chat_template == "auto" and args.strict_answers

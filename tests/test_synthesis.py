@@ -4,6 +4,7 @@ from configs, and the world's renderer; seeds fixed per image, not per batch."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,12 +50,30 @@ def test_diffusers_backend_makes_one_image_per_prompt_independent_of_the_batch(t
 
 
 def test_diffusers_settings_reach_the_pipeline(tiny_sd_dir):
-    settings = DiffusionSettings(steps=2, scheduler="DPMSolverMultistepScheduler", height=16,
+    settings = DiffusionSettings(steps=3, scheduler="DPMSolverMultistepScheduler", height=16,
                                  width=16, negative_prompt="blurry", guidance_scale=3.0)  # fmt: skip
     backend = load_text_to_image(f"diffusers:{tiny_sd_dir}", settings)
     assert type(backend.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    unet_calls, encoded = [], []
+    backend.pipeline.unet.register_forward_hook(lambda m, args, out: unet_calls.append(args[0]))
+    backend.pipeline.text_encoder.register_forward_hook(
+        lambda m, args, out: encoded.append(args[0].tolist())
+    )
     (made,) = backend.generate(PROMPTS[:1], [7])
     assert made.image.size == (16, 16) and made.nsfw == is_black(made.image)
+    # 3 steps, each one UNet call on the prompt and the negative prompt (guidance on)
+    assert len(unet_calls) == 3 and all(len(latents) == 2 for latents in unet_calls)
+    tokenize = backend.pipeline.tokenizer
+    assert tokenize("blurry", padding="max_length")["input_ids"] in [e[0] for e in encoded]
+
+    def pixels_with(**changes) -> np.ndarray:
+        other = load_text_to_image(f"diffusers:{tiny_sd_dir}", replace(settings, **changes))
+        return pixels(other.generate(PROMPTS[:1], [7]))[0]
+
+    same = pixels_with()
+    assert np.array_equal(same, pixels([made])[0])
+    for changed in [{"guidance_scale": 6.0}, {"negative_prompt": "sharp"}, {"steps": 2}]:
+        assert not np.array_equal(pixels_with(**changed), same), changed
     with pytest.raises(PairfreeError, match="unknown diffusers scheduler"):
         load_text_to_image(f"diffusers:{tiny_sd_dir}", DiffusionSettings(scheduler="Nope"))
 
@@ -86,6 +105,9 @@ def test_black_images_are_flagged_and_bad_specs_refused():
     from PIL import Image
 
     assert is_black(Image.new("RGB", (8, 8))) and not is_black(Image.new("RGB", (8, 8), "red"))
+    almost = Image.new("RGB", (8, 8))
+    almost.putpixel((3, 3), (1, 0, 0))  # ICSD's test is a pixel sum of 0: this one is kept
+    assert not is_black(almost)
     with pytest.raises(PairfreeError, match="unknown text-to-image spec"):
         load_text_to_image("dalle:3")
     with pytest.raises(PairfreeError, match="cannot load the text-to-image model"):
@@ -138,6 +160,50 @@ def test_synthesize_world_images_into_a_dataset_encode_reads(tmp_path, capsys):
     assert folder_bytes(out) == before
     assert main(synthesize(corpus, "world:default", out, "--variants", "2", "--seed", "6")) == 2
     assert "holds a synthesis with other" in capsys.readouterr().err
+
+
+def test_flagged_images_stay_pairs_as_sacap_keeps_them_unless_dropped(
+    tmp_path, capsys, monkeypatch
+):
+    """SaCap's code draws, encodes and trains on every image, the safety checker's black ones
+    too, so a caption whose own image was flagged stays; --nsfw drop leaves them out, as ICSD's
+    code does (and the ICSD recipe, tested in test_icsd)."""
+    import json
+
+    from PIL import Image
+
+    import pairfree.synth.text_to_image as text_to_image
+    from pairfree.cli import main
+    from pairfree.data import read_images
+
+    load = text_to_image.load_text_to_image
+
+    class SafetyChecked:  # as Stable Diffusion's checker: a flagged image comes back black
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def generate(self, prompts, seeds):
+            made = self.inner.generate(prompts, seeds)
+            return [replace(g, image=Image.new("RGB", g.image.size), nsfw=True)
+                    if "circle" in p else g for p, g in zip(prompts, made, strict=True)]  # fmt: skip
+
+    monkeypatch.setattr(text_to_image, "load_text_to_image",
+                        lambda *args, **kwargs: SafetyChecked(load(*args, **kwargs)))  # fmt: skip
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    datasets = {}
+    for choice in ("keep", "drop"):
+        out = tmp_path / choice
+        extra = () if choice == "keep" else ("--nsfw", "drop")
+        assert main(synthesize(corpus, "world:default", out, *extra)) == 0
+        where = "kept in" if choice == "keep" else "left out of"
+        assert f"made 3 images (1 flagged NSFW, {where} the dataset" in capsys.readouterr().out
+        manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert [r["nsfw"] for r in manifest] == ["circle" in p for p in PROMPTS]
+        datasets[choice] = {it.references[0]: it.path for it in read_images(out / "dataset.jsonl")}
+    assert list(datasets["keep"]) == PROMPTS  # the default: every caption keeps its image
+    assert is_black(Image.open(datasets["keep"][PROMPTS[0]]))
+    assert list(datasets["drop"]) == PROMPTS[1:]
 
 
 def test_synthesize_with_diffusers_resumes_to_the_same_images(tiny_sd_dir, tmp_path, capsys):

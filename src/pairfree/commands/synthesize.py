@@ -24,7 +24,8 @@ def register(sub) -> None:
             "its default scheduler, ICSD SD 1.4 with DPMSolverMultistepScheduler, both 20 "
             "steps) or world:<preset> (the shapes world). Writes OUT/images/*.png, "
             "OUT/manifest.jsonl (every prompt: seed, NSFW flag, status) and OUT/dataset.jsonl "
-            "(the usable pairs; `pairfree encode --dataset OUT/dataset.jsonl` reads it). Each "
+            "(the usable pairs, NSFW-flagged (black) images included unless --nsfw drop; "
+            "`pairfree encode --dataset OUT/dataset.jsonl` reads it). Each "
             "image's seed is fixed by (--seed, caption, variant). Resumable: rerun the same "
             "command; under torchrun/accelerate launch each process makes its own shards."
         ),
@@ -46,7 +47,11 @@ def register(sub) -> None:
     images.add_argument("--batch-size", type=positive_int, default=8)
     images.add_argument("--shard-size", type=positive_int, default=256, help="prompts per shard")
     images.add_argument(
-        "--keep-nsfw", action="store_true", help="keep images flagged NSFW in dataset.jsonl"
+        "--nsfw",
+        choices=["keep", "drop"],
+        default="keep",
+        help="images the safety checker flagged (black): keep them in dataset.jsonl, as SaCap "
+        "does (default), or drop them, as ICSD does",
     )
     images.add_argument(
         "--clip",
@@ -64,7 +69,8 @@ def register(sub) -> None:
         help="three LLM rephrasings of every caption (SaCap)",
         description=(
             "Ask an LLM for 3 rephrasings (<= 15 words each, as JSON) of every distinct caption of "
-            "CORPUS, with SaCap's prompt and sampling (temperature 0.6, top-p 0.9). Writes "
+            "CORPUS, with SaCap's prompt and sampling (temperature 0.6, top-p 0.9), an hf: model "
+            "prompted without a chat template (SaCap's base Llama-3-8B). Writes "
             "OUT/rephrasings.jsonl, OUT/prompts.jsonl (the rephrasings as a corpus: `synthesize "
             "images OUT/prompts.jsonl` draws SaCap's supporting images) and OUT/rejects.jsonl "
             "(answers that did not parse, with why). "
@@ -73,7 +79,7 @@ def register(sub) -> None:
         ),
     )
     rephrase.add_argument("corpus", type=Path, help="caption corpus (any corpus format)")
-    add_llm_arguments(rephrase, temperature=0.6, max_new_tokens=256)
+    add_llm_arguments(rephrase, temperature=0.6, max_new_tokens=256, chat_template="never")
     rephrase.set_defaults(func=run_rephrase)
 
     group = kinds.add_parser(
@@ -113,11 +119,13 @@ def register(sub) -> None:
         ),
     )
     summarize.add_argument("groups", type=Path, help="groups.jsonl of `pairfree synthesize group`")
-    add_llm_arguments(summarize, temperature=1.0, max_new_tokens=500)
+    add_llm_arguments(summarize, temperature=1.0, max_new_tokens=500, chat_template="auto")
     summarize.set_defaults(func=run_summarize)
 
 
-def add_llm_arguments(p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int):
+def add_llm_arguments(
+    p: argparse.ArgumentParser, *, temperature: float, max_new_tokens: int, chat_template: str
+):
     p.add_argument("--llm", required=True, help="hf:<model>, openai:<model> or world:<preset>")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
@@ -127,6 +135,19 @@ def add_llm_arguments(p: argparse.ArgumentParser, *, temperature: float, max_new
     p.add_argument("--concurrency", type=positive_int, default=8, help="requests at once (openai:)")
     p.add_argument("--prompt", type=Path, default=None, help="a file replacing the original prompt")
     p.add_argument("--response-prefix", default="", help="text the answer starts with (hf:)")
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "never", "always"],
+        default=chat_template,
+        help=f"hf: prompt as a chat turn with the tokenizer's template: never (a base model), "
+        f"always, or auto (when it has one) (default: {chat_template})",
+    )
+    p.add_argument(
+        "--strict-answers",
+        action="store_true",
+        help="read answers pairfree's checked way (word limits, no template placeholders, "
+        "indices in the group once) instead of as the original code reads them",
+    )
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
@@ -160,6 +181,7 @@ def _llm_job(args: argparse.Namespace, inputs: list):
         api_key_env=args.api_key_env,
         concurrency=args.concurrency,
         response_prefix=args.response_prefix,
+        chat_template=args.chat_template,
         dtype=args.dtype,
         device=args.device if job.num_processes == 1 else job.state.device,
     )
@@ -178,7 +200,8 @@ def run_rephrase(args: argparse.Namespace) -> int:
     job, llm, sampling = _llm_job(args, [args.corpus])
     summary = rephrase_captions(
         llm, [c.text for c in captions], args.out, template=template, sampling=sampling,
-        batch_size=args.batch_size, shard_size=args.shard_size, job=job,
+        batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
+        job=job,
     )  # fmt: skip
     if summary is not None:
         report_skips([e.to_record() for e in skip_log.items], args.out)
@@ -195,7 +218,8 @@ def run_summarize(args: argparse.Namespace) -> int:
     job, llm, sampling = _llm_job(args, [args.groups])
     summary = summarize_groups(
         llm, groups, args.out, template=template, sampling=sampling,
-        batch_size=args.batch_size, shard_size=args.shard_size, job=job,
+        batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
+        job=job,
     )  # fmt: skip
     if summary is not None:
         print(summary)
@@ -262,7 +286,7 @@ def run_images(args: argparse.Namespace) -> int:
         settings={**asdict(settings), "seed": args.seed, "variants": args.variants},
         batch_size=args.batch_size,
         shard_size=args.shard_size,
-        keep_nsfw=args.keep_nsfw,
+        keep_nsfw=args.nsfw == "keep",
         job=job,
     )
     job.wait_for_everyone()  # the main process wrote dataset.jsonl

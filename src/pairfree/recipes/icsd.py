@@ -112,6 +112,7 @@ class LLMConfig:
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
     prompt: str | None = None  # a file replacing ICSD's prompt ({captions} marks the group)
+    strict_answers: bool = False  # pairfree's checked reading of answers, not ICSD's (tasks.py)
     temperature: float = 1.0  # ChatGPT's defaults, which ICSD kept
     top_p: float = 1.0
     max_new_tokens: int = 500
@@ -248,7 +249,8 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
         llm_cfg.spec, api_base=llm_cfg.api_base, api_key_env=llm_cfg.api_key_env,
         concurrency=llm_cfg.concurrency, dtype=llm_cfg.dtype, device=job.state.device))  # fmt: skip
     result = summarize_groups(llm, groups, out, template=template, sampling=sampling(llm_cfg),
-                              batch_size=llm_cfg.batch_size, job=job)  # fmt: skip
+                              batch_size=llm_cfg.batch_size, strict=llm_cfg.strict_answers,
+                              job=job)  # fmt: skip
     if result is not None:
         logger.info("icsd: %s", result)
     job.wait_for_everyone()

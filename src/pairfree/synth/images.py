@@ -12,6 +12,12 @@ Layout of the output folder::
     dataset.jsonl      the usable pairs as a JSONL corpus ({"image_id", "image", "caption"}):
                        what ``pairfree encode --dataset`` and the recipes read
 
+Images flagged NSFW (black, from Stable Diffusion's safety checker) are pairs of the dataset
+with ``keep_nsfw``, as in SaCap's code (which draws, encodes and trains on every image it
+made; ``pairfree synthesize images`` keeps them by default), and left out of it otherwise, as
+ICSD's code does (its ``verify_nsfw_images.py`` lists the all-black images, which its
+training skips; the ICSD recipe's default).
+
 Work runs in shards over processes, resumably (:mod:`pairfree.synth.shards`); since every
 image's seed is fixed by (run seed, prompt, variant), a shard made again gives the same images.
 """
@@ -48,11 +54,13 @@ class SynthesisSummary:
     skipped: int
     out_dir: Path
     mistaken: int | None = None  # images with a known departure from their prompt
+    nsfw_kept: bool = False  # whether the flagged images are pairs of the dataset
 
     def __str__(self) -> str:
         known = "" if self.mistaken is None else f", {self.mistaken} with a known mistake"
+        where = "kept in" if self.nsfw_kept else "left out of"
         return (
-            f"made {self.made} images ({self.nsfw} flagged NSFW, left out of the dataset"
+            f"made {self.made} images ({self.nsfw} flagged NSFW, {where} the dataset"
             f"{known}), skipped {self.skipped} prompts -> {self.out_dir}"
         )
 
@@ -101,8 +109,9 @@ def synthesize_images(
     keep_nsfw: bool = False,
     job: Job | None = None,
 ) -> SynthesisSummary | None:
-    """Make every prompt's image into ``out_dir`` (see the module docstring); returns the
-    summary on the main process, None elsewhere."""
+    """Make every prompt's image into ``out_dir`` (see the module docstring; ``keep_nsfw``:
+    flagged images are pairs of the dataset too); returns the summary on the main process,
+    None elsewhere."""
     out = Path(out_dir)
 
     def make(batch: list[Prompt]) -> list[dict]:
@@ -140,6 +149,7 @@ def synthesize_images(
         skipped=len(records) - len(made),
         out_dir=out,
         mistaken=sum(bool(r["mistakes"]) for r in known) if known else None,
+        nsfw_kept=keep_nsfw,
     )
 
 

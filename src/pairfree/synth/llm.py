@@ -1,8 +1,13 @@
 """LLM backends behind one protocol, chosen by name: ``generate(prompts, sampling)``.
 
 - ``hf:<hub id or folder>`` (or ``hf:<folder>/<file>.gguf``): a transformers causal LM, batched
-  with left padding, through the tokenizer's chat template when it has one (SaCap prompted a
-  base Llama-3-8B without one), bf16/fp16 on a GPU; GGUF checkpoints load with ``gguf_file=``.
+  with left padding, bf16/fp16 on a GPU; GGUF checkpoints load with ``gguf_file=``.
+  ``chat_template``: ``never`` sends the prompt as it is, after the tokenizer's own special
+  tokens (its BOS), as SaCap prompted the base Llama-3-8B (a template the tokenizer may carry
+  is not used); ``always`` wraps it as a user turn with the tokenizer's chat
+  template; ``auto`` (the loader's default, for chat models) uses the template when there is
+  one. Decoding stops at the end-of-text token, the model's own stop tokens and Llama-3's
+  ``<|eot_id|>`` where the vocabulary has it (SaCap's terminators).
 - ``openai:<model>`` with ``api_base``: any OpenAI-compatible chat-completions server (vLLM,
   llama.cpp's server, TGI, OpenAI itself; how a 70B model on a cluster is used). Requests run
   with bounded concurrency and a timeout, and are retried with exponential backoff on 429, 5xx,
@@ -38,6 +43,8 @@ from pairfree.errors import PairfreeError, load_failure
 
 logger = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+CHAT_TEMPLATE = ("auto", "never", "always")
+STOP_TOKENS = ("<|eot_id|>",)  # stopped at too, where the vocabulary has them (SaCap's)
 
 
 @dataclass
@@ -69,17 +76,31 @@ class LLM(Protocol):
 class HFCausalLM:
     """A transformers causal LM and its tokenizer, decoding batches with left padding."""
 
-    def __init__(self, model, tokenizer, *, name: str, response_prefix: str = "") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        name: str,
+        response_prefix: str = "",
+        chat_template: str = "auto",
+    ) -> None:
+        check_chat_template(chat_template)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template == "always" and not has_template:
+            raise PairfreeError(f"{name}: chat_template is 'always' but the tokenizer has none")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.response_prefix = response_prefix  # prefilled at the start of every answer
+        self.chat = has_template and chat_template != "never"
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     def _render(self, prompt: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat:
             messages = [{"role": "user", "content": prompt}]
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
@@ -91,12 +112,11 @@ class HFCausalLM:
     def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
         if not prompts:
             return []
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
         batch = self.tokenizer(
             [self._render(p) for p in prompts],
             return_tensors="pt",
             padding=True,
-            add_special_tokens=not chat,  # a chat template writes its own special tokens
+            add_special_tokens=not self.chat,  # a chat template writes its own special tokens
         ).to(self.model.device)
         torch.manual_seed(sampling.seed)
         options = {"temperature": sampling.temperature, "top_p": sampling.top_p}
@@ -104,6 +124,7 @@ class HFCausalLM:
             **batch,
             max_new_tokens=sampling.max_new_tokens,
             do_sample=sampling.do_sample,
+            eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             **(options if sampling.do_sample else {}),
         )
@@ -113,15 +134,34 @@ class HFCausalLM:
         return [self.response_prefix + a for a in answers]
 
 
+def check_chat_template(value: str) -> None:
+    if value not in CHAT_TEMPLATE:
+        raise PairfreeError(
+            f"chat_template must be one of {', '.join(CHAT_TEMPLATE)}, not {value!r}"
+        )
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids decoding stops at: the model's own end tokens, the tokenizer's end of text, and
+    those of :data:`STOP_TOKENS` the vocabulary has."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    vocabulary = tokenizer.get_vocab()
+    ids = [*ids, tokenizer.eos_token_id, *(vocabulary.get(t) for t in STOP_TOKENS)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def load_hf_llm(
     model: str,
     *,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     response_prefix: str = "",
+    chat_template: str = "auto",
     **_: object,
 ) -> HFCausalLM:
     """``AutoModelForCausalLM.from_pretrained``; a path to a ``.gguf`` file loads that file."""
+    check_chat_template(chat_template)  # before the weights load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra = model, {}
@@ -133,7 +173,8 @@ def load_hf_llm(
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype], **extra)
     except (OSError, ValueError) as err:
         raise load_failure(f"the LLM {model!r}", source, err) from err
-    return HFCausalLM(lm.to(device), tokenizer, name=f"hf:{model}", response_prefix=response_prefix)
+    return HFCausalLM(lm.to(device), tokenizer, name=f"hf:{model}",
+                      response_prefix=response_prefix, chat_template=chat_template)  # fmt: skip
 
 
 class OpenAIChat:

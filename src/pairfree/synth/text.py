@@ -3,16 +3,20 @@ groups (ICSD), each a resumable, sharded job (:mod:`pairfree.synth.shards`).
 
 Outputs (JSONL, one object per line, in input order):
 
-- ``rephrase``: ``rephrasings.jsonl`` ``{"id", "caption", "rephrasings": [3 texts]}``, and
+- ``rephrase``: ``rephrasings.jsonl`` ``{"id", "caption", "rephrasings": [3 texts]}`` (and
+  ``"lenient"``, below), and
   ``prompts.jsonl``, the rephrasings as a JSONL corpus ``{"image_id": "<id>-<k>", "caption"}``
   for ``synthesize images`` to draw SaCap's supporting images from;
 - ``group``: ``groups.jsonl`` ``{"id", "members": [caption ids], "captions": [texts]}``, the
   anchor caption first;
 - ``summarize``: ``summaries.jsonl`` ``{"id", "selected": [caption ids], "captions": [texts],
-  "summary"}``;
+  "summary"}`` (and ``"lenient"``);
 
 and for the LLM jobs ``rejects.jsonl`` with each answer that could not be used, its reason and
 its raw text (the originals drop those answers; here they are counted and kept for a look).
+Answers are read as the originals read them unless ``strict`` (:mod:`pairfree.synth.tasks`);
+a kept record that only the original's reading keeps says why the strict one would not, in
+``lenient``, and the job's summary counts them.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ class TextJobSummary:
     rejected: int
     out_dir: Path
     what: str
+    lenient: int = 0  # kept answers that only the original's reading keeps
 
     def __str__(self) -> str:
-        return f"{self.what}: kept {self.kept}, rejected {self.rejected} -> {self.out_dir}"
+        lenient = f" ({self.lenient} only as the original reads them)" if self.lenient else ""
+        return f"{self.what}: kept {self.kept}{lenient}, rejected {self.rejected} -> {self.out_dir}"
 
 
 def rephrase_captions(
@@ -62,9 +68,11 @@ def rephrase_captions(
     sampling: Sampling,
     batch_size: int = 16,
     shard_size: int = 1024,
+    strict: bool = False,
     job: Job | None = None,
 ) -> TextJobSummary | None:
-    """Three rephrasings of every distinct caption (SaCap rephrases each caption once)."""
+    """Three rephrasings of every distinct caption (SaCap rephrases each caption once);
+    ``strict`` reads the answers pairfree's checked way instead of SaCap's."""
     out = Path(out_dir)
     distinct = list(dict.fromkeys(c.strip() for c in captions if c.strip()))
     items = list(enumerate(distinct))
@@ -75,13 +83,16 @@ def rephrase_captions(
         for (i, caption), answer in zip(batch, answers, strict=True):
             record = {"id": str(i), "caption": caption}
             try:
-                record["rephrasings"] = parse_rephrasings(_answered(answer))
+                parsed = parse_rephrasings(_answered(answer), strict=strict)
+                record["rephrasings"] = parsed.texts
+                if parsed.lenient:
+                    record["lenient"] = parsed.lenient
             except Rejected as why:
                 record.update(rejected=str(why), answer=answer)
             records.append(record)
         return records
 
-    request = _request(llm, template, sampling, shard_size, distinct)
+    request = _request(llm, template, sampling, shard_size, distinct, strict)
     records = run_shards(out, items, ask, request=request, shard_size=shard_size,
                          batch_size=batch_size, job=job or Job(), desc="rephrase")  # fmt: skip
     if records is None:
@@ -92,6 +103,7 @@ def rephrase_captions(
         for r in records
         if "rejected" not in r
         for k, text in enumerate(r["rephrasings"])
+        if text.strip()  # an empty rephrasing (kept as SaCap keeps it) has nothing to draw
     ]
     write_jsonl(out / "prompts.jsonl", prompts)
     return summary
@@ -155,6 +167,7 @@ class Summary:
     selected: list[str]  # caption ids the LLM selected
     captions: list[str]  # their texts
     summary: str
+    lenient: str | None = None  # why the strict reading would have rejected the answer
 
 
 def read_summaries(path: str | Path, skip_log: SkipLog) -> list[Summary]:
@@ -183,9 +196,11 @@ def _record(cls: type[T], line: str) -> T:
         data = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg})") from None
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(data, dict) or set(data) != set(names):
-        raise ValueError(f"expected a JSON object with the fields {', '.join(names)}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    if not isinstance(data, dict) or not set(required) <= set(data) <= names:
+        raise ValueError(f"expected a JSON object with the fields {', '.join(required)}")
     return cls(**data)
 
 
@@ -211,10 +226,12 @@ def summarize_groups(
     sampling: Sampling,
     batch_size: int = 8,
     shard_size: int = 512,
+    strict: bool = False,
     job: Job | None = None,
 ) -> TextJobSummary | None:
     """ICSD's select-and-summarize: for every group, the captions the LLM selected as one
-    scene and its summary of them."""
+    scene and its summary of them; ``strict`` reads the answers pairfree's checked way
+    instead of ICSD's."""
     out = Path(out_dir)
 
     def ask(batch: list[Group]) -> list[dict]:
@@ -223,19 +240,21 @@ def summarize_groups(
         for group, answer in zip(batch, answers, strict=True):
             record: dict = {"id": group.id}
             try:
-                chosen = parse_selection(_answered(answer), len(group.captions))
+                chosen = parse_selection(_answered(answer), len(group.captions), strict=strict)
                 record.update(
                     selected=[group.members[i] for i in chosen.indices],
                     captions=[group.captions[i] for i in chosen.indices],
                     summary=chosen.summary,
                 )
+                if chosen.lenient:
+                    record["lenient"] = chosen.lenient
             except Rejected as why:
                 record.update(rejected=str(why), answer=answer)
             records.append(record)
         return records
 
     texts = [json.dumps(asdict(g)) for g in groups]
-    request = _request(llm, template, sampling, shard_size, texts)
+    request = _request(llm, template, sampling, shard_size, texts, strict)
     records = run_shards(out, list(groups), ask, request=request, shard_size=shard_size,
                          batch_size=batch_size, job=job or Job(), desc="summarize")  # fmt: skip
     return None if records is None else _split(out, records, "summaries.jsonl", "summarize")
@@ -247,14 +266,17 @@ def _answered(answer: str | None) -> str:
     return answer
 
 
-def _request(llm: LLM, template: str, sampling: Sampling, shard_size: int, inputs) -> dict:
+def _request(
+    llm: LLM, template: str, sampling: Sampling, shard_size: int, inputs, strict: bool
+) -> dict:
     digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
     return {"llm": llm.name, "prompt": template, "sampling": asdict(sampling),
-            "shard_size": shard_size, "inputs": digest}  # fmt: skip
+            "shard_size": shard_size, "inputs": digest, "strict": strict}  # fmt: skip
 
 
 def _split(out: Path, records: list[dict], kept_name: str, what: str) -> TextJobSummary:
     kept = [r for r in records if "rejected" not in r]
     write_jsonl(out / kept_name, kept)
     write_jsonl(out / "rejects.jsonl", [r for r in records if "rejected" in r])
-    return TextJobSummary(len(kept), len(records) - len(kept), out, what)
+    lenient = sum("lenient" in r for r in kept)
+    return TextJobSummary(len(kept), len(records) - len(kept), out, what, lenient)

@@ -9,7 +9,9 @@
 Every image's seed is :func:`image_seed` of (run seed, prompt, variant), so an image depends on
 neither the batch it was made in, nor the number of processes, nor where a run resumed.
 An all-black image counts as NSFW too: that is what Stable Diffusion's safety checker returns
-in place of a flagged image, and what ICSD's code filters on.
+in place of a flagged image, and what ICSD's code filters on (every channel of every pixel 0).
+Whether flagged images are used is the dataset's choice (``keep_nsfw``,
+:mod:`pairfree.synth.images`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def image_seed(run_seed: int, prompt: str, variant: int = 0) -> int:
 
 def is_black(image: Image.Image) -> bool:
     """Stable Diffusion's safety checker returns an all-black image for a flagged one."""
-    return not np.asarray(image.convert("L")).any()
+    return not np.asarray(image.convert("RGB")).any()
 
 
 @dataclass
