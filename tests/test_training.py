@@ -222,7 +222,10 @@ def test_clip_reads_the_edited_text_while_the_store_keeps_the_caption(tiny_clip_
 
 
 def test_weight_decay_spares_biases_and_layer_norm_weights():
-    """The originals' AdamW groups: names containing "bias" or "LayerNorm.weight" get none."""
+    """CgT-GAN's AdamW groups (the default): names containing "bias" or "LayerNorm.weight" get
+    none. SaCap's and ICSD's code decay every parameter: their recipes say so with []."""
+    from pairfree.recipes.icsd import ICSDConfig
+    from pairfree.recipes.sacap import SaCapConfig
     from pairfree.training.trainer import TrainConfig, parameter_groups
 
     class Block(torch.nn.Module):
@@ -240,6 +243,9 @@ def test_weight_decay_spares_biases_and_layer_norm_weights():
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert decayed == ["dense.weight", "ln_f.weight"]
     assert spared == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "ln_f.bias"]
+    for recipe in (SaCapConfig(), ICSDConfig()):
+        groups = parameter_groups(list(block.named_parameters()), 0.05, recipe.train.no_decay)
+        assert len(groups) == 1 and len(groups[0]["params"]) == 6
 
 
 def test_a_prefix_of_the_model_learns_at_its_own_rate_and_follows_the_schedule():
