@@ -439,3 +439,7 @@ def test_every_epoch_is_kept_and_the_best_is_the_epoch_of_the_best_score(tmp_pat
     assert len(set(weights.values())) == 3  # the model changed between epochs
     assert (tmp_path / "best" / "model.safetensors").read_bytes() == weights["epoch-002"]
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == weights["epoch-003"]
+    # keeping epochs or not does not change the run: a resume may switch it
+    again = tiny_trainer(tmp_path, mse_step([]), batch_size=4, epochs=3, keep_epochs=False,
+                         select_metric="val_CIDEr", select_mode="max")  # fmt: skip
+    assert again.fit().global_step == 9

@@ -533,7 +533,7 @@ class Trainer:
             return
         saved, now = json.loads(saved_config.read_text()), self._config_record()
         free = {"epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                "eval_every", "num_workers", "output_dir", "report_to"}  # fmt: skip
+                "eval_every", "num_workers", "output_dir", "report_to", "keep_epochs"}  # fmt: skip
         for record in (saved, now):
             for key in free:
                 record["train"].pop(key, None)
