@@ -398,6 +398,15 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
     assert cfg.image_size == 384 and cfg.label_smoothing == 0.1 and not cfg.pretrained_head
     assert cfg.synthesis.group_clip == "hf:openai/clip-vit-base-patch16"
     assert cfg.corpus.cleaning.dedupe is False  # ICSD groups every caption, repeats too
+    # batch 64 per process on 8 GPUs: 512 per optimizer step; AdamW decays every parameter
+    assert (t.batch_size, t.per_device_batch_size, t.grad_accum) == (512, None, 8)
+    assert t.no_decay == [] and t.checkpoint_every == 500
+    assert cfg.validation.dataset and cfg.validation.split == "val"  # ICSD's real val split
+    assert cfg.corpus.val_fraction == 0.0  # every group trains; the real val split selects
+    assert cfg.generation.stop == "[SEP]" and images.guidance_scale == 7.5
+    llm = cfg.synthesis.llm
+    assert llm.spec == "openai:gpt-3.5-turbo"  # ChatGPT, with its default sampling
+    assert (llm.temperature, llm.top_p, llm.max_new_tokens) == (1.0, 1.0, 500)
 
 
 def test_world_lm_command_saves_each_untrained_decoder(tmp_path):

@@ -34,7 +34,7 @@ def synthesized(tmp_path_factory):
     from pairfree.world.lm import build_world_lm
 
     root = tmp_path_factory.mktemp("sacap")
-    world = make_world(root / "world", n_train_images=0, n_val=0, n_test=6, n_corpus=48, seed=3)
+    world = make_world(root / "world", n_train_images=0, n_val=4, n_test=6, n_corpus=48, seed=3)
     quiet = ["--no-progress"]
     assert main(["synthesize", "images", str(world.corpus), "--backend", "world:default",
                  "--out", str(root / "own"), *quiet]) == 0  # fmt: skip
@@ -55,6 +55,128 @@ def sacap_args(root, world, lm, out, *extra) -> list[str]:
             "train.checkpoint_every=4", "train.log_every=2", "corpus.val_fraction=0.1", "generation.num_beams=2",
             f"train.output_dir={out}", f"features={root / 'features'}", "--no-progress",
             *extra]  # fmt: skip
+
+
+def sacap_setup(root, world, lm, out, *extra):
+    """The config ``sacap_args`` gives, the CLIP and tokenizer it loads, and a quiet job."""
+    from transformers import AutoTokenizer
+
+    from pairfree.clip import load_clip
+    from pairfree.config import build_config
+    from pairfree.job import Job
+    from pairfree.recipes.sacap import SaCapConfig
+
+    settings = [a for a in sacap_args(root, world, lm, out, *extra) if "=" in a]
+    cfg = build_config(SaCapConfig, None, settings)
+    return (
+        cfg,
+        load_clip(cfg.clip),
+        AutoTokenizer.from_pretrained(cfg.model.lm),
+        Job(progress=False),
+    )
+
+
+def test_each_example_is_made_from_its_paired_image_and_the_memory_holds_the_corpus(
+    synthesized, tmp_path
+):
+    """Re-pairing picks the candidate closest to the caption; the example's soft-prompt input,
+    hard prompt and grid are the paired image's; the projection memory holds every corpus
+    caption (the original's text features), also the one whose rephrasing was rejected."""
+    from pairfree.captioner import condition
+    from pairfree.captioner.prompts import hard_prompt, top_phrases
+    from pairfree.data import load_image
+    from pairfree.features import FeatureStore
+    from pairfree.recipes.sacap import sacap_data
+    from pairfree.training.cross_attention import caption_target
+
+    root, world, lm = synthesized
+    cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "run",
+                                            f"features={tmp_path / 'features'}")  # fmt: skip
+    made = sacap_data(cfg, clip, tokenizer, job)
+    corpus = list(dict.fromkeys(world.corpus.read_text().splitlines()))
+    memory = FeatureStore(tmp_path / "features" / "captions")
+    assert sorted(memory.texts) == sorted(corpus) and len(made.texts) == len(corpus) - 1
+    assert sum(p != c[0] for p, c in zip(made.paired, made.candidates, strict=True)) > 0
+
+    text = clip.encode_texts(made.texts, normalize=True)
+    paired = [load_image(p) for p in made.paired]
+    embeds = clip.encode_images(paired)
+    grids = clip.encode_image_grid(paired)
+    phrases = FeatureStore(made.conditioning.prompt_phrases)
+    prompts = [hard_prompt(p) for p in top_phrases(embeds, phrases.tensor(), phrases.texts, 3)]
+    conditions = condition(embeds, made.conditioning, training=True, memory=memory.tensor())
+    for k, candidates in enumerate(made.candidates):
+        cosines = clip.encode_images([load_image(c) for c in candidates], normalize=True) @ text[k]
+        assert cosines[candidates.index(made.paired[k])] >= cosines.max() - 1e-6
+        cond, grid, prompt_ids, caption_ids = made.data[k]
+        torch.testing.assert_close(cond, conditions[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grid.float(), grids[k].half().float())
+        assert made.prompts[k] == prompts[k] and prompts[k]
+        assert prompt_ids == tokenizer(prompts[k], add_special_tokens=False)["input_ids"]
+        target = tokenizer(caption_target(made.texts[k]), add_special_tokens=False)["input_ids"]
+        assert caption_ids == target[: cfg.corpus.max_tokens]
+
+
+def test_repairing_moves_a_caption_off_an_own_image_that_shows_another_caption(
+    synthesized, tmp_path
+):
+    """Each caption's "own" image is swapped for another caption's, its supporting images
+    (drawn from its rephrasings) still show it: re-pairing must move the captions to them,
+    and with ``repair=false`` every caption keeps the image it was given."""
+    from pairfree.recipes.sacap import sacap_data
+
+    root, world, lm = synthesized
+    own = tmp_path / "own"
+    own.mkdir()
+    lines = [json.loads(x) for x in (root / "own" / "dataset.jsonl").read_text().splitlines()]
+    images = [str(root / "own" / x["image"]) for x in lines]
+    with open(own / "dataset.jsonl", "w") as f:
+        for x, image in zip(lines, images[1:] + images[:1], strict=True):  # a rotation
+            f.write(json.dumps({**x, "image": image}) + "\n")
+    moved = {}
+    for on in (True, False):
+        cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "run",
+                                                f"synthetic.images={own}", f"repair={on}",
+                                                f"features={tmp_path / 'features'}")  # fmt: skip
+        made = sacap_data(cfg, clip, tokenizer, job)
+        assert all(str(c[0]) in images for c in made.candidates)
+        moved[on] = [p != c[0] for p, c in zip(made.paired, made.candidates, strict=True)]
+    assert sum(moved[True]) >= 0.9 * len(moved[True]), sum(moved[True])
+    assert not any(moved[False])
+
+
+def test_the_best_epoch_is_chosen_by_val_cider_and_every_epoch_is_kept(
+    synthesized, tmp_path, monkeypatch
+):
+    """With a real validation split (never the test split) SaCap captions its images after
+    every epoch, keeps every epoch's checkpoint (as the original saves them) and picks the
+    best by their CIDEr (scripted here: a tiny decoder scores 0 in a few steps)."""
+    from safetensors.torch import load_file
+
+    import pairfree.training.cross_attention as cross_attention
+    from pairfree.data import read_images
+
+    scripted, scored = [10.0, 30.0, 20.0], []
+
+    def fake_metrics(predictions, references, metrics):
+        scored.append((sorted(predictions), references))
+        return {"CIDEr": scripted[len(scored) - 1], "Bleu_4": 0.0}
+
+    monkeypatch.setattr(cross_attention, "caption_metrics", fake_metrics)
+    root, world, lm = synthesized
+    out = tmp_path / "run"
+    assert main(sacap_args(root, world, lm, out, "train.max_steps=null", "train.epochs=3",
+                           f"validation.dataset={world.dataset}", "corpus.val_fraction=0")) == 0  # fmt: skip
+    val = [list(it.references) for it in read_images(world.dataset, split="val")]
+    assert len(scored) == 3 and len(val) == 4
+    assert all(list(refs.values()) == val and len(ids) == 4 for ids, refs in scored)
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["eval"]["val_CIDEr"] for h in history if "eval" in h] == scripted
+    assert sorted(p.name for p in out.glob("epoch-*")) == ["epoch-001", "epoch-002", "epoch-003"]
+    best = load_file(str(out / "best" / "model.safetensors"))
+    for epoch in (1, 2, 3):
+        kept = load_file(str(out / f"epoch-{epoch:03d}" / "model.safetensors"))
+        assert all(torch.equal(kept[k], best[k]) for k in best) == (epoch == 2)
 
 
 def test_sacap_trains_from_synthetic_data_and_captions_images(synthesized, tmp_path, capsys):
@@ -122,12 +244,26 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
     from pairfree.recipes import get_recipe
 
     data = read_yaml(path)
-    assert data.pop("recipe") == "sacap" and data.pop("evaluation")["dataset"]
+    assert data.pop("recipe") == "sacap"
+    evaluation = data.pop("evaluation")
     cfg = get_recipe("sacap").build_config(data)
-    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == (1e-5, 128, 10)
-    assert cfg.train.warmup_steps == 1000 and cfg.tau == 0.01 and cfg.phrases.topk == 3
+    t = cfg.train
+    # the original's training.py / train_infer.sh: one GPU, batch 128, torch AdamW (weight
+    # decay 0.01 on every parameter), linear decay after 1000 warm-up steps, every epoch saved
+    assert (t.batch_size, t.per_device_batch_size, t.grad_accum) == (128, None, 1)
+    assert (t.lr, t.epochs, t.warmup_steps, t.schedule) == (1e-5, 10, 1000, "linear")
+    assert (t.weight_decay, t.no_decay, t.keep_epochs) == (0.01, [], True)
+    assert cfg.corpus.val_fraction == 0.0  # every caption trains
+    # the best epoch: CIDEr on a real val split, never the split the config is scored on
+    assert (t.select_metric, t.select_mode, t.eval_every) == ("val_CIDEr", "max", None)
+    v = cfg.validation
+    assert v.dataset and v.split == "val"
+    assert (v.dataset, v.split) != (evaluation["dataset"], evaluation["split"])
+    assert cfg.tau == 0.01 and cfg.phrases.topk == 3
     assert cfg.model.prefix_length == 10 and cfg.model.max_prompt_tokens == 20
-    assert (cfg.generation.num_beams, cfg.generation.max_new_tokens) == (5, 30)
+    assert cfg.model.soft_prompt_hidden == 2048 and cfg.model.separator == ":"
+    g = cfg.generation
+    assert (g.num_beams, g.max_new_tokens, g.stop) == (5, 30, ".")
     assert cfg.repair and cfg.hard_prompt and cfg.soft_prompt
     assert cfg.clip == "hf:openai/clip-vit-base-patch32"
 

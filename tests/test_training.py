@@ -138,15 +138,21 @@ def deterministic_gpt2(tiny_gpt2_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path):
     """Without randomness (no noise, no dropout) two processes learn what one learns: each
-    takes half of every batch, and the loss is weighted by caption tokens across both."""
+    takes half of every batch, and the loss is weighted by caption tokens across both. The
+    two-process run gives its batch per device: 4 each, a global batch of 8, as the one
+    process' batch_size 8."""
     extra = {"train.max_steps": 4, "noise.variance": 0.0}
     one = run_cli(overrides(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path / "one", **extra))
     assert one.wait(timeout=300) == 0, one.stdout.read()
-    launch_two(overrides(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path / "two", **extra))
+    per_device = {**extra, "train.batch_size": "null", "train.per_device_batch_size": 4}
+    launch_two(overrides(corpus, tiny_clip_dir, deterministic_gpt2, tmp_path / "two", **per_device))
     state = json.loads(
         next((tmp_path / "two" / "checkpoints").glob("*/trainer_state.json")).read_text()
     )
     assert state["num_processes"] == 2
+    for run in ("one", "two"):
+        session = json.loads((tmp_path / run / "run.json").read_text())["sessions"][0]
+        assert session["global_batch"] == 8
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
@@ -216,7 +222,10 @@ def test_clip_reads_the_edited_text_while_the_store_keeps_the_caption(tiny_clip_
 
 
 def test_weight_decay_spares_biases_and_layer_norm_weights():
-    """The originals' AdamW groups: names containing "bias" or "LayerNorm.weight" get none."""
+    """CgT-GAN's AdamW groups (the default): names containing "bias" or "LayerNorm.weight" get
+    none. SaCap's and ICSD's code decay every parameter: their recipes say so with []."""
+    from pairfree.recipes.icsd import ICSDConfig
+    from pairfree.recipes.sacap import SaCapConfig
     from pairfree.training.trainer import TrainConfig, parameter_groups
 
     class Block(torch.nn.Module):
@@ -234,6 +243,9 @@ def test_weight_decay_spares_biases_and_layer_norm_weights():
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert decayed == ["dense.weight", "ln_f.weight"]
     assert spared == ["LayerNorm.bias", "LayerNorm.weight", "dense.bias", "ln_f.bias"]
+    for recipe in (SaCapConfig(), ICSDConfig()):
+        groups = parameter_groups(list(block.named_parameters()), 0.05, recipe.train.no_decay)
+        assert len(groups) == 1 and len(groups[0]["params"]) == 6
 
 
 def test_a_prefix_of_the_model_learns_at_its_own_rate_and_follows_the_schedule():
@@ -338,3 +350,96 @@ def test_training_is_watchable_log_lines_tensorboard_and_quiet(
     assert main(["-v", "train", "capdec", "--no-progress", *args,
                  "train.output_dir=" + str(tmp_path / "v")]) == 0  # fmt: skip
     assert "step 2/4 (50%)" in capsys.readouterr().err
+
+
+def test_the_batch_is_given_globally_or_per_device_and_never_both():
+    """``batch_size`` is the global batch of an optimizer step; ``per_device_batch_size`` one
+    process' forward pass, so global = per device x processes x accumulation. A config layer
+    (file, command line) that gives one clears the other; one that gives both is refused."""
+    from pairfree.training.trainer import TrainConfig, global_batch
+
+    per_device = TrainConfig(batch_size=None, per_device_batch_size=4, grad_accum=3)
+    assert [global_batch(per_device, n) for n in (1, 2, 8)] == [12, 24, 96]
+    assert global_batch(TrainConfig(batch_size=24, grad_accum=3), 2) == 24
+    with pytest.raises(PairfreeError, match="batch_size 10 .* grad_accum 1 x 4 processes"):
+        global_batch(TrainConfig(batch_size=10), 4)
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(batch_size=8, per_device_batch_size=4)
+    with pytest.raises(ValueError, match="neither"):
+        TrainConfig(batch_size=None)
+
+    cfg = build_config(
+        CapDecConfig, {"train": {"batch_size": 64}}, ["train.per_device_batch_size=16"]
+    )
+    assert (cfg.train.batch_size, cfg.train.per_device_batch_size) == (None, 16)
+    cfg = build_config(
+        CapDecConfig, {"train": {"per_device_batch_size": 16}}, ["train.batch_size=8"]
+    )
+    assert (cfg.train.batch_size, cfg.train.per_device_batch_size) == (8, None)
+    with pytest.raises(PairfreeError, match="say the same thing two ways"):
+        build_config(CapDecConfig, None, ["train.batch_size=8", "train.per_device_batch_size=4"])
+    with pytest.raises(PairfreeError, match="init.train.batch_size"):
+        from pairfree.recipes.cgtgan import CgtGanConfig
+
+        build_config(CgtGanConfig, {"init": {"train": {"batch_size": 8,
+                                                       "per_device_batch_size": 4}}})  # fmt: skip
+
+
+def tiny_trainer(tmp_path, step, evaluate=None, **config):
+    """A Linear model over 12 examples whose artifact is its weights."""
+    from safetensors.torch import save_model
+    from torch.utils.data import TensorDataset
+
+    from pairfree.training.trainer import OptimizerSpec, TrainConfig, Trainer
+
+    def save(modules, path):
+        path.mkdir(parents=True)
+        save_model(modules["model"], str(path / "model.safetensors"))
+
+    torch.manual_seed(0)
+    config = TrainConfig(output_dir=str(tmp_path), warmup_steps=0, lr=0.1, cpu=True, **config)
+    data = TensorDataset(torch.randn(12, 2), torch.randn(12, 1))
+    return Trainer(config, {"model": torch.nn.Linear(2, 1)}, [OptimizerSpec("model")], data, step,
+                   save, evaluate=evaluate, progress=False)  # fmt: skip
+
+
+def mse_step(seen: list[int]):
+    def step(ctx, batch):
+        x, y = batch
+        seen.append(len(x))
+        loss = torch.nn.functional.mse_loss(ctx.modules["model"](x), y)
+        ctx.optimize("model", loss)
+        return {"loss": loss.detach()}
+
+    return step
+
+
+def test_a_per_device_batch_is_what_one_process_reads_and_the_global_batch_is_recorded(tmp_path):
+    seen: list[int] = []
+    trainer = tiny_trainer(tmp_path, mse_step(seen), batch_size=None, per_device_batch_size=3,
+                           grad_accum=2, max_steps=2)  # fmt: skip
+    assert trainer.global_batch == 6
+    assert trainer.fit().global_step == 2 and seen == [3, 3, 3, 3]
+    session = json.loads((tmp_path / "run.json").read_text())["sessions"][0]
+    assert (session["processes"], session["global_batch"]) == (1, 6)
+
+
+def test_every_epoch_is_kept_and_the_best_is_the_epoch_of_the_best_score(tmp_path):
+    """keep_epochs writes each finished epoch's artifact; the best is the epoch whose
+    evaluation scored highest (select_mode max), not the last or the lowest loss."""
+    scores = iter([1.0, 5.0, 3.0])
+    trainer = tiny_trainer(tmp_path, mse_step([]), lambda ctx: {"val_CIDEr": next(scores)},
+                           batch_size=4, epochs=3, keep_epochs=True, select_metric="val_CIDEr",
+                           select_mode="max")  # fmt: skip
+    result = trainer.fit()
+    assert result.best_metric == 5.0 and result.global_step == 9
+    kept = sorted(p.name for p in tmp_path.glob("epoch-*"))
+    assert kept == ["epoch-001", "epoch-002", "epoch-003"]
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in kept}
+    assert len(set(weights.values())) == 3  # the model changed between epochs
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == weights["epoch-002"]
+    assert (tmp_path / "last" / "model.safetensors").read_bytes() == weights["epoch-003"]
+    # keeping epochs or not does not change the run: a resume may switch it
+    again = tiny_trainer(tmp_path, mse_step([]), batch_size=4, epochs=3, keep_epochs=False,
+                         select_metric="val_CIDEr", select_mode="max")  # fmt: skip
+    assert again.fit().global_step == 9

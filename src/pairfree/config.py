@@ -133,13 +133,39 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _clear_alternatives(cls: type, base: dict[str, Any], layer: Mapping[str, Any], where: str):
+    """Fields that say the same thing two ways (``metadata={"alternative": other}``, e.g. a
+    global and a per-device batch): a layer that sets one clears the other in ``base``;
+    setting both in one layer is an error."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in layer:
+            continue
+        hint = next((a for a in (hints[f.name], *typing.get_args(hints[f.name]))
+                     if dataclasses.is_dataclass(a)), None)  # fmt: skip
+        value = layer[f.name]
+        if hint is not None and isinstance(value, Mapping) and isinstance(base.get(f.name), dict):
+            _clear_alternatives(hint, base[f.name], value, f"{where}{f.name}.")
+        other = f.metadata.get("alternative")
+        if other is None or value is None:
+            continue
+        if layer.get(other) is not None:
+            raise PairfreeError(f"config {where}{f.name} and {where}{other} say the same thing "
+                                "two ways: give one of them")  # fmt: skip
+        base[other] = None
+
+
 def build_config(
     cls: type[C], data: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
 ) -> C:
     """Defaults of ``cls`` <- ``data`` (e.g. a YAML file's) <- command-line overrides.
 
     ``cls()`` must be constructible: its defaults (a recipe's paper defaults, nested ones
-    included) are the base that the data and the overrides update key by key.
+    included) are the base that the data and the overrides update key by key (a key given
+    replaces its alternative, see :func:`_clear_alternatives`).
     """
-    merged = _deep_merge(to_dict(cls()), data or {})
+    merged = to_dict(cls())
+    _clear_alternatives(cls, merged, data or {}, "")
+    _deep_merge(merged, data or {})
+    _clear_alternatives(cls, merged, apply_overrides({}, overrides), "")
     return from_dict(cls, apply_overrides(merged, overrides))

@@ -78,6 +78,13 @@ def training_record(checkpoint: Path) -> dict[str, Any] | None:
     }
 
 
+def _batch(train: dict[str, Any]) -> str:
+    """The run's batch as its config gave it: global, or per device."""
+    if train.get("per_device_batch_size"):
+        return f"{train['per_device_batch_size']} per device"
+    return str(train.get("batch_size", "?"))
+
+
 def _shareable(name: str) -> str:
     """A Hub id as it is; of a path on the training machine, only its last part (the folders
     are that machine's business, and mean nothing to the card's readers)."""
@@ -122,7 +129,7 @@ def model_card(
         f"| decoder | `{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'}) |",
         f"| training data | {data} |",
         f"| training steps | {(record or {}).get('steps') or 'not recorded'} |",
-        f"| batch size, lr | {train.get('batch_size', '?')}, {train.get('lr', '?')} |",
+        f"| batch size, lr | {_batch(train)}, {train.get('lr', '?')} |",
         f"| decoding | beam {card.generation.num_beams}, at most "
         f"{card.generation.max_new_tokens} tokens |",
         "",

@@ -74,8 +74,10 @@ class CapDecConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     offset: OffsetConfig = field(default_factory=OffsetConfig)
     condition: str = "text"  # "text": CapDec; "image": the paired upper bound (see above)
+    # the original's train.py: one GPU, batch 34 (30 with --data COCO, 16 with FLICKR),
+    # transformers' AdamW without weight decay
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=10, lr=2e-5, warmup_steps=5000, batch_size=40)
+        default_factory=lambda: TrainConfig(epochs=10, lr=2e-5, warmup_steps=5000, batch_size=34)
     )
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(

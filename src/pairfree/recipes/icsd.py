@@ -89,8 +89,11 @@ from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
 from pairfree.training.cross_attention import (
     ImageCaptionDataset,
     ImageExample,
+    ValidationConfig,
     caption_score_eval,
+    check_validation,
     fit_cross_attention,
+    validation_images,
 )
 from pairfree.training.text_only import (
     CaptionerSetup,
@@ -149,15 +152,6 @@ class SynthesisConfig:
 
 
 @dataclass
-class ValidationConfig:
-    dataset: str | None = None  # a real val split (as ICSD); None: held-out synthetic images
-    split: str = "val"
-    image_root: str | None = None
-    max_images: int | None = None  # score only the first ones (None: all)
-    batch_size: int = 32
-
-
-@dataclass
 class ICSDConfig:
     clip: str = "hf:openai/clip-vit-base-patch32"
     features: str | None = None  # the grouping CLIP's corpus embeddings; default <out>/features
@@ -179,9 +173,10 @@ class ICSDConfig:
         )
     )
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # the original's batch is 64 per process on every GPU (its scripts assume 8): 512 a step
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=30, lr=1e-5, batch_size=64, warmup_steps=0, schedule="cosine",
+            epochs=30, lr=1e-5, batch_size=512, warmup_steps=0, schedule="cosine",
             weight_decay=0.05, no_decay=[], eval_every=500, checkpoint_every=500,
             select_metric="val_CIDEr+BLEU_4", select_mode="max",
         )
@@ -308,8 +303,7 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         raise PairfreeError(f"max_words must be at least 1, not {cfg.max_words}")
     if not 0 <= cfg.label_smoothing < 1:
         raise PairfreeError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
-    if cfg.validation.dataset and not Path(cfg.validation.dataset).is_file():
-        raise PairfreeError(f"validation.dataset: {cfg.validation.dataset} does not exist")
+    check_validation(cfg.validation)
     try:  # bad LLM settings are refused now, not after the grouping
         sampling(s.llm)
     except PairfreeError as err:
@@ -414,10 +408,7 @@ def validation_set(
 ) -> tuple[list[Path], list[list[str]]]:
     """Images and references that pick the best checkpoint."""
     if v.dataset:
-        items = dataset_images(v.dataset, split=v.split, image_root=v.image_root,
-                               skip_log=job.skip_log)  # fmt: skip
-        items = [it for it in items if it.path is not None][: v.max_images]
-        return [it.path for it in items], [list(it.references) for it in items]
+        return validation_images(v, job)
     references: dict[Path, list[str]] = {}
     for image, caption, group in pairs:
         if group in held_out:

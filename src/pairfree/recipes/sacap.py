@@ -12,7 +12,8 @@ Objective, for each caption c:
    supporting images) has the highest CLIP cosine to c's text embedding, ties at random;
 2. hard prompt: the top-3 object phrases of a vocabulary by CLIP cosine to the paired image;
 3. soft prompt: the paired image's normalized CLIP embedding, DeCap-projected (tau = 0.01)
-   onto the memory of the training captions' text embeddings, through an MLP
+   onto the memory of every corpus caption's text embedding (as the original's text
+   features: also the captions that lost their rephrasing or image), through an MLP
    d -> 2048 -> 2048 -> h·10 (ReLU) into 10 prefix embeddings;
 4. the decoder (GPT-2 with cross-attention to the paired image's CLIP grid features, all of
    it trained) reads ``[10 soft][hard prompt, <= 20 tokens] ":" caption "."`` and is trained
@@ -23,6 +24,15 @@ hard prompt are used; beam 5, at most 30 new tokens, stop at ".". ``repair``,
 ``hard_prompt`` and ``soft_prompt`` switch each mechanism off for ablations (no re-pairing:
 the caption's own image; no hard prompt: the prompt is the separator alone; no soft prompt:
 no prefix).
+
+Training, as the original's ``training.py`` / ``train_infer.sh``: 10 epochs of a global batch
+of 128 (one GPU), torch's AdamW at lr 1e-5 with its weight decay 0.01 on every parameter
+(``train.no_decay = []``), linear decay after 1000 warm-up steps, every caption trained on
+(``corpus.val_fraction = 0``) and every epoch's checkpoint kept (``epoch-001/``, ...).
+The best epoch is the one whose captions of a real val split (``validation.dataset``; the
+configs name the Karpathy val split) score the highest CIDEr; without one, a
+``corpus.val_fraction`` > 0 holds captions out and their paired synthetic images are scored
+instead; with neither, only ``last/`` is written.
 
 Where pairfree differs from the original code, on purpose:
 
@@ -35,7 +45,9 @@ Where pairfree differs from the original code, on purpose:
 - the hard prompt comes from the paired image, as the paper describes it; the original takes
   it from the caption's own synthetic image even when another image was paired with it;
 - phrases lose a final "." on both sides (the original strips it only in training);
-- the shuffle differs each epoch (the original reseeds every epoch, repeating one order).
+- the shuffle differs each epoch (the original reseeds every epoch, repeating one order);
+- the best epoch is chosen on a validation split; the original scores every epoch's
+  checkpoint on the test split, which pairfree never selects on.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,8 +82,12 @@ from pairfree.synth.text import read_rephrasings
 from pairfree.training.cross_attention import (
     GridCaptionDataset,
     GridExample,
+    ValidationConfig,
+    caption_score_eval,
     caption_target,
+    check_validation,
     fit_cross_attention,
+    validation_images,
 )
 from pairfree.training.text_only import (
     CaptionerSetup,
@@ -103,7 +120,10 @@ class PhraseConfig:
 class SaCapConfig:
     clip: str = "hf:openai/clip-vit-base-patch32"
     features: str | None = None  # cache dir of the encodings; default <output_dir>/features
-    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(max_tokens=30))
+    # every caption trains, as in the original (a val_fraction > 0 holds some out, see below)
+    corpus: CorpusConfig = field(
+        default_factory=lambda: CorpusConfig(max_tokens=30, val_fraction=0.0)
+    )
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     phrases: PhraseConfig = field(default_factory=PhraseConfig)
     repair: bool = True
@@ -112,11 +132,16 @@ class SaCapConfig:
     tau: float = 0.01  # projection temperature of the soft prompt
     seed: int = 42  # breaks re-pairing ties
     model: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    # picks the best epoch by CIDEr (the original scores every epoch on the test split)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # the original: one GPU, batch 128; torch's AdamW, whose weight decay 0.01 reaches every
+    # parameter; every epoch saved
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=10, lr=1e-5, batch_size=128, warmup_steps=1000, weight_decay=0.01
+            epochs=10, lr=1e-5, batch_size=128, warmup_steps=1000, weight_decay=0.01,
+            no_decay=[], select_metric="val_CIDEr", select_mode="max", keep_epochs=True,
         )
-    )
+    )  # fmt: skip
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(num_beams=5, max_new_tokens=30, stop=".")
     )
@@ -179,31 +204,33 @@ def _digest(texts: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
 
 
-# --------------------------------------------------------------------------- training
-@register_recipe("sacap", SaCapConfig)
-def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
-    """SaCap: a cross-attention captioner on re-paired synthetic images, soft and hard prompts."""
-    check_corpus(cfg.corpus)
-    if not cfg.synthetic.images:
-        raise PairfreeError("synthetic.images is not set: the captions' synthetic images")
-    for key, folder in asdict(cfg.synthetic).items():
-        if folder and not Path(folder).is_dir():
-            raise PairfreeError(f"synthetic.{key}: {folder} does not exist (see `pairfree "
-                                "synthesize --help`)")  # fmt: skip
-    if cfg.hard_prompt and cfg.phrases.vocabulary:
-        read_phrases(cfg.phrases.vocabulary)  # a bad vocabulary fails before any encoding
-    job = Job.create(cpu=cfg.train.cpu, progress=progress)
-    clip = load_clip(cfg.clip, device=job.state.device)
-    features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
+# --------------------------------------------------------------------------- examples
+@dataclass
+class SaCapData:
+    """What SaCap trains on, per target caption: its candidate images, the one it is paired
+    with, and the example (condition, grid, hard prompt, caption) made from that image."""
 
+    texts: list[str]  # the target captions
+    candidates: list[list[Path]]  # each caption's own synthetic image, then its supporting ones
+    paired: list[Path]  # the candidate each caption is paired with
+    prompts: list[str]  # the paired image's hard prompt ("" without hard prompts)
+    conditioning: Conditioning  # how the soft prompt's input was made (and is at inference)
+    data: GridCaptionDataset
+    embed_dim: int
+    grid_width: int
+
+
+def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
+    """Read the synthetic data, re-pair each caption, and build its training example."""
+    features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
     # targets: corpus captions with an image of their own (and rephrasings, when given)
     cleaning = cfg.corpus.cleaning
     own = synthetic_images(cfg.synthetic.images, "images", cleaning, job)
     support = {} if cfg.synthetic.supporting is None else synthetic_images(
         cfg.synthetic.supporting, "supporting", cleaning, job)  # fmt: skip
     rephrased = rephrasings(cfg.synthetic.rephrasings, cleaning, job)
-    texts = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job)))
-    texts = [t for t in texts if t in own and (rephrased is None or t in rephrased)]
+    corpus = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job)))
+    texts = [t for t in corpus if t in own and (rephrased is None or t in rephrased)]
     if not texts:
         raise PairfreeError(f"no corpus caption of {cfg.corpus.path} has a synthetic image in "
                             f"{cfg.synthetic.images}")  # fmt: skip
@@ -220,8 +247,10 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
                 files.append(support[rephrasing])
         candidates.append(rows)
     ids = [f"{i:09d}" for i in range(len(files))]
-    captions = [Caption(t, None, cfg.corpus.path, None) for t in texts]
-    encode_captions(clip, captions, features / "captions", job=job)
+    # the projection memory: every corpus caption, as the original's text features hold the
+    # whole training corpus (also the captions that lost their rephrasing or image)
+    memory_captions = [Caption(t, None, cfg.corpus.path, None) for t in corpus]
+    encode_captions(clip, memory_captions, features / "captions", job=job)
     encode_images(clip, list(zip(ids, files, strict=True)), features / "images", job=job)
     job.wait_for_everyone()
     memory_store, image_store = (
@@ -274,21 +303,8 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
         prompt_topk=cfg.phrases.topk,
     )
     conditions = condition(paired_embeds, conditioning, training=True, memory=memory)
-    job.log_skips()
 
-    # 4. the decoder and its examples
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
-        torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
-        lm = load_cross_attention_lm(cfg.model.lm)
-    except OSError as err:
-        raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
-    cfg.model.embed_dim = image_embeds.shape[1]
-    cfg.model.grid_width = grids[0].shape[-1]
-    if not cfg.soft_prompt:
-        cfg.model.prefix_length = 0
-    separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
-    model = CrossAttentionCaptioner(cfg.model, lm, separator_ids=separator)
+    # 4. the examples
     target_ids = tokenizer([caption_target(texts[i]) for i in keep], add_special_tokens=False)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     examples = [
@@ -300,15 +316,83 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
         )
         for k in range(len(keep))
     ]
-    data = GridCaptionDataset(examples, grids)
-    train_idx, val_idx = split_train_val(len(data), cfg.corpus.val_fraction, cfg.train.seed)
-    logger.info("sacap: %d captions, %d re-paired to a supporting image", len(keep),
-                sum(p != usable[k][0] for k, p in enumerate(paired)))  # fmt: skip
+    file_of = {r: files[int(image_store.ids[r])] for r in range(len(image_store.ids))}
+    return SaCapData(
+        texts=[texts[i] for i in keep],
+        candidates=[[file_of[r] for r in rows] for rows in usable],
+        paired=[file_of[r] for r in paired],
+        prompts=prompts,
+        conditioning=conditioning,
+        data=GridCaptionDataset(examples, grids),
+        embed_dim=image_embeds.shape[1],
+        grid_width=grids[0].shape[-1],
+    )
+
+
+# --------------------------------------------------------------------------- training
+def check_sacap(cfg: SaCapConfig) -> None:
+    """Refuse what is missing or wrong before CLIP or the LM loads."""
+    check_corpus(cfg.corpus)
+    check_validation(cfg.validation)
+    if not cfg.synthetic.images:
+        raise PairfreeError("synthetic.images is not set: the captions' synthetic images")
+    for key, folder in asdict(cfg.synthetic).items():
+        if folder and not Path(folder).is_dir():
+            raise PairfreeError(f"synthetic.{key}: {folder} does not exist (see `pairfree "
+                                "synthesize --help`)")  # fmt: skip
+    if cfg.hard_prompt and cfg.phrases.vocabulary:
+        read_phrases(cfg.phrases.vocabulary)  # a bad vocabulary fails before any encoding
+
+
+@register_recipe("sacap", SaCapConfig)
+def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """SaCap: a cross-attention captioner on re-paired synthetic images, soft and hard prompts."""
+    check_sacap(cfg)
+    job = Job.create(cpu=cfg.train.cpu, progress=progress)
+    clip = load_clip(cfg.clip, device=job.state.device)
+    lm_failure = partial(load_failure, f"model.lm={cfg.model.lm!r}", cfg.model.lm)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
+    except OSError as err:
+        raise lm_failure(err) from err
+    made = sacap_data(cfg, clip, tokenizer, job)
+    job.log_skips()
+    try:
+        torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
+        lm = load_cross_attention_lm(cfg.model.lm)
+    except OSError as err:
+        raise lm_failure(err) from err
+    cfg.model.embed_dim = made.embed_dim
+    cfg.model.grid_width = made.grid_width
+    if not cfg.soft_prompt:
+        cfg.model.prefix_length = 0
+    separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
+    model = CrossAttentionCaptioner(cfg.model, lm, separator_ids=separator)
+    train_idx, val_idx = split_train_val(len(made.data), cfg.corpus.val_fraction, cfg.train.seed)
+    logger.info("sacap: %d captions, %d re-paired to a supporting image", len(made.texts),
+                sum(p != c[0] for p, c in zip(made.paired, made.candidates, strict=True)))  # fmt: skip
+
+    # the best checkpoint: by CIDEr on the real val split when given, else on the held-out
+    # captions' paired synthetic images; never on the test split (the original's way)
+    if cfg.validation.dataset:
+        val_images, val_refs = validation_images(cfg.validation, job)
+    else:
+        val_images = [made.paired[i] for i in val_idx][: cfg.validation.max_images]
+        val_refs = [[made.texts[i]] for i in val_idx][: cfg.validation.max_images]
+    evaluate = None
+    if val_images:
+        evaluate = caption_score_eval(clip, tokenizer, cfg.generation, val_images, val_refs,
+                                      conditioning=made.conditioning,
+                                      batch_size=cfg.validation.batch_size)  # fmt: skip
+    else:
+        logger.warning("sacap: no validation images (set validation.dataset, or "
+                       "corpus.val_fraction): no best checkpoint is chosen")  # fmt: skip
     return fit_cross_attention(
         cfg.train,
-        CaptionerSetup(model, tokenizer, data.subset(train_idx), data.subset(val_idx)),
-        CheckpointCard("sacap", cfg.clip, conditioning, cfg.generation),
+        CaptionerSetup(model, tokenizer, made.data.subset(train_idx), made.data.subset(val_idx)),
+        CheckpointCard("sacap", cfg.clip, made.conditioning, cfg.generation),
         run_config={"recipe": "sacap", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
         resume=resume,
         progress=progress,
+        evaluate=evaluate,
     )

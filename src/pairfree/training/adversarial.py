@@ -122,7 +122,8 @@ class AdversarialConfig:
 
 def adversarial_train_config(warmup_steps: int) -> TrainConfig:
     """The adversarial phase's loop: AdamW lr 1e-5, wd 0.05, constant after ``warmup_steps``,
-    grad clip 1.0, batch 128, best checkpoint by validation CIDEr."""
+    grad clip 1.0, batch 128 (CgT-GAN: 64 per GPU on 2 GPUs), best checkpoint by validation
+    CIDEr."""
     return TrainConfig(
         epochs=50,
         batch_size=128,
@@ -147,7 +148,7 @@ class InitConfig:
             weight_decay=0.05,
             warmup_steps=5000,
             schedule="constant",
-            batch_size=16,
+            batch_size=16,  # CgT-GAN's initialization.py runs on one GPU
         )
     )
 

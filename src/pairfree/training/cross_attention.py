@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pairfree.captioner import CheckpointCard, GenerationConfig, caption_log_probs
+from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, caption_log_probs
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
 from pairfree.clip import ClipEncoder
 from pairfree.clip.vision import PixelSpec, augment, eval_transform, train_transform
-from pairfree.data import load_image
+from pairfree.data import dataset_images, load_image
+from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
+from pairfree.job import Job
 from pairfree.pipeline import Captioner
 from pairfree.training.text_only import CaptionerSetup, fit_captioner, token_weighted
 from pairfree.training.trainer import (
@@ -170,6 +172,31 @@ def grid_caption_val_step() -> ValFn:
     return val_step
 
 
+@dataclass
+class ValidationConfig:
+    """The images with references whose caption scores pick the best checkpoint."""
+
+    dataset: str | None = None  # a real val split (as ICSD); None: held-out synthetic images
+    split: str = "val"
+    image_root: str | None = None
+    max_images: int | None = None  # score only the first ones (None: all)
+    batch_size: int = 32
+
+
+def check_validation(v: ValidationConfig) -> None:
+    """Fail before any model loads on a validation dataset that is not there."""
+    if v.dataset and not Path(v.dataset).is_file():
+        raise PairfreeError(f"validation.dataset: {v.dataset} does not exist")
+
+
+def validation_images(v: ValidationConfig, job: Job) -> tuple[list[Path], list[list[str]]]:
+    """The first ``max_images`` readable images of ``v.dataset``'s split and their references."""
+    items = dataset_images(v.dataset, split=v.split, image_root=v.image_root,
+                           skip_log=job.skip_log)  # fmt: skip
+    items = [it for it in items if it.path is not None][: v.max_images]
+    return [it.path for it in items], [list(it.references) for it in items]
+
+
 def caption_score_eval(
     clip: ClipEncoder,
     tokenizer,
@@ -177,17 +204,20 @@ def caption_score_eval(
     images: Sequence[Path],
     references: Sequence[Sequence[str]],
     *,
+    conditioning: Conditioning | None = None,
     batch_size: int = 32,
 ) -> EvalFn:
     """Validation by caption quality, as ICSD selects its checkpoint: the captions of
-    ``images`` (decoded with ``generation``, sharded over processes) scored against their
-    references: ``val_CIDEr``, ``val_BLEU_4`` and their sum ``val_CIDEr+BLEU_4`` (x100)."""
+    ``images`` (decoded with ``generation`` under the checkpoint's ``conditioning``, sharded
+    over processes) scored against their references: ``val_CIDEr``, ``val_BLEU_4`` and their
+    sum ``val_CIDEr+BLEU_4`` (x100)."""
     ids = [str(i) for i in range(len(images))]
     refs = {i: list(r) for i, r in zip(ids, references, strict=True)}
 
     def evaluate(ctx) -> dict[str, float]:
         model = ctx.unwrap("captioner")
-        captioner = Captioner(model, tokenizer, clip, generation=generation)
+        captioner = Captioner(model, tokenizer, clip, conditioning=conditioning,
+                              generation=generation)  # fmt: skip
         predictions = captions_across_processes(
             ctx.accelerator, ids, lambda mine: captioner(list(images[mine]), batch_size=batch_size)
         )

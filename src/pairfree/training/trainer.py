@@ -4,7 +4,8 @@ A recipe hands the trainer its modules, its data and a ``step`` function that co
 and calls ``ctx.optimize(name, loss)`` for each optimizer it owns (one for CapDec, two for the
 GANs). The trainer owns everything else, once: Hugging Face ``accelerate`` (one process or
 many, DDP, mixed precision, gradient accumulation), the deterministic data order, warm-up
-schedules, gradient clipping, validation, best/last artifacts, JSONL metrics, a progress bar,
+schedules, gradient clipping, validation, best/last artifacts (and, with
+``keep_epochs``, every epoch's), JSONL metrics, a progress bar,
 a log line every ``log_every`` steps (loss, learning rate, steps/s, time left) and after each
 validation, TensorBoard / W&B through accelerate's trackers (``report_to``), and exact resume
 from a checkpoint (weights, optimizers, schedulers, every RNG, data position).
@@ -54,12 +55,19 @@ class TrainConfig:
     output_dir: str = "runs/experiment"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 40  # global batch per optimizer step, across processes and accumulation
+    # the batch, given one way or the other (setting one clears the other; giving both at once
+    # is an error): ``batch_size`` is global, the examples of one optimizer step across every
+    # process and accumulation step; ``per_device_batch_size`` is one process' examples per
+    # forward pass, so the global batch is it x processes x grad_accum (the originals' "batch
+    # size per GPU")
+    batch_size: int | None = field(default=40, metadata={"alternative": "per_device_batch_size"})
+    per_device_batch_size: int | None = field(default=None, metadata={"alternative": "batch_size"})
     grad_accum: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.0
-    # parameters whose names contain one of these get no weight decay (the originals' groups;
-    # GPT-2 names its norms ln_*, so, as there, only its biases are spared)
+    # parameters whose names contain one of these get no weight decay: CgT-GAN's groups (GPT-2
+    # names its norms ln_*, so, as there, only its biases are spared there); SaCap's and ICSD's
+    # code decay every parameter (their recipes set []), CapDec's none (weight decay 0)
     no_decay: list[str] = field(default_factory=lambda: ["bias", "LayerNorm.weight"])
     warmup_steps: int = 5000
     # after the warm-up: "linear" decays to 0, "cosine" along a half cosine to 0, "constant" not
@@ -73,6 +81,7 @@ class TrainConfig:
     eval_every: int | None = None  # optimizer steps between evaluations; None: each epoch
     select_metric: str = "val_loss"  # metric that picks the best artifact
     select_mode: str = "min"  # "min" | "max"
+    keep_epochs: bool = False  # also write each finished epoch's artifact, as epoch-001/, ...
     num_workers: int = 0
     cpu: bool = False
     # experiment trackers, through accelerate: "tensorboard" (written to <output_dir>/logs),
@@ -80,9 +89,16 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        at_least_one = ["epochs", "batch_size", "grad_accum", "checkpoint_every",
-                        "keep_checkpoints", "log_every"]  # fmt: skip
-        for name in at_least_one + ["max_steps", "eval_every"]:
+        if (self.batch_size is None) == (self.per_device_batch_size is None):
+            raise ValueError(
+                "give the batch one way: batch_size (global, per optimizer step) or "
+                "per_device_batch_size (per process and forward pass), "
+                + ("not both" if self.batch_size is not None else "neither is set")
+            )
+        at_least_one = ["epochs", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                        "log_every"]  # fmt: skip
+        optional = ["max_steps", "eval_every", "batch_size", "per_device_batch_size"]
+        for name in at_least_one + optional:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
@@ -156,6 +172,19 @@ def parameter_groups(
         if spared:
             groups.append({"params": spared, "weight_decay": 0.0, **extra})
     return groups
+
+
+def global_batch(config: TrainConfig, processes: int) -> int:
+    """The examples of one optimizer step, across processes and accumulation steps."""
+    if config.per_device_batch_size is not None:
+        return config.per_device_batch_size * processes * config.grad_accum
+    batch = config.batch_size
+    if batch % (config.grad_accum * processes):
+        raise PairfreeError(
+            f"train.batch_size {batch} (global) must split evenly into grad_accum "
+            f"{config.grad_accum} x {processes} processes (or give train.per_device_batch_size)"
+        )
+    return batch
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -241,12 +270,11 @@ class Trainer:
             project_dir=str(self.out / "logs"),
         )
         acc = self.accelerator
-        micro = config.batch_size // config.grad_accum
-        if micro * config.grad_accum != config.batch_size or micro % acc.num_processes:
-            raise PairfreeError(
-                f"batch_size {config.batch_size} must split evenly into grad_accum "
-                f"{config.grad_accum} x {acc.num_processes} processes"
-            )
+        self.global_batch = global_batch(config, acc.num_processes)
+        micro = self.global_batch // config.grad_accum  # one forward pass, over all processes
+        logger.info("batch: %d examples per optimizer step (%d per process x %d processes x %d "
+                    "accumulation steps)", self.global_batch, micro // acc.num_processes,
+                    acc.num_processes, config.grad_accum)  # fmt: skip
         set_seed(config.seed, device_specific=True)
 
         self.train_data = train_data  # told the epoch, if it draws per-epoch randomness
@@ -458,6 +486,7 @@ class Trainer:
         if not finished:
             sessions.append({"command": sys.argv, "versions": _versions(),
                              "processes": self.accelerator.num_processes,
+                             "global_batch": self.global_batch,
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "from_step": self.global_step})  # fmt: skip
         elif sessions:
@@ -504,7 +533,7 @@ class Trainer:
             return
         saved, now = json.loads(saved_config.read_text()), self._config_record()
         free = {"epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                "eval_every", "num_workers", "output_dir", "report_to"}  # fmt: skip
+                "eval_every", "num_workers", "output_dir", "report_to", "keep_epochs"}  # fmt: skip
         for record in (saved, now):
             for key in free:
                 record["train"].pop(key, None)
@@ -595,6 +624,8 @@ class Trainer:
                 self.batches_done_in_epoch = 0
                 if not cfg.eval_every:
                     self._evaluate_and_select(ctx)
+                if cfg.keep_epochs:
+                    self._write_artifact(f"epoch-{self.epoch:03d}")
         bar.close()
         if self.last_eval_step != self.global_step:
             self._evaluate_and_select(ctx)
