@@ -90,12 +90,18 @@ def test_each_example_is_made_from_its_paired_image_and_the_memory_holds_the_cor
     from pairfree.training.cross_attention import caption_target
 
     root, world, lm = synthesized
+    rephrased = tmp_path / "rephrased"  # one caption's answer lost, as an unparsed one is
+    rephrased.mkdir()
+    lines = (root / "rephrased" / "rephrasings.jsonl").read_text().splitlines()
+    (rephrased / "rephrasings.jsonl").write_text("\n".join(lines[1:]) + "\n")
     cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "run",
-                                            f"features={tmp_path / 'features'}")  # fmt: skip
+                                            f"features={tmp_path / 'features'}",
+                                            f"synthetic.rephrasings={rephrased}")  # fmt: skip
     made = sacap_data(cfg, clip, tokenizer, job)
     corpus = list(dict.fromkeys(world.corpus.read_text().splitlines()))
     memory = FeatureStore(tmp_path / "features" / "captions")
     assert sorted(memory.texts) == sorted(corpus) and len(made.texts) == len(corpus) - 1
+    assert json.loads(lines[0])["caption"] not in made.texts
     assert sum(p != c[0] for p, c in zip(made.paired, made.candidates, strict=True)) > 0
 
     text = clip.encode_texts(made.texts, normalize=True)
