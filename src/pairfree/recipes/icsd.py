@@ -20,7 +20,10 @@ as BLIP's MED decoder is; GPT-2 with cross-attention works too); the decoder rea
 augmented (a random crop of 50-100 % of the area at the tower's resolution, a random flip,
 CLIP normalization). AdamW lr 1e-5, weight decay 0.05 on every parameter, cosine decay over
 30 epochs; validation every 500 steps by CIDEr + BLEU-4 of beam-3 captions, which picks the
-best checkpoint, as the original does.
+best checkpoint, as the original does. A finished beam is scored as BLIP's transformers (before
+4.36) scores it: its log-probability over a length that counts the 4 prompt ids and not the
+``[SEP]`` that ended it (``generation.score_length: with_prompt``; ``new_tokens`` counts the
+new tokens only, as transformers has since).
 
 Where pairfree differs from the original code, on purpose:
 
@@ -169,7 +172,9 @@ class ICSDConfig:
         )
     )  # fmt: skip
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=3, max_new_tokens=26, stop="[SEP]")
+        default_factory=lambda: GenerationConfig(
+            num_beams=3, max_new_tokens=26, stop="[SEP]", score_length="with_prompt"
+        )
     )
 
 
