@@ -251,6 +251,37 @@ def test_discriminator_rewards_come_before_its_update(
     assert len(read) == 2 * 32 + 3 * 4 * (3 + 1)
 
 
+def test_cgtgan_captions_end_at_the_period_only_as_in_its_code(
+    world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path, monkeypatch
+):
+    """CgT-GAN's initialization trains on each sentence's tokens, nothing appended, and its
+    sampling, greedy baseline and inference end at "." only; ``generation.stop_at_eos``
+    restores end-of-text as a target and a stop."""
+    from transformers import AutoTokenizer
+
+    from pairfree.config import build_config
+    from pairfree.recipes import cgtgan
+    from pairfree.training.adversarial import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    cfg = cgtgan.CgtGanConfig()
+    assert stop_token_ids(tokenizer, cfg.generation) == tokenizer.encode(".")
+    assert cfg.generation.generate_kwargs(tokenizer)["eos_token_id"] is None
+    cfg.generation.stop_at_eos = True
+    assert stop_token_ids(tokenizer, cfg.generation) == [tokenizer.eos_token_id, 13]
+
+    setups = []
+    setup = cgtgan.text_only_setup
+    monkeypatch.setattr(cgtgan, "text_only_setup", lambda *a, **kw: setups.append(setup(*a, **kw))
+                        or setups[-1])  # fmt: skip
+    args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path / "run",
+                    tmp_path / "features", **{"init.train.max_steps": 1})  # fmt: skip
+    cgtgan.initialize_on_text(build_config(cgtgan.CgtGanConfig, None, args), resume=False,
+                              progress=False)  # fmt: skip
+    targets = setups[0].train_data.tokens.ids
+    assert tokenizer.eos_token_id not in {t for ids in targets for t in ids}
+
+
 @pytest.mark.parametrize(
     ("recipe", "options"),
     [

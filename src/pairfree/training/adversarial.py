@@ -166,7 +166,9 @@ class UnpairedConfig:
     gan: AdversarialConfig = field(default_factory=AdversarialConfig)
     train: TrainConfig = field(default_factory=lambda: adversarial_train_config(warmup_steps=150))
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=1, max_new_tokens=20, stop=".")
+        default_factory=lambda: GenerationConfig(
+            num_beams=1, max_new_tokens=20, stop=".", stop_at_eos=False
+        )
     )
 
     @property
@@ -286,9 +288,11 @@ def validation_set(
 
 
 def stop_token_ids(tokenizer, generation: GenerationConfig) -> list[int]:
-    """Where sampled captions end: the stop text's last token and end-of-text, both kept so
-    the policy gradient also scores the decision to stop."""
-    return [tokenizer.eos_token_id, *generation.stop_token_ids(tokenizer)]
+    """Where sampled captions end: the stop text's last token, and end-of-text with
+    ``generation.stop_at_eos`` (CgT-GAN's sampling ends at "." only), kept so the policy
+    gradient also scores the decision to stop."""
+    eos = [tokenizer.eos_token_id] if generation.stop_at_eos else []
+    return [*eos, *generation.stop_token_ids(tokenizer)]
 
 
 # --------------------------------------------------------------------------- training
