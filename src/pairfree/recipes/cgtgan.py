@@ -15,8 +15,17 @@ never paired.
    then linear to 0.5 over 2350. The best checkpoint is the one with the highest validation
    CIDEr.
 
-The condition is the un-normalized CLIP embedding (text in step 1, image in step 3), and the
-captioner is an mlp mapper with k = 10 prefix tokens, as in the paper.
+The corpus is written as CgT-GAN's preprocessing writes COCO's and Flickr30k's captions: a
+final punctuation character ("?", "!", ",", "." ...) replaced by ".", the first character
+upper-cased; CLIP reads each sentence without that "." and each generated caption without a
+final "." (:func:`~pairfree.training.adversarial.corpus_sentence`). The condition is the
+un-normalized CLIP embedding (text in step 1, image in step 3), and the captioner is an mlp
+mapper with k = 10 prefix tokens, as in the paper.
+
+Where pairfree differs from the original code: its web corpora (GCC, Shutterstock) go through
+scripts of their own (punctuation words dropped at both ends, the caption cut at its first
+sentence break, captions of 6 words or fewer dropped and those over 15 subsampled or dropped); pairfree writes every corpus as the
+COCO script does.
 """
 
 from __future__ import annotations

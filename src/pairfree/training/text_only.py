@@ -10,7 +10,7 @@ fresh captioner, the caption cross-entropy step and its validation, and the one-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +95,19 @@ def encode_corpus(
     out_dir: Path,
     job: Job,
     *,
+    edit: Callable[[str], str] | None = None,
     clip_text: Callable[[str], str] | None = None,
 ) -> FeatureStore:
     """The prepared corpus' CLIP text embeddings, encoded once (sharded over the processes)
     and reused by every later run that asks for the same captions and encoder.
 
-    CLIP reads each caption through ``clip_text`` (if given) and with its gendered words
-    randomized (``corpus.gender``); the store keeps the captions as written, the targets.
+    ``edit`` (if given) rewrites each caption as a recipe's own preprocessing does; CLIP reads
+    each caption through ``clip_text`` (if given) and with its gendered words randomized
+    (``corpus.gender``); the store keeps the (edited) captions, the targets.
     """
     captions = prepare_corpus(corpus, job)
+    if edit is not None:
+        captions = [replace(c, text=edit(c.text)) for c in captions]
     if not captions:
         raise PairfreeError(
             f"{corpus.path}: the corpus has no usable sentences ({job.skip_log.summary()})"
