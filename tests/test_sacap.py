@@ -129,6 +129,7 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
     assert cfg.model.prefix_length == 10 and cfg.model.max_prompt_tokens == 20
     assert (cfg.generation.num_beams, cfg.generation.max_new_tokens) == (5, 30)
     assert cfg.generation.score_length == "with_prompt"  # its transformers counted the prompt
+    assert cfg.generation.stop == "." and not cfg.generation.stop_at_eos  # "." ends a caption
     assert get_recipe("sacap").config_class().generation == cfg.generation  # and so do the defaults
     assert cfg.repair and cfg.hard_prompt and cfg.soft_prompt
     assert cfg.clip == "hf:openai/clip-vit-base-patch32"
