@@ -649,11 +649,13 @@ def _beam_search(
         )
         if with_prompt and last:  # the beams still running are hypotheses too
             for a in (~done).nonzero().squeeze(1).tolist():
-                keep(items[a], [
-                    (float(scores[a, b]) / int(prompt[a] + length) ** length_penalty,
+                full = int(prompt[a]) + length
+                running = [
+                    (float(scores[a, b]) / full**length_penalty,
                      tokens[rows[a, b]].tolist() + [int(next_tokens[a, b])])
                     for b in range(beams) if scores[a, b].isfinite()
-                ])  # fmt: skip
+                ]  # fmt: skip
+                keep(items[a], running)
         if last or done.all():
             break
         going = ~done
