@@ -56,7 +56,9 @@ class GenerationConfig:
     stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
     length_penalty: float = 1.0  # "hf" beam search only
     search: str = "hf"  # "hf" | "clipcap" (see the module docstring)
-    stop_at_eos: bool = True  # end-of-text ends a caption (the original ClipCap never stops there)
+    # end-of-text ends a caption, and the text-only recipes (CapDec, the GANs' initialization)
+    # train captions to end with it; the original ClipCap, CapDec, CgT-GAN, SaCap never stop there
+    stop_at_eos: bool = True
     score_length: str = "new_tokens"  # "hf" beam search: "new_tokens" | "with_prompt" (above)
 
     def __post_init__(self) -> None:
