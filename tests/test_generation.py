@@ -276,6 +276,8 @@ def test_prompt_counting_needs_the_prompt_lengths(wide_lm, prefixes):
                  prompt_lengths=[0, 1, 1, 1, 1])  # fmt: skip
     with pytest.raises(ValueError, match="score_length must be one of"):
         generate(wide_lm, prefixes, num_beams=2, score_length="prompt")
+    with pytest.raises(ValueError, match="score_length must be one of"):
+        generation.GenerationConfig(score_length="prompt")
     # greedy decoding and ClipCap's search have no length to count: nothing is needed
     greedy = generate(wide_lm, prefixes, max_new_tokens=5, score_length="with_prompt")
     assert greedy == generate(wide_lm, prefixes, max_new_tokens=5)
