@@ -179,11 +179,13 @@ def test_cards_written_before_the_prompt_keys_load_as_they_meant(
     config = json.loads((tmp_path / "config.json").read_text())
     for key in ("project_in_training", "prompt_phrases", "prompt_topk"):
         config["card"]["conditioning"].pop(key)
+    config["card"]["generation"].pop("score_length")  # they scored beams by the new tokens
     config.pop("family")  # and the family: every checkpoint was a prefix captioner then
     (tmp_path / "config.json").write_text(json.dumps(config))
     model, _, card = load_captioner(tmp_path)
     assert isinstance(model, PrefixCaptioner)
     assert card.conditioning == CARD.conditioning and card.conditioning.prompt_phrases is None
+    assert card.generation == CARD.generation and card.generation.score_length == "new_tokens"
 
 
 def test_projection_applies_in_training_only_when_asked():

@@ -226,6 +226,59 @@ def test_cross_attention_checkpoint_captions_like_the_model_it_saved(tiny_gpt2_d
     assert [r["caption"] for r in json.loads(out.read_text())] == expected
 
 
+def test_the_original_prompt_length_is_what_sacap_and_icsd_beam_search_counted():
+    """SaCap's decoder input: 10 soft-prompt placeholder ids, the hard prompt padded to 20
+    and ":"; ICSD's (BLIP's): ``[DEC] a picture of``, no soft or hard prompt."""
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=HIDDEN, n_layer=1, n_head=2,
+                                    add_cross_attention=True))  # fmt: skip
+    sacap = CrossAttentionCaptioner(CrossAttentionConfig(lm="tiny", grid_width=HIDDEN),
+                                    lm, separator_ids=SEPARATOR)  # fmt: skip
+    assert sacap.original_prompt_length(hard_prompt=True) == 31
+    assert sacap.original_prompt_length(hard_prompt=False) == 11  # the ablation: no hard prompt
+    icsd = CrossAttentionCaptioner(CrossAttentionConfig(lm="tiny", grid_width=HIDDEN,
+                                                        prefix_length=0),
+                                   lm, separator_ids=[1, 2, 3, 4])  # fmt: skip
+    assert icsd.original_prompt_length(hard_prompt=False) == 4
+
+
+@pytest.mark.parametrize("phrases", [True, False])
+def test_the_pipeline_counts_the_original_prompt_ids(tiny_gpt2_dir, tmp_path, monkeypatch,
+                                                     phrases):  # fmt: skip
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from pairfree.captioner import Conditioning, GenerationConfig
+    from pairfree.captioner.cross_attention import load_cross_attention_lm
+    from pairfree.clip import load_clip
+    from pairfree.pipeline import Captioner
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    clip = load_clip("world:builtin")
+    config = CrossAttentionConfig(lm=str(tiny_gpt2_dir), embed_dim=clip.embed_dim,
+                                  grid_width=clip.grid_shape[1], prefix_length=2,
+                                  soft_prompt_hidden=16)  # fmt: skip
+    model = CrossAttentionCaptioner(config, load_cross_attention_lm(str(tiny_gpt2_dir)),
+                                    separator_ids=tokenizer(":")["input_ids"]).eval()  # fmt: skip
+    store = (
+        text_store(clip, ["red circle", "blue square"], tmp_path / "phrases") if phrases else None
+    )
+    generation = GenerationConfig(num_beams=2, max_new_tokens=4, score_length="with_prompt")
+    captioner = Captioner(model, tokenizer, clip, conditioning=Conditioning(prompt_phrases=store),
+                          generation=generation)  # fmt: skip
+    seen = []
+    original = CrossAttentionCaptioner.generate
+    monkeypatch.setattr(
+        CrossAttentionCaptioner,
+        "generate",
+        lambda self, *a, **kw: (
+            seen.append((kw["prompt_lengths"], kw["score_length"])) or original(self, *a, **kw)
+        ),
+    )
+    images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue", "white")]
+    assert len(captioner.caption(images)) == 3
+    assert seen == [([2 + 20 + 1 if phrases else 2 + 1] * 3, "with_prompt")]
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_bert_decoder_with_cross_attention_decodes_padded_rows_as_alone(num_beams):
     from transformers import BertConfig, BertLMHeadModel

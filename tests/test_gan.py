@@ -27,6 +27,7 @@ from pairfree.training.rewards import (
     leave_one_out_baseline,
     reward_mix,
     self_critical_loss,
+    without_final_period,
 )
 from pairfree.world import make_world
 
@@ -249,6 +250,80 @@ def test_discriminator_rewards_come_before_its_update(
     # the 32 corpus captions, read by the initialization and by the GAN phase, and every
     # sampled and greedy caption of 3 steps of 4 images
     assert len(read) == 2 * 32 + 3 * 4 * (3 + 1)
+
+
+def test_cgtgan_captions_end_at_the_period_only_as_in_its_code(
+    world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path, monkeypatch
+):
+    """CgT-GAN's initialization trains on each sentence's tokens, nothing appended, and its
+    sampling, greedy baseline and inference end at "." only; ``generation.stop_at_eos``
+    restores end-of-text as a target and a stop."""
+    from transformers import AutoTokenizer
+
+    from pairfree.config import build_config
+    from pairfree.recipes import cgtgan
+    from pairfree.training.adversarial import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    cfg = cgtgan.CgtGanConfig()
+    assert stop_token_ids(tokenizer, cfg.generation) == tokenizer.encode(".")
+    assert cfg.generation.generate_kwargs(tokenizer)["eos_token_id"] is None
+    cfg.generation.stop_at_eos = True
+    assert stop_token_ids(tokenizer, cfg.generation) == [tokenizer.eos_token_id, 13]
+
+    setups = []
+    setup = cgtgan.text_only_setup
+    monkeypatch.setattr(cgtgan, "text_only_setup", lambda *a, **kw: setups.append(setup(*a, **kw))
+                        or setups[-1])  # fmt: skip
+    args = gan_args(world, tiny_clip_dir, tiny_gpt2_dir, tiny_roberta_dir, tmp_path / "run",
+                    tmp_path / "features", **{"init.train.max_steps": 1})  # fmt: skip
+    cgtgan.initialize_on_text(build_config(cgtgan.CgtGanConfig, None, args), resume=False,
+                              progress=False)  # fmt: skip
+    targets = setups[0].train_data.tokens.ids
+    assert tokenizer.eos_token_id not in {t for ids in targets for t in ids}
+    assert all(ids[-1] == 13 for ids in targets)  # every sentence ends with "." (below)
+
+
+# corpus captions as CgT-GAN's preprocess/coco/coco_train_captions.py writes them: any final
+# punctuation character (one) replaced by ".", the first character upper-cased; CLIP reads the
+# sentence without that ".", and generated captions (models.py _wrap_sentence) lose only a "."
+CORPUS_SENTENCES = [
+    ("a man rides a horse.", "A man rides a horse.", "A man rides a horse"),
+    ("Is this a dog?", "Is this a dog.", "Is this a dog"),
+    ("two cats on a bed,", "Two cats on a bed.", "Two cats on a bed"),
+    ("a dog on the grass", "A dog on the grass.", "A dog on the grass"),
+    ("a dog!!", "A dog!.", "A dog!"),
+    ("a sign that says 'stop'", "A sign that says 'stop.", "A sign that says 'stop"),
+    ("a cat sits ;", "A cat sits .", "A cat sits "),  # the space stays, as in the original
+    ("3 birds - ", "3 birds .", "3 birds "),
+]
+
+
+def test_corpus_sentences_are_written_and_clip_encoded_as_cgtgan_preprocesses_them(
+    tiny_clip_dir, tmp_path
+):
+    from pairfree.clip import load_clip
+    from pairfree.job import Job
+    from pairfree.recipes.cgtgan import CgtGanConfig
+    from pairfree.training.adversarial import corpus_sentence, encode_unpaired_corpus
+    from pairfree.training.text_only import CorpusConfig
+
+    for raw, sentence, clip_reads in CORPUS_SENTENCES:
+        assert corpus_sentence(" ".join(raw.split())) == sentence
+        assert without_final_period(sentence) == clip_reads
+    # a generated caption loses a final "." only
+    assert without_final_period(" A dog sits? ") == "A dog sits?"
+    assert without_final_period("A dog sits. ") == "A dog sits"
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(raw for raw, _, _ in CORPUS_SENTENCES) + "\n")
+    cfg = CgtGanConfig(clip=f"hf:{tiny_clip_dir}", corpus=CorpusConfig(path=str(path)),
+                       features=str(tmp_path / "features"))  # fmt: skip
+    clip = load_clip(cfg.clip)
+    store = encode_unpaired_corpus(cfg, clip, Job(progress=False))
+    assert store.texts == [sentence for _, sentence, _ in CORPUS_SENTENCES]
+    expected = clip.encode_texts([clip_reads for _, _, clip_reads in CORPUS_SENTENCES])
+    torch.testing.assert_close(store.tensor(), expected)
 
 
 @pytest.mark.parametrize(

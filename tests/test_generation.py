@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutput
 
 from bench import clipcap_original
 from pairfree.captioner import generation
@@ -55,9 +57,15 @@ def prefixes() -> torch.Tensor:
 
 
 def brute_force_ranking(
-    lm: GPT2LMHeadModel, prefix: torch.Tensor, max_len: int, length_penalty: float
+    lm: GPT2LMHeadModel,
+    prefix: torch.Tensor,
+    max_len: int,
+    length_penalty: float,
+    prompt: int | None = None,
 ) -> list[tuple[float, list[int]]]:
-    """Every possible output (ending at a terminator or at max_len), scored like beam search."""
+    """Every possible output (ending at a terminator or at max_len), scored like beam search:
+    its sum of log-probs over its new tokens, or with ``prompt`` (score_length="with_prompt")
+    over that many prompt ids and its new tokens but the terminator."""
     seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=max_len)))
     embeds = torch.cat(
         (prefix[None].expand(len(seqs), -1, -1), lm.get_input_embeddings()(seqs)), dim=1
@@ -71,16 +79,19 @@ def brute_force_ranking(
         ends = [i for i, t in enumerate(seq) if t in (STOP, EOS)]
         length = ends[0] + 1 if ends else max_len
         hyp = tuple(seq[:length])
-        scored[hyp] = float(cum[length - 1]) / length**length_penalty
+        counted = length if prompt is None else prompt + length - bool(ends)
+        scored[hyp] = float(cum[length - 1]) / counted**length_penalty
     ranking = sorted(scored.items(), key=lambda kv: -kv[1])
     return [(score, list(h[:-1]) if h[-1] == EOS else list(h)) for h, score in ranking]
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
-def test_exhaustive_beam_search_finds_the_brute_force_best(lm, prefixes, length_penalty):
+@pytest.mark.parametrize("prompt", [None, 3, 31])  # new tokens; prompt ids counted too
+def test_exhaustive_beam_search_finds_the_brute_force_best(lm, prefixes, length_penalty, prompt):
     max_len = 4
     beams = VOCAB**max_len  # enough to keep every live hypothesis at every step
     prefixes = prefixes[:2]
+    scoring = {} if prompt is None else {"score_length": "with_prompt"}
     out = generate(
         lm,
         prefixes,
@@ -90,9 +101,11 @@ def test_exhaustive_beam_search_finds_the_brute_force_best(lm, prefixes, length_
         eos_token_id=EOS,
         length_penalty=length_penalty,
         num_return_sequences=3,
+        prompt_lengths=None if prompt is None else [prompt] * len(prefixes),
+        **scoring,
     )
     for i, prefix in enumerate(prefixes):
-        ranking = brute_force_ranking(lm, prefix, max_len, length_penalty)
+        ranking = brute_force_ranking(lm, prefix, max_len, length_penalty, prompt)
         assert out[3 * i : 3 * i + 3] == [seq for _, seq in ranking[:3]]
 
 
@@ -114,6 +127,160 @@ def test_beam_search_matches_hugging_face(wide_lm, prefixes, length_penalty, ear
         while hf and hf[-1] == WIDE_EOS:  # HF pads with (and keeps) the eos token
             hf.pop()
         assert seq == hf
+
+
+def transformers_4_21_beam_search(
+    lm: GPT2LMHeadModel,
+    prompt_ids: list[int],
+    counted: int,
+    *,
+    beams: int,
+    max_new: int,
+    stop: int,
+    length_penalty: float,
+    early_stopping: bool,
+) -> list[int]:
+    """The beam search SaCap ran (transformers 4.21.2's ``beam_search`` with its
+    ``BeamSearchScorer``), re-derived one input at a time without a cache. The decoder reads
+    ``prompt_ids``; a hypothesis' length is ``counted`` input ids (the original's padded input,
+    which may be longer than the ids the decoder attends to) plus its tokens, without the stop
+    token that ended it. Returns the best new tokens, with the stop token where it stopped."""
+    running = [([], 0.0 if b == 0 else -1e9) for b in range(beams)]
+    best_of: list[tuple[float, list[int], bool]] = []  # (score, new tokens, stopped)
+
+    def add(new: list[int], total: float, stopped: bool) -> None:
+        best_of.append((total / (counted + len(new)) ** length_penalty, new, stopped))
+        best_of.sort(key=lambda h: -h[0])
+        del best_of[beams:]
+
+    decided = False
+    for _ in range(max_new):
+        candidates = []
+        for b, (new, total) in enumerate(running):
+            seen = torch.tensor([prompt_ids + new])
+            with torch.no_grad():
+                logits = lm(seen, attention_mask=torch.ones_like(seen)).logits[0, -1]
+            step = logits.log_softmax(-1).tolist()
+            candidates += [(total + lp, b, t) for t, lp in enumerate(step)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beams]
+        following = []
+        for rank, (total, b, t) in enumerate(candidates):
+            if t == stop:
+                if rank < beams:  # a stop token ranked below the beams is passed over
+                    add(running[b][0], total, stopped=True)
+            else:
+                following.append((running[b][0] + [t], total))
+            if len(following) == beams:
+                break
+        length_so_far = counted + len(running[0][0])  # the input ids before this step's token
+        running = following
+        if len(best_of) == beams and (
+            early_stopping or best_of[-1][0] >= candidates[0][0] / length_so_far**length_penalty
+        ):
+            decided = True
+            break
+    if not decided:  # at the maximum length the running beams are hypotheses too
+        for new, total in running:
+            add(new, total, stopped=False)
+    _, new, stopped = best_of[0]
+    return new + [stop] if stopped else new
+
+
+@pytest.mark.parametrize(("length_penalty", "early_stopping"), [(1.0, False), (2.0, False),
+                                                                 (1.0, True)])  # fmt: skip
+def test_prompt_counting_beam_search_matches_transformers_4_21(
+    wide_lm, length_penalty, early_stopping
+):
+    """score_length="with_prompt" is the beam search SaCap's vendored transformers ran, for
+    prompts of real ids counted as they are and counted padded (SaCap's 31 ids)."""
+    ids = torch.randint(40, (16, 4), generator=torch.Generator().manual_seed(0))
+    prompts = wide_lm.get_input_embeddings()(ids).detach()
+    # a stop token the model often reaches, so that beams finish at different steps
+    free = generate(wide_lm, prompts, num_beams=3, max_new_tokens=9)
+    stop = Counter(t for seq in free for t in seq[1:4]).most_common(1)[0][0]
+    kwargs = dict(num_beams=3, max_new_tokens=9, stop_token_ids=[stop],
+                  length_penalty=length_penalty, early_stopping=early_stopping)  # fmt: skip
+    new_tokens = generate(wide_lm, prompts, **kwargs)
+    differ = 0
+    for counted in (4, 31):
+        ours = generate(wide_lm, prompts, score_length="with_prompt",
+                        prompt_lengths=[counted] * len(ids), **kwargs)  # fmt: skip
+        for row, seq in zip(ids.tolist(), ours, strict=True):
+            assert seq == transformers_4_21_beam_search(
+                wide_lm, row, counted, beams=3, max_new=9, stop=stop,
+                length_penalty=length_penalty, early_stopping=early_stopping,
+            )  # fmt: skip
+        differ += sum(a != b for a, b in zip(ours, new_tokens, strict=True))
+    assert differ > 0  # counting the prompt picks other captions
+
+
+class ScriptedLM(torch.nn.Module):
+    """A decoder whose next-token log-probs are set by hand: from the prompt, "a" at -2.0 and
+    "b" at -2.2; then "a" until 7 of them and "b" until 10, each followed by the stop token,
+    so that A = 7 x "a" + stop sums to -5.0 over 8 tokens and B = 10 x "b" + stop to -6.2
+    over 11. Every other token shares what is left (about -8 each in 1000)."""
+
+    VOCAB, A, B, STOP = 1000, 1, 2, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(self.VOCAB, self.VOCAB)
+        self.embed.weight.data = torch.eye(self.VOCAB)  # a row is its token, one-hot
+        self.config = GPT2Config(vocab_size=self.VOCAB, n_positions=64)
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+    def forward(self, inputs_embeds: torch.Tensor, **_) -> CausalLMOutput:
+        new = inputs_embeds[:, 1:].argmax(-1).tolist()  # the prompt is one position
+        return CausalLMOutput(
+            logits=torch.stack([self.next_log_probs(seq) for seq in new])[:, None]
+        )
+
+    def next_log_probs(self, seq: list[int]) -> torch.Tensor:
+        if not seq:
+            chosen = {self.A: -2.0, self.B: -2.2}
+        elif seq == [self.A] * len(seq):
+            chosen = {self.A if len(seq) < 7 else self.STOP: -3.0 / 7}
+        elif seq == [self.B] * len(seq):
+            chosen = {self.B if len(seq) < 10 else self.STOP: -0.4}
+        else:
+            chosen = {}
+        rest = 1 - sum(math.exp(v) for v in chosen.values())
+        log_probs = torch.full((self.VOCAB,), math.log(rest / (self.VOCAB - len(chosen))))
+        for token, value in chosen.items():
+            log_probs[token] = value
+        return log_probs
+
+
+def test_counting_the_prompt_picks_the_shorter_caption_of_the_issue_example():
+    """8 tokens at -5.0 against 11 at -6.2: by the new tokens the longer one wins (-0.56 vs
+    -0.63), counting SaCap's 31 prompt ids the shorter (-5.0 / 38 vs -6.2 / 41)."""
+    lm, prompt = ScriptedLM(), torch.eye(ScriptedLM.VOCAB)[None, :1]
+    kwargs = dict(num_beams=2, max_new_tokens=15, stop_token_ids=[ScriptedLM.STOP],
+                  use_cache=False)  # fmt: skip
+    shorter, longer = [1] * 7 + [3], [2] * 10 + [3]
+    assert generate(lm, prompt, **kwargs) == [longer]
+    assert generate(lm, prompt, score_length="with_prompt", prompt_lengths=[31], **kwargs) == [
+        shorter
+    ]
+
+
+def test_prompt_counting_needs_the_prompt_lengths(wide_lm, prefixes):
+    from pairfree.errors import PairfreeError
+
+    with pytest.raises(PairfreeError, match="prompt ids"):
+        generate(wide_lm, prefixes, num_beams=2, score_length="with_prompt")
+    with pytest.raises(ValueError, match="prompt_lengths must be 5 counts of at least 1"):
+        generate(wide_lm, prefixes, num_beams=2, score_length="with_prompt",
+                 prompt_lengths=[0, 1, 1, 1, 1])  # fmt: skip
+    with pytest.raises(ValueError, match="score_length must be one of"):
+        generate(wide_lm, prefixes, num_beams=2, score_length="prompt")
+    with pytest.raises(ValueError, match="score_length must be one of"):
+        generation.GenerationConfig(score_length="prompt")
+    # greedy decoding and ClipCap's search have no length to count: nothing is needed
+    greedy = generate(wide_lm, prefixes, max_new_tokens=5, score_length="with_prompt")
+    assert greedy == generate(wide_lm, prefixes, max_new_tokens=5)
 
 
 def test_stop_token_is_kept_and_eos_dropped(wide_lm, prefixes):

@@ -388,6 +388,8 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
         1e-5, 0.05, 30, "cosine", 0)  # fmt: skip
     assert (t.select_metric, t.select_mode, t.eval_every) == ("val_CIDEr+BLEU_4", "max", 500)
     assert (cfg.generation.num_beams, cfg.generation.max_new_tokens) == (3, 26)
+    assert cfg.generation.score_length == "with_prompt"  # its transformers counted the prompt
+    assert get_recipe("icsd").config_class().generation == cfg.generation  # and so do the defaults
     assert cfg.model.lm == "bert-base-uncased" and cfg.model.separator == "[CLS] a picture of"
     assert cfg.synthesis.group_size == 30 and cfg.min_scale == 0.5
     assert not cfg.freeze_image_encoder and cfg.synthesis.multi_context

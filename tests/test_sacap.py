@@ -270,6 +270,9 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
     assert cfg.model.soft_prompt_hidden == 2048 and cfg.model.separator == ":"
     g = cfg.generation
     assert (g.num_beams, g.max_new_tokens, g.stop) == (5, 30, ".")
+    assert g.score_length == "with_prompt"  # its transformers counted the prompt
+    assert not g.stop_at_eos  # "." ends a caption
+    assert get_recipe("sacap").config_class().generation == g  # and so do the defaults
     assert cfg.repair and cfg.hard_prompt and cfg.soft_prompt
     assert cfg.clip == "hf:openai/clip-vit-base-patch32"
 

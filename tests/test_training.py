@@ -175,6 +175,36 @@ def test_noise_under_ddp_is_drawn_per_process_and_reproducible(
     assert max_difference(a, weights(tmp_path / "one")) > 1e-4
 
 
+@pytest.mark.parametrize("stop_at_eos", [None, True])  # the default, and the option
+def test_capdec_targets_are_the_caption_tokens_only_as_its_train_py(
+    corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path, monkeypatch, stop_at_eos
+):
+    """CapDec's train.py trains on GPT-2's encoding of each caption, nothing appended, and its
+    generate_beam never stops at end-of-text; ``generation.stop_at_eos: true`` ends every
+    target with end-of-text and stops decoding there."""
+    from transformers import AutoTokenizer
+
+    from pairfree.pipeline import Captioner
+    from pairfree.recipes import capdec
+
+    setups = []
+    setup = capdec.text_only_setup
+    monkeypatch.setattr(capdec, "text_only_setup", lambda *a, **kw: setups.append(setup(*a, **kw))
+                        or setups[-1])  # fmt: skip
+    extra = {"train.max_steps": 1} | (
+        {} if stop_at_eos is None else {"generation.stop_at_eos": True}
+    )
+    args = overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "run", **extra)
+    train_capdec(build_config(CapDecConfig, None, args), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    ends = [tokenizer.eos_token_id] if stop_at_eos else []
+    original = sorted(tokenizer.encode(c) + ends for c in corpus.read_text().splitlines())
+    assert sorted(setups[0].train_data.tokens.ids) == original
+    decoding = Captioner.from_pretrained(tmp_path / "run" / "last").generation
+    eos = decoding.generate_kwargs(tokenizer)["eos_token_id"]
+    assert eos == (tokenizer.eos_token_id if stop_at_eos else None)
+
+
 def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
     tiny_clip_dir, tiny_gpt2_dir, tmp_path
 ):

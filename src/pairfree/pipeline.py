@@ -253,7 +253,9 @@ class Captioner:
         pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
         ids, mask = pad_prompts(tokens, pad_id=pad, max_tokens=self.model.config.max_prompt_tokens)
         soft = cond if self.model.soft_prompt is not None else None
-        return self.model.generate(soft, grid, ids, mask, **settings)
+        counted = self.model.original_prompt_length(hard_prompt=self.phrases is not None)
+        return self.model.generate(soft, grid, ids, mask, prompt_lengths=[counted] * len(ids),
+                                   **settings)  # fmt: skip
 
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 32

@@ -29,9 +29,12 @@ class CheckpointCard:
         data = dict(data)
         if isinstance(data.get("conditioning"), dict):
             data["conditioning"] = ADDED_CONDITIONING | data["conditioning"]
+        if isinstance(data.get("generation"), dict):
+            data["generation"] = ADDED_GENERATION | data["generation"]
         return from_dict(cls, data, where=where, complete=True)
 
 
-# Conditioning keys added after cards were first written, with the value that reproduces what
-# a card without them meant; any other missing key is still an error.
+# Keys added after cards were first written, with the value that reproduces what a card
+# without them meant; any other missing key is still an error.
 ADDED_CONDITIONING = {"project_in_training": False, "prompt_phrases": None, "prompt_topk": 3}
+ADDED_GENERATION = {"score_length": "new_tokens"}

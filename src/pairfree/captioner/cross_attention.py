@@ -206,6 +206,15 @@ class CrossAttentionCaptioner(nn.Module):
             masks.insert(0, prompt_mask.new_ones(batch, self.config.prefix_length).long())
         return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
+    def original_prompt_length(self, *, hard_prompt: bool) -> int:
+        """How many ids precede the caption in the original code's decoder input, which is
+        what its beam search counts in a hypothesis' length (``score_length="with_prompt"``):
+        a placeholder id per soft-prompt embedding, the hard prompt padded to
+        ``max_prompt_tokens`` (SaCap's: 10 + 20 + 1 = 31 for every image), the separator
+        (ICSD's ``[DEC] a picture of``: 4)."""
+        hard = self.config.max_prompt_tokens if hard_prompt else 0
+        return self.config.prefix_length + hard + len(self.separator_ids)
+
     def context(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """The decoder's cross-attention inputs for grid features ``[B, L, width]`` (pixels
         ``[B, 3, S, S]`` when the captioner has its own image tower)."""
@@ -274,7 +283,8 @@ class CrossAttentionCaptioner(nn.Module):
         **options: Any,
     ) -> list[list[int]]:
         """Caption token ids per image; ``options`` are those of
-        :func:`pairfree.captioner.generation.generate`."""
+        :func:`pairfree.captioner.generation.generate` (``prompt_lengths`` from
+        :meth:`original_prompt_length` for ``score_length="with_prompt"``)."""
         weight = self.lm.get_input_embeddings().weight
         device = weight.device
         if condition is not None:

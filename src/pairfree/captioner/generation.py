@@ -12,8 +12,13 @@ a row decodes exactly as it would alone. A cross-attending decoder gets its ``co
 Two beam searches (``search=``):
 
 - ``"hf"``: as Hugging Face's: ``num_beams`` hypotheses keep growing while finished ones wait in
-  a separate list, scored ``sum of token log-probs / length ** length_penalty`` (the length
-  counting the stop token);
+  a separate list, scored ``sum of token log-probs / length ** length_penalty``. What the
+  length counts is ``score_length``: ``"new_tokens"``, the new tokens with the stop token
+  (transformers >= 4.36); ``"with_prompt"``, every input id before them too (each row's
+  ``prompt_lengths``) but not the stop token, as transformers counted before 4.36 (SaCap's
+  vendored 4.21.2, the release ICSD's BLIP code ran). Counting the prompt favours shorter
+  captions: with 31 prompt ids, 8 new tokens at -5.0 beat 11 at -6.2, which win when only the
+  new tokens count;
 - ``"clipcap"``: as ClipCap's and CapDec's ``generate_beam``: finished hypotheses keep their beam
   slot (extended by token 0 at no cost), every slot is re-ranked each step by its mean token
   log-probability, so fewer beams keep growing as beams finish; the best is the one with the
@@ -39,6 +44,7 @@ from pairfree.errors import PairfreeError
 
 EARLY_STOPPING = (False, True, "never")
 SEARCHES = ("hf", "clipcap")
+SCORE_LENGTHS = ("new_tokens", "with_prompt")
 
 
 @dataclass
@@ -50,11 +56,18 @@ class GenerationConfig:
     stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
     length_penalty: float = 1.0  # "hf" beam search only
     search: str = "hf"  # "hf" | "clipcap" (see the module docstring)
-    stop_at_eos: bool = True  # end-of-text ends a caption (the original ClipCap never stops there)
+    # end-of-text ends a caption, and the text-only recipes (CapDec, the GANs' initialization)
+    # train captions to end with it; the original ClipCap, CapDec, CgT-GAN, SaCap never stop there
+    stop_at_eos: bool = True
+    score_length: str = "new_tokens"  # "hf" beam search: "new_tokens" | "with_prompt" (above)
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, not {self.search!r}")
+        if self.score_length not in SCORE_LENGTHS:
+            raise ValueError(
+                f"score_length must be one of {SCORE_LENGTHS}, not {self.score_length!r}"
+            )
         for name in ("num_beams", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -77,6 +90,7 @@ class GenerationConfig:
             "eos_token_id": tokenizer.eos_token_id if self.stop_at_eos else None,
             "length_penalty": self.length_penalty,
             "search": self.search,
+            "score_length": self.score_length,
         }
 
 
@@ -290,12 +304,17 @@ def generate(
     search: str = "hf",
     prefix_mask: torch.Tensor | None = None,
     context: dict[str, torch.Tensor] | None = None,
+    score_length: str = "new_tokens",
+    prompt_lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prefix ``[B, k, h]`` with greedy decoding, beam search or sampling.
 
     ``prefix_mask`` ``[B, k]`` marks real prefix positions when prefixes are left-padded;
     ``context`` holds per-row keyword inputs of the LM (``encoder_hidden_states`` ``[B, L, h]``
-    for a cross-attending decoder).
+    for a cross-attending decoder). ``score_length`` is what a ``"hf"`` beam hypothesis'
+    length counts (see the module docstring); ``"with_prompt"`` counts ``prompt_lengths[b]``
+    prompt ids for row b (at least one: the ids of the original code's decoder input, which
+    need not be the prefix's real positions).
 
     Returns the new token ids of ``B * num_return_sequences`` sequences, grouped by input (beam
     hypotheses best first). A sequence ends at any of ``stop_token_ids`` (kept) or at
@@ -306,6 +325,11 @@ def generate(
     """
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if score_length not in SCORE_LENGTHS:
+        raise ValueError(f"score_length must be one of {SCORE_LENGTHS}, got {score_length!r}")
+    prompt = None
+    if score_length == "with_prompt" and search == "hf" and num_beams > 1:
+        prompt = _prompt_lengths(prompt_lengths, len(prefix))
     _check_args(
         prefix,
         num_beams=num_beams,
@@ -347,6 +371,7 @@ def generate(
             stop_ids=stop_ids,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            prompt_lengths=prompt,
         )
     else:
         pick = _sampler(temperature, top_k, generator) if do_sample else _argmax
@@ -451,6 +476,21 @@ def _check_fits(
         )
 
 
+def _prompt_lengths(lengths: Sequence[int] | torch.Tensor | None, rows: int) -> torch.Tensor:
+    """Each row's prompt ids for ``score_length="with_prompt"``, checked."""
+    if lengths is None:
+        raise DoesNotFitError(
+            "score_length='with_prompt' counts each row's prompt ids, and none were given "
+            "(a prefix captioner has none: use 'new_tokens')"
+        )
+    lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    if lengths.shape != (rows,) or bool((lengths < 1).any()):
+        raise ValueError(
+            f"prompt_lengths must be {rows} counts of at least 1, got {lengths.tolist()}"
+        )
+    return lengths
+
+
 def _check_args(
     prefix: torch.Tensor,
     *,
@@ -541,6 +581,7 @@ def _beam_search(
     stop_ids: torch.Tensor,
     length_penalty: float,
     early_stopping: bool | str,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Beam search over a batch; an input leaves the batch once its search is decided.
 
@@ -548,9 +589,17 @@ def _beam_search(
     best continuations of an input: those among the ``beams`` best that end become finished
     hypotheses (the ``beams`` best are kept), the ``beams`` best that do not end keep running.
     Bookkeeping runs on the CPU; the LM sees only the surviving rows.
+
+    ``prompt_lengths`` (one count per input) scores as transformers did before 4.36
+    (``score_length="with_prompt"``): a hypothesis' length is its prompt ids and its tokens
+    without the stop token that ended it; at the last step the running beams, rather than the
+    ``beams`` best candidates, are the hypotheses that did not stop (unless the search was
+    decided at that step); and the stopping rule reads the best candidate (see
+    :func:`_beam_done`). Without it the length is the new tokens, the stop token included.
     """
     batch, vocab = logits.shape
     beams = num_beams
+    with_prompt = prompt_lengths is not None
     stepper.select(torch.arange(batch).repeat_interleave(beams))
     log_probs = logits.log_softmax(dim=-1).repeat_interleave(beams, dim=0)
     scores = torch.full((batch, beams), float("-inf"))
@@ -560,36 +609,56 @@ def _beam_search(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     n_candidates = min((1 + len(stop_ids)) * beams, beams * vocab)
 
+    def keep(i: int, hyps: list[tuple[float, list[int]]]) -> None:
+        finished[i] = sorted(finished[i] + hyps, key=lambda h: -h[0])[:beams]
+
     for length in range(1, max_new_tokens + 1):
         n = len(items)
+        last = length == max_new_tokens
+        prompt = prompt_lengths[items] if with_prompt else torch.zeros(n, dtype=torch.long)
         total = (scores.view(-1, 1).to(log_probs.device) + log_probs).view(n, beams * vocab)
         cand_scores, cand = (t.cpu() for t in total.topk(n_candidates, dim=1))
         cand_beam, cand_token = cand // vocab, cand % vocab
-        ends = torch.isin(cand_token, stop_ids) | (length == max_new_tokens)
+        ends = torch.isin(cand_token, stop_ids)
+        if not with_prompt:
+            ends |= last
+        # a hypothesis that ends now is this long (with_prompt: its stop token not counted)
+        ended_length = prompt + length - int(with_prompt)
 
         added: dict[int, list[tuple[float, list[int]]]] = {}
         for a, r in (ends[:, :beams] & cand_scores[:, :beams].isfinite()).nonzero().tolist():
             seq = tokens[a * beams + cand_beam[a, r]].tolist() + [int(cand_token[a, r])]
-            score = float(cand_scores[a, r]) / length**length_penalty
+            score = float(cand_scores[a, r]) / int(ended_length[a]) ** length_penalty
             added.setdefault(items[a], []).append((score, seq))
         for i, hyps in added.items():
-            finished[i] = sorted(finished[i] + hyps, key=lambda h: -h[0])[:beams]
+            keep(i, hyps)
 
         order = torch.sort(ends.int(), dim=1, stable=True).indices[:, :beams]
         scores = cand_scores.gather(1, order).masked_fill(ends.gather(1, order), float("-inf"))
         rows = cand_beam.gather(1, order) + torch.arange(n)[:, None] * beams
         next_tokens = cand_token.gather(1, order)
 
+        if early_stopping == "never" and length_penalty > 0:
+            reach = prompt + max_new_tokens  # the longest a running beam can grow
+        else:
+            reach = ended_length if with_prompt else prompt + length
+        best = cand_scores[:, 0] if with_prompt else scores[:, 0]
         done = _beam_done(
-            scores[:, 0],
+            best / reach.float() ** length_penalty,
             [finished[i] for i in items],
             beams=beams,
-            length=length,
-            max_new_tokens=max_new_tokens,
-            length_penalty=length_penalty,
             early_stopping=early_stopping,
         )
-        if done.all():
+        if with_prompt and last:  # the beams still running are hypotheses too
+            for a in (~done).nonzero().squeeze(1).tolist():
+                full = int(prompt[a]) + length
+                running = [
+                    (float(scores[a, b]) / full**length_penalty,
+                     tokens[rows[a, b]].tolist() + [int(next_tokens[a, b])])
+                    for b in range(beams) if scores[a, b].isfinite()
+                ]  # fmt: skip
+                keep(items[a], running)
+        if last or done.all():
             break
         going = ~done
         rows = rows[going].view(-1)
@@ -611,23 +680,22 @@ def _beam_search(
 
 
 def _beam_done(
-    best_running: torch.Tensor,
+    bound: torch.Tensor,
     finished: list[list[tuple[float, list[int]]]],
     *,
     beams: int,
-    length: int,
-    max_new_tokens: int,
-    length_penalty: float,
     early_stopping: bool | str,
 ) -> torch.Tensor:
-    """Whether each input's search is decided (Hugging Face's stopping rules).
+    """Whether each input's search is decided (Hugging Face's stopping rules): it has
+    ``beams`` finished hypotheses and ``early_stopping`` is True, or none of its running beams
+    is expected to beat the worst of them.
 
-    The best score a running beam can still reach is its sum so far over a length: the current
-    one for ``early_stopping=False`` (a heuristic when ``length_penalty > 0``), the longest
-    possible for ``"never"`` (a bound, as log-probs only add up to more negative sums).
+    ``bound`` is the score a running beam is expected to reach: the best running sum over the
+    current length for ``early_stopping=False`` (a heuristic when ``length_penalty > 0``), over
+    the longest possible for ``"never"`` (a bound, as log-probs only add up to more negative
+    sums). transformers before 4.36 took the best candidate, stopped or not, over the length
+    before the step.
     """
-    best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
-    bound = best_running / best_length**length_penalty
     done = []
     for best, hyps in zip(bound.tolist(), finished, strict=True):
         full = len(hyps) == beams

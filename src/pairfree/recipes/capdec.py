@@ -7,8 +7,14 @@ covers the region where image embeddings of the same content fall, so at inferen
 normalized CLIP *image* embedding can be fed in its place. Options from the paper and its
 code: no normalization, a modality offset (mean image minus mean text embedding) added in
 training or subtracted at inference, gender rebalancing of the text CLIP encodes, open-text
-mixing. Captions are decoded as CapDec's ``generate_beam`` does (``search="clipcap"``, beam 5,
-stop at "."); see :mod:`pairfree.captioner.conditioning` for how the embedding is fed.
+mixing. As in CapDec's ``train.py``, the targets are the caption's tokens only, and captions
+are decoded as its ``generate_beam`` does (``search="clipcap"``, beam 5, stop at "." and
+never at end-of-text); see :mod:`pairfree.captioner.conditioning` for how the embedding is fed.
+
+Where pairfree differs from the original code, on purpose, as an option:
+``generation.stop_at_eos: true`` also trains every caption to end with end-of-text and stops
+decoding there, so that a corpus whose captions do not end with "." (web captions) still
+teaches the captioner where to stop; the original's captioner then runs to 67 tokens.
 
 ``condition=image`` trains the same decoder on each caption's own image embedding instead: the
 paired ClipCap upper bound to compare text-only runs with (it needs a captioned dataset).
@@ -81,7 +87,7 @@ class CapDecConfig:
     )
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(
-            num_beams=5, max_new_tokens=67, stop=".", search="clipcap"
+            num_beams=5, max_new_tokens=67, stop=".", search="clipcap", stop_at_eos=False
         )
     )
 
@@ -137,7 +143,9 @@ def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = Tru
     job.log_skips()
 
     # the objective: caption cross-entropy given condition(t), i.e. normalize(normalize(t) + eps)
-    setup = text_only_setup(texts, embeddings, cfg.model, cfg.corpus, seed=cfg.train.seed)
+    # trained to end with end-of-text only where it decodes to stop there (the original: never)
+    setup = text_only_setup(texts, embeddings, cfg.model, cfg.corpus, seed=cfg.train.seed,
+                            end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
     return fit_captioner(
         cfg.train,
         setup,

@@ -4,6 +4,8 @@ never paired.
 1. Initialization: the captioner learns the corpus' language by training on its captions with
    each caption's own CLIP text embedding as the condition (one epoch, lr 2e-5, weight decay
    0.05, warm-up 5000), or starts from any captioner checkpoint (``init.from_checkpoint``).
+   The targets are the caption's tokens only, and captions end at "." only, in sampling and
+   decoding alike (``generation.stop_at_eos: false``; ``true`` adds end-of-text to both).
 2. Aggregation: each training image v gets ``a = softmax(t * cos(v, C)) @ C`` over the corpus
    text embeddings C (t = 100 for an in-domain corpus, 175 for a web corpus), cached.
 3. Adversarial self-critical training (:mod:`pairfree.training.adversarial`): k = 5 sampled
@@ -13,8 +15,17 @@ never paired.
    then linear to 0.5 over 2350. The best checkpoint is the one with the highest validation
    CIDEr.
 
-The condition is the un-normalized CLIP embedding (text in step 1, image in step 3), and the
-captioner is an mlp mapper with k = 10 prefix tokens, as in the paper.
+The corpus is written as CgT-GAN's preprocessing writes COCO's and Flickr30k's captions: a
+final punctuation character ("?", "!", ",", "." ...) replaced by ".", the first character
+upper-cased; CLIP reads each sentence without that "." and each generated caption without a
+final "." (:func:`~pairfree.training.adversarial.corpus_sentence`). The condition is the
+un-normalized CLIP embedding (text in step 1, image in step 3), and the captioner is an mlp
+mapper with k = 10 prefix tokens, as in the paper.
+
+Where pairfree differs from the original code: its web corpora (GCC, Shutterstock) go through
+scripts of their own (punctuation words dropped at both ends, the caption cut at its first
+sentence break, captions of 6 words or fewer dropped and those over 15 subsampled or dropped); pairfree writes every corpus as the
+COCO script does.
 """
 
 from __future__ import annotations
@@ -56,7 +67,8 @@ def initialize_on_text(cfg: CgtGanConfig, *, resume: bool, progress: bool) -> Tr
     store = encode_unpaired_corpus(cfg, clip, job)
     job.log_skips()
     seed = cfg.init.train.seed
-    setup = text_only_setup(store.texts, store.tensor(), cfg.model, cfg.corpus, seed=seed)
+    setup = text_only_setup(store.texts, store.tensor(), cfg.model, cfg.corpus, seed=seed,
+                            end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
     return fit_captioner(
         replace(cfg.init.train, output_dir=str(init_output_dir(cfg, cfg.init))),
         setup,

@@ -30,7 +30,10 @@ reads the same (``image_size: null`` keeps the tower's own, as the world's 64-px
 Images are augmented (a random crop of 50-100 % of the area at that size, a random flip, CLIP
 normalization). AdamW lr 1e-5, weight decay 0.05 on every parameter, cosine decay over 30
 epochs; validation every 500 steps by CIDEr + BLEU-4 of beam-3 captions, which picks the best
-checkpoint, as the original does.
+checkpoint, as the original does. A finished beam is scored as BLIP's
+transformers (before 4.36) scores it: its log-probability over a length that counts the 4
+prompt ids and not the ``[SEP]`` that ended it (``generation.score_length: with_prompt``;
+``new_tokens`` counts the new tokens only, as transformers has since).
 
 Where pairfree differs from the original code, on purpose:
 
@@ -182,7 +185,9 @@ class ICSDConfig:
         )
     )  # fmt: skip
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=3, max_new_tokens=26, stop="[SEP]")
+        default_factory=lambda: GenerationConfig(
+            num_beams=3, max_new_tokens=26, stop="[SEP]", score_length="with_prompt"
+        )
     )
 
 

@@ -20,7 +20,12 @@ Objective, for each caption c:
    on the caption tokens (cut at the caption's first period, which ends it).
 
 At inference the test image's own embedding, projected onto the same memory, and its own
-hard prompt are used; beam 5, at most 30 new tokens, stop at ".". ``repair``,
+hard prompt are used; beam 5, at most 30 new tokens, stop at "." only (not at end-of-text:
+the original passes "." as the end-of-sequence token), and a finished beam scored
+as the original's transformers 4.21.2 scores it: its log-probability over a length that counts
+the 31 ids of the decoder's prompt (10 soft-prompt placeholders, the hard prompt padded to 20,
+":") and not the stop token, which favours shorter captions (``generation.score_length:
+with_prompt``; ``new_tokens``, transformers' later fix, counts the new tokens only). ``repair``,
 ``hard_prompt`` and ``soft_prompt`` switch each mechanism off for ablations (no re-pairing:
 the caption's own image; no hard prompt: the prompt is the separator alone; no soft prompt:
 no prefix).
@@ -143,7 +148,9 @@ class SaCapConfig:
         )
     )  # fmt: skip
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=5, max_new_tokens=30, stop=".")
+        default_factory=lambda: GenerationConfig(
+            num_beams=5, max_new_tokens=30, stop=".", stop_at_eos=False, score_length="with_prompt"
+        )
     )
 
 

@@ -89,9 +89,8 @@ def initialize_with_mmd(cfg: ScstGanConfig, *, resume: bool, progress: bool) -> 
     data = prepare_unpaired(cfg, clip, job)
     job.log_skips()
     images = data.images.tensor()
-    setup = text_only_setup(
-        data.corpus.texts, data.corpus.tensor(), cfg.model, cfg.corpus, seed=init.train.seed
-    )
+    setup = text_only_setup(data.corpus.texts, data.corpus.tensor(), cfg.model, cfg.corpus,
+                            seed=init.train.seed, end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
     conditioning = cfg.conditioning
 
     def step(ctx, batch):

@@ -30,6 +30,7 @@ differs. :class:`InitConfig` is the text-conditioned initialization each recipe 
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,7 +168,9 @@ class UnpairedConfig:
     gan: AdversarialConfig = field(default_factory=AdversarialConfig)
     train: TrainConfig = field(default_factory=lambda: adversarial_train_config(warmup_steps=150))
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(num_beams=1, max_new_tokens=20, stop=".")
+        default_factory=lambda: GenerationConfig(
+            num_beams=1, max_new_tokens=20, stop=".", stop_at_eos=False
+        )
     )
 
     @property
@@ -222,12 +225,24 @@ class UnpairedData:
     images: FeatureStore  # CLIP image embeddings of the unpaired training images
 
 
+def corpus_sentence(caption: str) -> str:
+    """A corpus caption as CgT-GAN's preprocessing writes it (``preprocess/coco/
+    coco_train_captions.py``, and Flickr30k's alike): a final punctuation character (any of
+    ``string.punctuation``: "?", "!", ",", "." ...) is dropped, "." is added, and the first
+    character is upper-cased. The result is the initialization's target and a real sentence
+    for the discriminator; CLIP reads it without that "." (:func:`without_final_period`)."""
+    if caption and caption[-1] in string.punctuation:
+        caption = caption[:-1]
+    caption += "."
+    return caption[0].upper() + caption[1:]
+
+
 def encode_unpaired_corpus(cfg: UnpairedConfig, clip: ClipEncoder, job: Job) -> FeatureStore:
-    """The corpus as CgT-GAN encodes it (each caption without its final period), shared by
-    the initialization, the aggregation and the discriminator's real sentences."""
-    return encode_corpus(
-        clip, cfg.corpus, cfg.features_root / "corpus", job, clip_text=without_final_period
-    )
+    """The corpus as CgT-GAN encodes it (each sentence as :func:`corpus_sentence` writes it,
+    CLIP reading it without its final period), shared by the initialization, the aggregation
+    and the discriminator's real sentences."""
+    return encode_corpus(clip, cfg.corpus, cfg.features_root / "corpus", job,
+                         edit=corpus_sentence, clip_text=without_final_period)  # fmt: skip
 
 
 def prepare_unpaired(cfg: UnpairedConfig, clip: ClipEncoder, job: Job) -> UnpairedData:
@@ -287,9 +302,11 @@ def validation_set(
 
 
 def stop_token_ids(tokenizer, generation: GenerationConfig) -> list[int]:
-    """Where sampled captions end: the stop text's last token and end-of-text, both kept so
-    the policy gradient also scores the decision to stop."""
-    return [tokenizer.eos_token_id, *generation.stop_token_ids(tokenizer)]
+    """Where sampled captions end: the stop text's last token, and end-of-text with
+    ``generation.stop_at_eos`` (CgT-GAN's sampling ends at "." only), kept so the policy
+    gradient also scores the decision to stop."""
+    eos = [tokenizer.eos_token_id] if generation.stop_at_eos else []
+    return [*eos, *generation.stop_token_ids(tokenizer)]
 
 
 # --------------------------------------------------------------------------- training

@@ -10,7 +10,7 @@ fresh captioner, the caption cross-entropy step and its validation, and the one-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +95,19 @@ def encode_corpus(
     out_dir: Path,
     job: Job,
     *,
+    edit: Callable[[str], str] | None = None,
     clip_text: Callable[[str], str] | None = None,
 ) -> FeatureStore:
     """The prepared corpus' CLIP text embeddings, encoded once (sharded over the processes)
     and reused by every later run that asks for the same captions and encoder.
 
-    CLIP reads each caption through ``clip_text`` (if given) and with its gendered words
-    randomized (``corpus.gender``); the store keeps the captions as written, the targets.
+    ``edit`` (if given) rewrites each caption as a recipe's own preprocessing does; CLIP reads
+    each caption through ``clip_text`` (if given) and with its gendered words randomized
+    (``corpus.gender``); the store keeps the (edited) captions, the targets.
     """
     captions = prepare_corpus(corpus, job)
+    if edit is not None:
+        captions = [replace(c, text=edit(c.text)) for c in captions]
     if not captions:
         raise PairfreeError(
             f"{corpus.path}: the corpus has no usable sentences ({job.skip_log.summary()})"
@@ -118,7 +122,7 @@ def encode_corpus(
 # --------------------------------------------------------------------------- tokens and data
 @dataclass
 class CaptionTokens:
-    """Token ids per caption, each ending with the LM's end-of-text token."""
+    """Token ids per caption (ending with the LM's end-of-text token where it is trained)."""
 
     ids: list[list[int]]
 
@@ -132,11 +136,18 @@ class CaptionTokens:
         return CaptionTokens([self.ids[i] for i in indices])
 
 
-def tokenize_captions(tokenizer, texts: Sequence[str], *, max_tokens: int = 40) -> CaptionTokens:
-    """Tokenize once up front (fast tokenizers batch this); truncate, then append EOS."""
+def tokenize_captions(
+    tokenizer, texts: Sequence[str], *, max_tokens: int = 40, end_of_text: bool
+) -> CaptionTokens:
+    """Tokenize once up front (fast tokenizers batch this) and truncate to ``max_tokens``;
+    with ``end_of_text`` the last of them is the LM's end-of-text token, a target too, so that
+    the captioner learns to stop there (CapDec's and CgT-GAN's code train on the caption's
+    tokens only: their captions end where decoding reaches ".")."""
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if not end_of_text:
+        return CaptionTokens([ids[:max_tokens] for ids in encoded])
     if tokenizer.eos_token_id is None:
         raise PairfreeError("the LM's tokenizer has no end-of-text token to end captions with")
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return CaptionTokens([ids[: max_tokens - 1] + [eos] for ids in encoded])
 
@@ -196,14 +207,18 @@ def text_only_setup(
     corpus: CorpusConfig,
     *,
     seed: int,
+    end_of_text: bool,
 ) -> CaptionerSetup:
-    """Tokenize ``texts``, hold out ``corpus.val_fraction`` of them, and build a captioner for
-    ``embeddings``' dimension (its mapper initialized from ``seed``)."""
+    """Tokenize ``texts`` (``end_of_text``: as :func:`tokenize_captions`), hold out
+    ``corpus.val_fraction`` of them, and build a captioner for ``embeddings``' dimension (its
+    mapper initialized from ``seed``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.lm)
-        tokens = tokenize_captions(tokenizer, texts, max_tokens=corpus.max_tokens)
+        tokens = tokenize_captions(
+            tokenizer, texts, max_tokens=corpus.max_tokens, end_of_text=end_of_text
+        )
         train_idx, val_idx = split_train_val(len(tokens), corpus.val_fraction, seed)
         model.embed_dim = embeddings.shape[1]
         torch.manual_seed(seed)  # the mapper's initialization is part of the run
