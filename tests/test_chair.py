@@ -29,8 +29,10 @@ CAPTIONS = {
 INSTANCES = {1: {"person", "hot dog"}, 2: {"teddy bear"}, 3: {"toilet", "cell phone"}, 4: set()}
 
 
-def test_the_80_coco_categories_each_name_themselves():
+def test_the_80_coco_categories_each_name_themselves_and_no_phrase_names_two():
     assert len(COCO_SYNONYMS) == 80
+    phrases = [p for category, words in COCO_SYNONYMS.items() for p in {category, *words}]
+    assert len(phrases) == len(set(phrases))
     for category in COCO_SYNONYMS:
         assert object_mentions(f"there is a {category} here") == [category]
 

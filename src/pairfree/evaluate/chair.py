@@ -13,9 +13,10 @@ both x100 here; lower is better. What this module implements, exactly:
   "hot-dog" reads "hot dog"). Phrases of :data:`COCO_SYNONYMS` are matched longest first at
   each word (so "hot dog" is a hot dog, not a dog, and "teddy bear" not a bear), each phrase
   also in its plural (last word: -s, -es, consonant + y -> -ies; irregular plurals such as
-  "people" and "knives" are listed in the table). *Every* mention counts, as in the paper's
-  code (``utils/chair.py`` of github.com/LisaAnne/Hallucination): "a dog chasing a dog" is two
-  mentions of dog, and two hallucinations when the image has none.
+  "people" and "knives" are listed in the table; the paper's code singularizes every word
+  instead, which agrees on regular nouns). *Every* mention counts, as the paper's released code
+  counts them (``utils/chair.py`` of github.com/LisaAnne/Hallucination): "a dog chasing a dog"
+  is two mentions of dog, and two hallucinations when the image has none.
 - **The paper's special cases** (:data:`COMPOUNDS`): a qualifier that would otherwise fire as a
   person names the object it qualifies ("baby elephant" and "adult giraffe" are the animal,
   "passenger train" is the train), "bow tie" is a tie and "toilet seat" a toilet; and a "seat"
@@ -23,7 +24,7 @@ both x100 here; lower is better. What this module implements, exactly:
 - **Ground truth** of an image is the union of its COCO instance (segmentation) categories and
   the objects its reference captions mention, as in the paper (:func:`ground_truth`);
   ``references=None`` keeps the instances alone.
-- CHAIR-i of captions that mention no object is NaN (nothing to count; the paper's code says 0).
+- CHAIR-i of captions that mention no object is NaN (nothing to count), shown as n/a.
 
 The synonym table is pairfree's own (the paper's list was not copied): each category's COCO name
 and the common words for it in COCO captions. Words that only sometimes name a category are left
