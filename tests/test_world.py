@@ -362,8 +362,10 @@ def test_truth_metrics_on_hand_built_cases():
         "b": "a medium green star in the bottom right",
     }
     m = truth_metrics(perfect, scenes)
-    assert all(m[k] == 100.0 for k in m if k not in ("unparseable", "n_captions"))
+    lower_is_better = ("unparseable", "n_captions", "chair_i", "chair_s")
+    assert all(m[k] == 100.0 for k in m if k not in lower_is_better)
     assert m["unparseable"] == 0.0 and m["n_captions"] == 2.0
+    assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0
 
     swapped = {"a": "a red square and a blue circle", "b": perfect["b"]}
     m = truth_metrics(swapped, scenes)
@@ -387,6 +389,27 @@ def test_truth_metrics_on_hand_built_cases():
     log = SkipLog()
     m = truth_metrics({"c": "a red circle", "b": perfect["b"]}, scenes, skip_log=log)
     assert len(log) == 1 and m["n_captions"] == 1.0
+
+
+def test_world_chair_counts_shapes_the_scene_lacks():
+    """CHAIR with the shape as the object: a shape absent from the scene is hallucinated, a
+    wrong color is not (an attribute error), and every named object is a mention."""
+    scenes = {
+        "a": Scene((obj("circle", "red", position=(0, 0)), obj("square", "blue"))),
+        "b": Scene((obj("star", "green"),)),
+        "c": Scene((obj("heart", "red"),)),
+    }
+    captions = {
+        "a": "a red circle and a blue triangle",  # the triangle: 1 of 2 mentions
+        "b": "a blue star above a green star",  # wrong color, repeated: 2 true mentions
+        "c": "a red cross and a red diamond",  # 2 of 2 made up
+    }
+    m = truth_metrics(captions, scenes)
+    assert m["chair_i"] == pytest.approx(100 * 3 / 6)
+    assert m["chair_s"] == pytest.approx(100 * 2 / 3)
+    assert m["object_precision"] == pytest.approx(100 * 2 / 6)  # colors count there
+    m = truth_metrics({"b": "a picture"}, scenes)
+    assert math.isnan(m["chair_i"]) and m["chair_s"] == 0.0
 
 
 # --- export ----------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ from pairfree.commands.common import add_device
 def register(sub) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, CLIPScore)",
+        help="score predictions against references (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, "
+        "CLIPScore, CHAIR)",
         description=(
             "Score COCO results JSON [{image_id, caption}] against the references of a "
             "Karpathy/COCO/NoCaps JSON with pycocoevalcap's scorers and PTB tokenizer (Java). "
             "SPICE runs when the Stanford CoreNLP 3.6.0 jars are present and is reported "
-            "unavailable otherwise. --clip adds CLIPScore/RefCLIPScore (needs the images). "
+            "unavailable otherwise. --clip adds CLIPScore/RefCLIPScore (needs the images); "
+            "--instances adds CHAIR-i/CHAIR-s (object hallucination, Rohrbach et al. 2018). "
             "NoCaps files are also scored per domain. Writes OUT.json and OUT.md (x100); by "
             "default OUT is the predictions file's name with .scores (preds.scores.json)."
         ),
@@ -28,6 +30,20 @@ def register(sub) -> None:
     p.add_argument("--image-root", default=None, help="image folder, for CLIPScore")
     p.add_argument("--clip", default=None, help="CLIP spec for CLIPScore/RefCLIPScore")
     p.add_argument("--spice-dir", default=None, help="folder with SPICE and its CoreNLP jars")
+    p.add_argument(
+        "--instances",
+        type=Path,
+        action="append",
+        default=None,
+        help="COCO instance annotations (instances_val2014.json) for CHAIR; repeat to join "
+        "files (train2014 + val2014). Every predicted image must be listed in one",
+    )
+    p.add_argument(
+        "--chair-instances-only",
+        action="store_true",
+        help="CHAIR's ground truth is the instances alone (default: the instances plus the "
+        "objects the references mention, as the paper)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -53,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_suffix("")
     json_out, md_out = Path(f"{out}.json"), Path(f"{out}.md")
     for path in (json_out, md_out):
-        check_output(path, inputs=[args.predictions, args.references])
+        check_output(path, inputs=[args.predictions, args.references, *(args.instances or ())])
 
     predictions = read_json(args.predictions)
     if not isinstance(predictions, list):
@@ -77,8 +93,23 @@ def run(args: argparse.Namespace) -> int:
                     images[it.image_id] = load_image(it.path)
                 except BadInputError as err:
                     raise PairfreeError(f"CLIPScore needs every predicted image: {err}") from None
+    instances = None
+    if args.instances:
+        from pairfree.evaluate.chair import read_coco_instances
+
+        instances = {}
+        for path in args.instances:
+            for image_id, objects in read_coco_instances(path).items():
+                instances.setdefault(image_id, set()).update(objects)
     report = evaluate(
-        predictions, references, domains=domains, clip=clip, images=images, spice_dir=args.spice_dir
+        predictions,
+        references,
+        domains=domains,
+        clip=clip,
+        images=images,
+        spice_dir=args.spice_dir,
+        instances=instances,
+        chair_references=not args.chair_instances_only,
     )
     print(report.to_markdown())  # first, so a failing write below loses no scores
     json_path, md_path = report.write(out)

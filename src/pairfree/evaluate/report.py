@@ -11,6 +11,7 @@ from PIL import Image
 
 from pairfree.clip.base import ClipEncoder
 from pairfree.errors import BadInputError, PairfreeError
+from pairfree.evaluate.chair import chair_scores, ground_truth
 from pairfree.evaluate.clipscore import clip_scores_per_image
 from pairfree.evaluate.coco import (
     METRICS,
@@ -32,6 +33,8 @@ COLUMNS = (
     ("SPICE", "S"),
     ("CLIPScore", "CLIP-S"),
     ("RefCLIPScore", "RefCLIP-S"),
+    ("CHAIR_i", "CHAIR-i"),
+    ("CHAIR_s", "CHAIR-s"),
 )
 
 
@@ -87,14 +90,28 @@ def evaluate(
     images: Mapping[str, Image.Image] | None = None,
     spice_dir: str | Path | None = None,
     metrics: Sequence[str] = METRICS,
+    instances: Mapping[str, set[str]] | None = None,
+    chair_references: bool = True,
 ) -> EvaluationReport:
     """Score COCO results (``[{"image_id", "caption"}]``) against ``references``.
 
     Image ids are compared as strings. With ``domains`` (image id -> NoCaps domain) scores are
     given per domain and overall. With ``clip`` and ``images`` (image id -> image) CLIPScore
-    and RefCLIPScore are added to every group.
+    and RefCLIPScore are added to every group. With ``instances`` (image id -> its annotated
+    COCO categories) CHAIR-i and CHAIR-s are added to every group, against the instances and
+    the objects the references mention (the paper's ground truth; ``chair_references=False``
+    keeps the instances alone).
     """
     captions = predictions_by_id(predictions)
+    if instances is not None:
+        truth = ground_truth(instances, references if chair_references else None)
+        unannotated = [i for i in captions if i not in truth]
+        if unannotated:  # checked before the slow metrics run
+            raise PairfreeError(
+                f"CHAIR: no instance annotations for image ids {format_ids(unannotated)}; give "
+                "the instances file of the split these images come from (Karpathy's val and "
+                "test images are in instances_val2014.json)"
+            )
     notes = []
     empty = [i for i, caption in captions.items() if not caption.strip()]
     if empty:
@@ -132,6 +149,10 @@ def evaluate(
             index = torch.tensor([row[i] for i in members], dtype=torch.long)
             for metric, values in per_image.items():
                 scores[name][metric] = 100.0 * float(values[index].mean()) if members else None
+    if instances is not None:
+        for name, members in groups.items():
+            chair = chair_scores({i: captions[i] for i in members}, truth)
+            scores[name] |= {key: chair[key] for key in ("CHAIR_i", "CHAIR_s")}
     return EvaluationReport(scores=scores, notes=notes)
 
 

@@ -25,6 +25,9 @@ GLOSSARY = (
     ("S", "SPICE: F-score over scene-graph tuples (needs Stanford CoreNLP)."),
     ("CLIP-S", "CLIPScore: 100 x 2.5 x max(cosine(image, caption), 0) under the CLIP named; can "
      "exceed 100. RefCLIP-S adds the references."),
+    ("CHAIR-i / CHAIR-s", "object hallucination (Rohrbach et al., EMNLP 2018): % of object "
+     "mentions / % of captions naming an object the image lacks (COCO instances plus the "
+     "references' objects; in the world, a shape the scene lacks). Lower is better."),
     ("obj P / obj R / exact", "shapes world only: % of named objects that are in the image, % "
      "of the image's objects that are named, % of captions whose whole scene is right."),
     ("val_loss", "length-normalized caption negative log-likelihood on the held-out split."),

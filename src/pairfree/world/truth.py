@@ -4,6 +4,11 @@ CIDEr saturates on templated references; truth does not. Each caption is parsed 
 objects and attributes and compared with its scene. A parsed object matches a scene object
 when shape and color agree; each scene object matches at most once, so a repeated object
 counts against precision.
+
+CHAIR-i / CHAIR-s (Rohrbach et al., EMNLP 2018; :mod:`pairfree.evaluate.chair`) take the shape
+as the object category: every named object is a mention, hallucinated when no object of the
+scene has its shape (a wrong color is an attribute error, not CHAIR's); the ground truth is the
+whole scene, which the world knows exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections import Counter
 from collections.abc import Hashable, Mapping
 
 from pairfree.errors import BadInputError, SkipLog
+from pairfree.evaluate.chair import chair_from_mentions
 from pairfree.world.language import ParsedScene, parse_caption
 from pairfree.world.scene import Scene, relation_holds
 
@@ -69,7 +75,9 @@ def truth_metrics(
     - ``size_accuracy`` / ``position_accuracy``: stated sizes / cells of matched objects that
       are right; ``relation_accuracy``: stated relations between matched objects that hold
       (NaN when nothing of the kind was stated);
-    - ``unparseable``: captions that name no object with both a shape and a color.
+    - ``unparseable``: captions that name no object with both a shape and a color;
+    - ``chair_i`` / ``chair_s``: named objects / captions with a shape the scene lacks
+      (CHAIR-i and CHAIR-s, lower is better; ``chair_i`` is NaN when no object was named).
 
     A caption whose id has no scene is skipped into ``skip_log`` (raised without one).
     """
@@ -77,6 +85,7 @@ def truth_metrics(
     n = parsed_total = scene_total = matched = exact = unparseable = 0
     stated = Counter[str]()
     right = Counter[str]()
+    chair: list[tuple[list[str], set[str]]] = []
     for image_id, caption in generated.items():
         scene = by_id.get(str(image_id))
         if scene is None or not isinstance(caption, str):
@@ -94,6 +103,7 @@ def truth_metrics(
         matched += sum(i is not None for i in matches)
         exact += Counter(o.key for o in parsed.objects) == Counter(o.key for o in scene.objects)
         unparseable += not any(o.color is not None for o in parsed.objects)
+        chair.append(([o.shape for o in parsed.objects], {o.shape for o in scene.objects}))
         for o, i in zip(parsed.objects, matches, strict=True):
             if i is None:
                 continue
@@ -110,6 +120,7 @@ def truth_metrics(
                 stated["relation"] += 1
                 pa, pb = scene.objects[matches[a]].position, scene.objects[matches[b]].position
                 right["relation"] += relation_holds(pa, rel, pb)
+    hallucination = chair_from_mentions(chair)
     return {
         "object_precision": _percent(matched, parsed_total),
         "object_recall": _percent(matched, scene_total),
@@ -118,5 +129,7 @@ def truth_metrics(
         "position_accuracy": _percent(right["position"], stated["position"]),
         "relation_accuracy": _percent(right["relation"], stated["relation"]),
         "unparseable": _percent(unparseable, n),
+        "chair_i": hallucination["CHAIR_i"],
+        "chair_s": hallucination["CHAIR_s"],
         "n_captions": float(n),
     }
