@@ -19,6 +19,7 @@ excludes 0. Every run's per-image CIDEr is written to ``<out>/world-table.json``
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
     python bench/world.py --recipes sacap        # only some recipes' rows (each run is seeded:
                                                  # the rows equal those of a full run)
+    python bench/world.py --presets default      # only the in- and cross-domain settings
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
     parser.add_argument("--test-images", type=int, default=DemoConfig.n_test)
     parser.add_argument("--recipes", default=None, help="comma-separated: only these recipes")
+    parser.add_argument("--presets", default=",".join(SETTINGS),
+                        help="comma-separated training worlds: default (in- and cross-domain "
+                        "settings), novel (novel objects)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -81,6 +85,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
     torch.set_num_threads(1)  # one core per seed process
     scores, seconds, per_image = {}, {}, {}
     for train_preset, (methods, settings) in SETTINGS.items():
+        if train_preset not in args.presets.split(","):
+            continue
         if args.recipes:
             methods = [m for m in methods if m.recipe in args.recipes.split(",")]
         if not methods:
