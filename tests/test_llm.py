@@ -717,21 +717,23 @@ def test_a_server_failing_every_request_is_given_up_on_and_nothing_is_rejected(
 def test_prompts_the_server_refuses_are_rejected_and_refused_requests_stop_the_job(
     scripted_server, tmp_path, capsys, monkeypatch
 ):
-    """HTTP 400 is the server's verdict on the prompt (too long for its context, say): a
-    reject with the reason. 401/403/404 would refuse every prompt: the job stops, none is
-    recorded."""
+    """HTTP 400 is the server's verdict on the prompt (too long for its context, say), as is a
+    reply without text: rejects with the reason. 401/403/404 would refuse every prompt: the job
+    stops, none is recorded."""
     from pairfree.cli import main
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("good\nhuge\n")
-    script = staticmethod(lambda p: 400 if "huge" in p else (GOOD, 0))
+    corpus.write_text("good\nhuge\nfiltered\n")
+    answers = {"huge": 400, "filtered": (None, 0)}  # a content filter: a reply without text
+    script = staticmethod(lambda p: next((a for k, a in answers.items() if k in p), (GOOD, 0)))
     monkeypatch.setattr(Scripted500, "script", script)
     out = tmp_path / "out"
     args = ["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
             scripted_server, "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    (rejected,) = read_jsonl(out / "rejects.jsonl")
+    rejected, filtered = read_jsonl(out / "rejects.jsonl")
     assert rejected["caption"] == "huge" and "refused the prompt: HTTP 400" in rejected["rejected"]
+    assert filtered["caption"] == "filtered" and "without text" in filtered["rejected"]
     assert Scripted500.seen.count(rephrase_prompt("huge")) == 1  # not retried
     monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: 401))
     assert main([*args[:-2], str(tmp_path / "other"), "--no-progress"]) == 2
@@ -773,6 +775,38 @@ def test_a_job_that_keeps_nothing_fails_and_too_many_rejects_warn(
     with pytest.raises(SystemExit):
         main([*args, str(tmp_path / "bad"), "--max-reject-share", "1.5"])
     assert "a share is 0 to 1" in capsys.readouterr().err
+
+
+def test_icsd_keeps_unanswered_groups_pending_and_warns_when_none_is_kept(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """ICSD's summarize stage shares the machinery: HTTP 500 leaves every group pending and
+    the run stops before any image is drawn; the rerun asks exactly those groups, and when no
+    answer parses the warning names the rejects file before "no training pairs"."""
+    from pairfree.cli import main
+    from pairfree.world import make_world
+
+    world = make_world(tmp_path / "w", n_train_images=0, n_val=0, n_test=0, n_corpus=8, seed=1)
+    out = tmp_path / "run"
+    args = ["train", "icsd", f"corpus.path={world.corpus}", "clip=world:builtin",
+            "synthesis.llm.spec=openai:m", f"synthesis.llm.api_base={scripted_server}",
+            "synthesis.images.backend=world:default", "synthesis.group_size=3",
+            "model.lm=unused", f"train.output_dir={out}", "image_size=null",
+            "synthesis.group_clip=null", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "summarize: 8 of 8 inputs still pending, no answer yet (HTTP 500, 6 tries)" in err
+    assert not (out / "synthetic" / "images").exists()
+    assert len(Scripted500.seen) == 8 * 6
+
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: ("no idea", 0)))
+    Scripted500.seen = []
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(Scripted500.seen) == 8  # each pending group once, nothing else
+    rejects = out / "synthetic" / "summaries" / "rejects.jsonl"
+    assert "summarize kept nothing, all 8 rejected" in err and str(rejects) in err
+    assert "no training pairs" in err
 
 
 @pytest.mark.parametrize(
