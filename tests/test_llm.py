@@ -18,7 +18,7 @@ import torch
 
 from pairfree.errors import PairfreeError, SkipLog
 from pairfree.synth.literal import read_literal
-from pairfree.synth.llm import LLM, Sampling, load_llm
+from pairfree.synth.llm import LLM, NoAnswer, Sampling, load_llm
 from pairfree.synth.tasks import (
     REPHRASE_PROMPT,
     SUMMARIZE_PROMPT,
@@ -436,13 +436,14 @@ def test_openai_backend_retries_times_out_and_keeps_the_key_secret(
     with caplog.at_level("WARNING"):
         answers = llm.generate(["good", "malformed", "busy", "hang"], Sampling())
     assert time.time() - start < 10  # bounded: 3 tries of 0.3 s for the hanging prompt
-    assert answers[0] == GOOD and answers[2] == GOOD and answers[3] is None
+    assert answers[0] == GOOD and answers[2] == GOOD
+    assert answers[3] == NoAnswer("timed out after 0.3 s, 3 tries")  # pending, not final
     with pytest.raises(Rejected):
         parse_rephrasings(answers[1])
     assert [p for p, _ in ChatStub.seen].count("busy") == 2  # 429, then the retry
     assert [p for p, _ in ChatStub.seen].count("hang") == 3  # the first try and 2 retries
     assert all(auth == "Bearer sk-secret-123" for _, auth in ChatStub.seen)
-    assert "sk-secret" not in caplog.text and "no answer after 3 tries" in caplog.text
+    assert "sk-secret" not in caplog.text
     with pytest.raises(PairfreeError, match="API base URL.*synthesis.llm.api_base"):
         load_llm("openai:stub-model")
 
@@ -575,8 +576,7 @@ def test_a_server_that_cannot_be_reached_stops_the_job_and_records_no_rejects(
     tmp_path, capsys, monkeypatch
 ):
     """Refused connections are no prompt's fault: the job stops with one line and rejects
-    nothing (a rerun against the server resumes), where a prompt that only timed out is
-    rejected (above)."""
+    nothing (a rerun against the server resumes)."""
     import socket
 
     from pairfree.cli import main
@@ -596,6 +596,217 @@ def test_a_server_that_cannot_be_reached_stops_the_job_and_records_no_rejects(
                  f"http://127.0.0.1:{port}/v1", "--out", str(out), "--no-progress"]) == 2  # fmt: skip
     assert "cannot reach the LLM server" in capsys.readouterr().err
     assert not (out / "rejects.jsonl").exists() and not list(out.glob("shards/*"))
+
+
+class Scripted500(BaseHTTPRequestHandler):
+    """Answers by ``Scripted500.script(prompt)``: an HTTP status, or (content, delay)."""
+
+    script = staticmethod(lambda prompt: 500)
+    seen: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (the http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        Scripted500.seen.append(prompt)
+        answer = Scripted500.script(prompt)
+        try:
+            if isinstance(answer, int):
+                self.send_response(answer)
+                self.end_headers()
+                return
+            content, delay = answer
+            threading.Event().wait(delay)  # time.sleep is the client's, patched away
+            reply = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on a slow answer, as it should
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted_server(monkeypatch):
+    """The stub's API base; its script and the prompts it saw are Scripted500's. The client's
+    backoff does not wait."""
+    monkeypatch.setattr("pairfree.synth.llm.time.sleep", lambda seconds: None)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted500)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Scripted500.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_transient_failures_stay_pending_and_a_rerun_asks_exactly_those(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """5xx, 429 and timeouts, their retries used up, are no answer *yet*: nothing is rejected
+    for them, the job fails counting them, and the rerun asks those prompts and no other."""
+    from pairfree.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("good\nmalformed\ndown\nbusy\nslow\n")
+    failing = {"down": 500, "busy": 429, "slow": ("never seen", 2.0)}
+
+    def first(prompt: str):
+        caption = re.search(r"text: (\w+)\.", prompt).group(1)
+        return failing.get(caption, ("not json {" if caption == "malformed" else GOOD, 0))
+
+    monkeypatch.setattr(Scripted500, "script", staticmethod(first))
+    out = tmp_path / "out"
+    args = ["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
+            scripted_server, "--out", str(out), "--timeout", "0.3", "--max-retries", "1",
+            "--batch-size", "2", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "rephrase: 3 of 5 inputs still pending" in err and "rerun the same command" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no warning per prompt
+    assert not (out / "rejects.jsonl").exists() and not (out / "rephrasings.jsonl").exists()
+    assert len(Scripted500.seen) == 2 + 3 * 2  # each failing prompt: the try and 1 retry
+
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: (GOOD, 0)))
+    Scripted500.seen = []
+    assert main(args) == 0
+    asked = sorted(re.search(r"text: (\w+)\.", p).group(1) for p in Scripted500.seen)
+    assert asked == ["busy", "down", "slow"]
+    kept = read_jsonl(out / "rephrasings.jsonl")
+    assert [r["caption"] for r in kept] == ["good", "down", "busy", "slow"]
+    (rejected,) = read_jsonl(out / "rejects.jsonl")  # the one answer that did not parse
+    assert rejected["caption"] == "malformed" and "no JSON object" in rejected["rejected"]
+    assert "kept 4, rejected 1" in capsys.readouterr().out
+
+
+def test_a_server_failing_every_request_is_given_up_on_and_nothing_is_rejected(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """HTTP 500 to every request: after GIVE_UP_AFTER prompts in a row without an answer the
+    job stops asking; every group is still pending, and the rerun makes them all."""
+    from pairfree.cli import main
+    from pairfree.synth.shards import GIVE_UP_AFTER
+
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text("".join(
+        json.dumps({"id": str(i), "members": [str(i), "x"], "captions": [f"cap{i}", "a dog"]})
+        + "\n" for i in range(GIVE_UP_AFTER + 8)))  # fmt: skip
+    out = tmp_path / "out"
+    args = ["synthesize", "summarize", str(groups), "--llm", "openai:m", "--api-base",
+            scripted_server, "--out", str(out), "--max-retries", "1", "--batch-size", "4",
+            "--shard-size", "8", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    total = GIVE_UP_AFTER + 8
+    assert f"summarize: {total} of {total} inputs still pending, no answer yet (HTTP 500" in err
+    assert len(Scripted500.seen) == GIVE_UP_AFTER * 2  # then it stopped asking (batches of 4)
+    assert not (out / "rejects.jsonl").exists()
+
+    answer = "{'index': [1, 2], 'summary': 'A dog.'}"
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: (answer, 0)))
+    assert main(args) == 0
+    summaries = read_jsonl(out / "summaries.jsonl")
+    assert [s["id"] for s in summaries] == [str(i) for i in range(total)]
+    assert f"kept {total}, rejected 0" in capsys.readouterr().out
+
+
+def test_prompts_the_server_refuses_are_rejected_and_refused_requests_stop_the_job(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """HTTP 400 is the server's verdict on the prompt (too long for its context, say), as is a
+    reply without text: rejects with the reason. 401/403/404 would refuse every prompt: the job
+    stops, none is recorded."""
+    from pairfree.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("good\nhuge\nfiltered\n")
+    answers = {"huge": 400, "filtered": (None, 0)}  # a content filter: a reply without text
+    script = staticmethod(lambda p: next((a for k, a in answers.items() if k in p), (GOOD, 0)))
+    monkeypatch.setattr(Scripted500, "script", script)
+    out = tmp_path / "out"
+    args = ["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
+            scripted_server, "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    rejected, filtered = read_jsonl(out / "rejects.jsonl")
+    assert rejected["caption"] == "huge" and "refused the prompt: HTTP 400" in rejected["rejected"]
+    assert filtered["caption"] == "filtered" and "without text" in filtered["rejected"]
+    assert Scripted500.seen.count(rephrase_prompt("huge")) == 1  # not retried
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: 401))
+    assert main([*args[:-2], str(tmp_path / "other"), "--no-progress"]) == 2
+    assert "refuses the requests (HTTP 401)" in capsys.readouterr().err
+    assert not list((tmp_path / "other").glob("shards/*"))
+
+
+def test_a_job_that_keeps_nothing_fails_and_too_many_rejects_warn(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """Every answer malformed: the job fails, naming the rejects file and the commonest reason;
+    more rejects than --max-reject-share warns and still succeeds."""
+    from pairfree.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"caption {i}\n" for i in range(5)))
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: ("not json {", 0)))
+    out = tmp_path / "none"
+    args = ["synthesize", "rephrase", str(corpus), "--llm", "openai:m", "--api-base",
+            scripted_server, "--no-progress", "--out"]  # fmt: skip
+    assert main([*args, str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "kept 0, rejected 5" in captured.out
+    assert "rephrase kept nothing, all 5 rejected" in captured.err
+    assert "(5): 'no JSON object in the answer'" in captured.err
+    assert str(out / "rejects.jsonl") in captured.err
+    assert len(read_jsonl(out / "rejects.jsonl")) == 5
+
+    good = {"caption 0", "caption 1"}
+    script = staticmethod(lambda p: (GOOD if re.search(r"text: (.*?)\. Please", p).group(1)
+                                     in good else "not json {", 0))  # fmt: skip
+    monkeypatch.setattr(Scripted500, "script", script)
+    assert main([*args, str(tmp_path / "some")]) == 0
+    err = capsys.readouterr().err
+    assert "rephrase rejected 3 of 5 (more than 50%)" in err
+    assert str(tmp_path / "some" / "rejects.jsonl") in err
+    assert main([*args, str(tmp_path / "allowed"), "--max-reject-share", "0.6"]) == 0
+    assert "rejected" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, str(tmp_path / "bad"), "--max-reject-share", "1.5"])
+    assert "a share is 0 to 1" in capsys.readouterr().err
+
+
+def test_icsd_keeps_unanswered_groups_pending_and_warns_when_none_is_kept(
+    scripted_server, tmp_path, capsys, monkeypatch
+):
+    """ICSD's summarize stage shares the machinery: HTTP 500 leaves every group pending and
+    the run stops before any image is drawn; the rerun asks exactly those groups, and when no
+    answer parses the warning names the rejects file before "no training pairs"."""
+    from pairfree.cli import main
+    from pairfree.world import make_world
+
+    world = make_world(tmp_path / "w", n_train_images=0, n_val=0, n_test=0, n_corpus=8, seed=1)
+    out = tmp_path / "run"
+    args = ["train", "icsd", f"corpus.path={world.corpus}", "clip=world:builtin",
+            "synthesis.llm.spec=openai:m", f"synthesis.llm.api_base={scripted_server}",
+            "synthesis.images.backend=world:default", "synthesis.group_size=3",
+            "model.lm=unused", f"train.output_dir={out}", "image_size=null",
+            "synthesis.group_clip=null", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "summarize: 8 of 8 inputs still pending, no answer yet (HTTP 500, 6 tries)" in err
+    assert not (out / "synthetic" / "images").exists()
+    assert len(Scripted500.seen) == 8 * 6
+
+    monkeypatch.setattr(Scripted500, "script", staticmethod(lambda p: ("no idea", 0)))
+    Scripted500.seen = []
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(Scripted500.seen) == 8  # each pending group once, nothing else
+    rejects = out / "synthetic" / "summaries" / "rejects.jsonl"
+    assert "summarize kept nothing, all 8 rejected" in err and str(rejects) in err
+    assert "no training pairs" in err
 
 
 @pytest.mark.parametrize(

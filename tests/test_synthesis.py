@@ -232,6 +232,25 @@ def test_synthesize_with_diffusers_resumes_to_the_same_images(tiny_sd_dir, tmp_p
     assert (resumed / "manifest.jsonl").read_text() == (once / "manifest.jsonl").read_text()
 
 
+def test_images_where_no_prompt_makes_a_pair_fail_naming_the_manifest(
+    tiny_sd_dir, tmp_path, capsys
+):
+    """Every prompt too long for the text encoder: nothing to train on, so the job fails with
+    the commonest reason and the file listing every prompt's status (it exited 0)."""
+    from pairfree.cli import main
+
+    long = " ".join(["a very long caption"] * 30)  # over the text encoder's 77 tokens
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(f"one {long}\ntwo {long}\n")
+    out = tmp_path / "out"
+    assert main(synthesize(corpus, f"diffusers:{tiny_sd_dir}", out, "--steps", "2")) == 2
+    captured = capsys.readouterr()
+    assert "made 0 images" in captured.out and "skipped 2 prompts" in captured.out
+    assert "synthesize images kept nothing, all 2 rejected" in captured.err
+    assert "(2): 'prompt of 123 tokens; the text encoder reads 77'" in captured.err
+    assert str(out / "manifest.jsonl") in captured.err
+
+
 @pytest.mark.slow
 def test_two_processes_synthesize_what_one_does(tmp_path):
     import os

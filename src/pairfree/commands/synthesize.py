@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 from pathlib import Path
 
-from pairfree.commands.common import add_device, add_strict, positive_int, report_skips
+from pairfree.commands.common import add_device, add_strict, at_least, positive_int, report_skips
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -58,6 +62,9 @@ def register(sub) -> None:
         default=None,
         help="also encode the dataset's images with this CLIP into OUT/features (a feature "
         "store, as `pairfree encode --dataset OUT/dataset.jsonl` would make)",
+    )
+    add_max_reject_share(
+        images, "prompts left out of the dataset (skipped, or flagged and dropped)"
     )
     images.add_argument("--no-progress", action="store_true")
     add_device(images)
@@ -133,6 +140,11 @@ def add_llm_arguments(
     )
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
     p.add_argument("--concurrency", type=positive_int, default=8, help="requests at once (openai:)")
+    p.add_argument("--timeout", type=seconds, default=None,
+                   help="seconds to wait for an answer (openai:; default 60)")  # fmt: skip
+    p.add_argument("--max-retries", type=at_least(0), default=None,
+                   help="tries after the first on 429, 5xx and timeouts (openai:; default 5); "
+                   "a prompt still without an answer stays pending for a rerun")  # fmt: skip
     p.add_argument("--prompt", type=Path, default=None, help="a file replacing the original prompt")
     p.add_argument("--response-prefix", default="", help="text the answer starts with (hf:)")
     p.add_argument(
@@ -156,8 +168,52 @@ def add_llm_arguments(
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--shard-size", type=positive_int, default=512, help="inputs per shard")
+    add_max_reject_share(p, "answers rejected")
     p.add_argument("--no-progress", action="store_true")
     add_device(p)
+
+
+def add_max_reject_share(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--max-reject-share", type=share, default=0.5,
+        help=f"warn when more than this share of {what} (default 0.5); a job that keeps "
+        "nothing fails",
+    )  # fmt: skip
+
+
+def share(text: str) -> float:
+    """An argparse type: a share, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share is 0 to 1, not {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be above 0 seconds, not {text}")
+    return value
+
+
+def finish(summary, max_reject_share: float) -> int:
+    """Print a job's summary; warn when it rejected too much, fail when it kept nothing."""
+    from pairfree.errors import PairfreeError
+
+    print(summary)
+    problem = summary.warning(max_reject_share)
+    if problem and not summary.kept:
+        raise PairfreeError(problem)
+    if problem:
+        logger.warning(problem)
+    return 0
 
 
 def _llm_job(args: argparse.Namespace, inputs: list):
@@ -180,6 +236,8 @@ def _llm_job(args: argparse.Namespace, inputs: list):
         api_base=args.api_base,
         api_key_env=args.api_key_env,
         concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
         response_prefix=args.response_prefix,
         chat_template=args.chat_template,
         dtype=args.dtype,
@@ -203,10 +261,10 @@ def run_rephrase(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
         job=job,
     )  # fmt: skip
-    if summary is not None:
-        report_skips([e.to_record() for e in skip_log.items], args.out)
-        print(summary)
-    return 0
+    if summary is None:
+        return 0
+    report_skips([e.to_record() for e in skip_log.items], args.out)
+    return finish(summary, args.max_reject_share)
 
 
 def run_summarize(args: argparse.Namespace) -> int:
@@ -221,9 +279,7 @@ def run_summarize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
         job=job,
     )  # fmt: skip
-    if summary is not None:
-        print(summary)
-    return 0
+    return 0 if summary is None else finish(summary, args.max_reject_share)
 
 
 def run_group(args: argparse.Namespace) -> int:
@@ -298,7 +354,7 @@ def run_images(args: argparse.Namespace) -> int:
         pairs = image_sources(args.out / "dataset.jsonl", split="train", skip_log=job.skip_log)
         clip = load_clip(args.clip, device=device)
         encode_images(clip, pairs, args.out / "features", job=job)
-    if summary is not None:
-        report_skips([e.to_record() for e in job.skip_log.items], args.out)
-        print(summary)
-    return 0
+    if summary is None:
+        return 0
+    report_skips([e.to_record() for e in job.skip_log.items], args.out)
+    return finish(summary, args.max_reject_share)

@@ -253,6 +253,8 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
                               job=job)  # fmt: skip
     if result is not None:
         logger.info("icsd: %s", result)
+        if result.warning():
+            logger.warning("icsd: %s", result.warning())
     job.wait_for_everyone()
     return read_summaries(out / "summaries.jsonl", job.skip_log)
 

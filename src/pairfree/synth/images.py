@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pairfree.data import Caption
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_path
 from pairfree.job import Job
-from pairfree.synth.shards import run_shards, write_jsonl
+from pairfree.synth.shards import poor_yield, run_shards, write_jsonl
 from pairfree.synth.text_to_image import TextToImage, image_seed
 
 
@@ -55,6 +55,12 @@ class SynthesisSummary:
     out_dir: Path
     mistaken: int | None = None  # images with a known departure from their prompt
     nsfw_kept: bool = False  # whether the flagged images are pairs of the dataset
+    reasons: list[str] = field(default_factory=list)  # why each prompt is not a pair
+
+    @property
+    def kept(self) -> int:
+        """Pairs in the dataset."""
+        return self.made - (0 if self.nsfw_kept else self.nsfw)
 
     def __str__(self) -> str:
         known = "" if self.mistaken is None else f", {self.mistaken} with a known mistake"
@@ -63,6 +69,12 @@ class SynthesisSummary:
             f"made {self.made} images ({self.nsfw} flagged NSFW, {where} the dataset"
             f"{known}), skipped {self.skipped} prompts -> {self.out_dir}"
         )
+
+    def warning(self, max_reject_share: float = 0.5) -> str | None:
+        """What to say when no pair was made or over ``max_reject_share`` of the prompts
+        were left out (skipped, or flagged and dropped)."""
+        return poor_yield("synthesize images", self.kept, self.reasons,
+                          self.out_dir / "manifest.jsonl", max_reject_share)  # fmt: skip
 
 
 def plan_prompts(captions: Sequence[Caption], *, variants: int, seed: int) -> list[Prompt]:
@@ -137,6 +149,7 @@ def synthesize_images(
                          batch_size=batch_size, job=job or Job(), desc="synthesize")  # fmt: skip
     if records is None:
         return None
+    left_out = [r for r in records if r["status"] != "ok" or (r["nsfw"] and not keep_nsfw)]
     usable = [r for r in records if r["status"] == "ok" and (keep_nsfw or not r["nsfw"])]
     write_jsonl(out / "manifest.jsonl", records)
     pairs = [{"image_id": r["id"], "image": r["image"], "caption": r["prompt"]} for r in usable]
@@ -150,6 +163,10 @@ def synthesize_images(
         out_dir=out,
         mistaken=sum(bool(r["mistakes"]) for r in known) if known else None,
         nsfw_kept=keep_nsfw,
+        reasons=[
+            r["status"].removeprefix("skipped: ") if r["status"] != "ok" else "flagged NSFW"
+            for r in left_out
+        ],  # fmt: skip
     )
 
 

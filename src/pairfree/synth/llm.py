@@ -10,20 +10,25 @@
   ``<|eot_id|>`` where the vocabulary has it (SaCap's terminators).
 - ``openai:<model>`` with ``api_base``: any OpenAI-compatible chat-completions server (vLLM,
   llama.cpp's server, TGI, OpenAI itself; how a 70B model on a cluster is used). Requests run
-  with bounded concurrency and a timeout, and are retried with exponential backoff on 429, 5xx,
-  timeouts and refused connections. The key comes from an environment variable and is never
-  logged or written anywhere.
+  with bounded concurrency and a timeout, and are retried with exponential backoff on 408, 409,
+  429, 5xx, timeouts, dropped connections and refused connections. The key comes from an
+  environment variable and is never logged or written anywhere.
 - ``world:<preset>``: the shapes world's paraphraser and summarizer answering the two task
   prompts (the testbed's stand-in).
 
-A prompt that gets no answer (refused by the server, or retries used up on timeouts, 429 or 5xx)
-comes back as ``None``; the caller records it as rejected. A server that cannot be reached at
-all (connection refused, unknown host) through the retries stops the job instead, so that its
-prompts are not recorded as rejected: finished shards are kept and a rerun resumes.
+A prompt that gets no answer comes back as :class:`NoAnswer`. When its retries were used up
+(timeouts, 429, 5xx, replies that are not chat completions) it is no answer *yet*: the job keeps
+the prompt pending and a rerun asks again. Only the server refusing the prompt itself (HTTP 400,
+413, 422: too long for the context, say) or a reply without text (a content filter) is final,
+and the caller records it as rejected. A server that cannot be reached at all (connection
+refused, unknown host) through the retries, or that refuses every request (401, 403, 404: the
+key, the model name or the URL) stops the job instead: finished shards are kept and a rerun
+resumes.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -42,7 +47,8 @@ from pairfree.backends import resolve_backend
 from pairfree.errors import PairfreeError, load_failure
 
 logger = logging.getLogger(__name__)
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 409, 429}  # and every 5xx
+PROMPT_REFUSED = {400, 413, 422}  # the server's verdict on this prompt: final
 CHAT_TEMPLATE = ("auto", "never", "always")
 STOP_TOKENS = ("<|eot_id|>",)  # stopped at too, where the vocabulary has them (SaCap's)
 
@@ -64,12 +70,21 @@ class Sampling:
             raise PairfreeError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
+@dataclass(frozen=True)
+class NoAnswer:
+    """Why a prompt got no answer; ``final`` when asking again would not get one either (the
+    server refused the prompt), else the prompt stays pending and a rerun asks again."""
+
+    reason: str
+    final: bool = False
+
+
 @runtime_checkable
 class LLM(Protocol):
     name: str
 
-    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
-        """One answer per prompt (``None``: no answer could be had)."""
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | NoAnswer]:
+        """One answer per prompt, or why there is none."""
         ...
 
 
@@ -109,7 +124,7 @@ class HFCausalLM:
         return prompt + self.response_prefix
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | NoAnswer]:
         if not prompts:
             return []
         batch = self.tokenizer(
@@ -203,7 +218,7 @@ class OpenAIChat:
         self.concurrency, self.timeout = concurrency, timeout
         self.max_retries, self.backoff = max_retries, backoff
 
-    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str | NoAnswer]:
         body = {
             "model": self.model,
             "max_tokens": sampling.max_new_tokens,
@@ -219,7 +234,7 @@ class OpenAIChat:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
 
-    def _ask(self, prompt: str, body: dict) -> str | None:
+    def _ask(self, prompt: str, body: dict) -> str | NoAnswer:
         data = json.dumps({**body, "messages": [{"role": "user", "content": prompt}]}).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
@@ -231,22 +246,38 @@ class OpenAIChat:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     reply = json.loads(response.read().decode("utf-8"))
-                return reply["choices"][0]["message"]["content"]
+                message = reply["choices"][0]["message"]
+                if isinstance(message.get("content"), str):
+                    return message["content"]
+                finish = reply["choices"][0].get("finish_reason")
+                return NoAnswer(f"a reply without text (finish_reason {finish!r})", final=True)
             except urllib.error.HTTPError as err:
-                if err.code not in RETRY_STATUS:
-                    logger.warning("%s: HTTP %d, not retried", self.url, err.code)
-                    return None
+                if err.code in PROMPT_REFUSED:
+                    return NoAnswer(f"the server refused the prompt: HTTP {err.code}"
+                                    f"{_detail(err)}", final=True)  # fmt: skip
+                if err.code not in RETRY_STATUS and err.code < 500:
+                    raise PairfreeError(
+                        f"the LLM server {self.url} refuses the requests (HTTP {err.code}): "
+                        f"check the URL, the model name {self.model!r} and the key in "
+                        f"${self.api_key_env}; what was finished is kept: rerun to resume"
+                    ) from None
                 problem = f"HTTP {err.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 problem = type(err).__name__ + (
                     f" ({err.reason})" if hasattr(err, "reason") else ""
                 )
+                if isinstance(err, TimeoutError) or isinstance(
+                    getattr(err, "reason", None), TimeoutError
+                ):
+                    problem = f"timed out after {self.timeout:g} s"
                 unreachable = isinstance(err, urllib.error.URLError) and not isinstance(
                     err.reason, TimeoutError
                 )  # refused, no such host: no prompt's fault
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-                logger.warning("%s: a reply without choices[0].message.content", self.url)
-                return None
+            except http.client.HTTPException as err:  # a reply cut short
+                problem = type(err).__name__
+            except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError,
+                    json.JSONDecodeError):  # fmt: skip
+                problem = "a reply without choices[0].message"
             if attempt < self.max_retries:
                 time.sleep(min(self.backoff * 2**attempt, 60.0))
         if unreachable:
@@ -254,13 +285,23 @@ class OpenAIChat:
                 f"cannot reach the LLM server {self.url} ({problem}, {self.max_retries + 1} "
                 "tries); what was finished is kept: rerun the same command to resume"
             )
-        logger.warning("%s: no answer after %d tries (%s)", self.url, self.max_retries + 1, problem)
-        return None
+        logger.debug("%s: no answer after %d tries (%s)", self.url, self.max_retries + 1, problem)
+        return NoAnswer(f"{problem}, {self.max_retries + 1} tries")
+
+
+def _detail(err: urllib.error.HTTPError) -> str:
+    """The start of an error reply's text (the server's reason: context too long, ...)."""
+    try:
+        text = " ".join(err.read(300).decode("utf-8", "replace").split())
+    except OSError:
+        return ""
+    return f" ({text[:200]})" if text else ""
 
 
 def load_openai(model: str, *, api_base: str = "", **options: object) -> OpenAIChat:
     known = {"api_key_env", "concurrency", "timeout", "max_retries", "backoff"}
-    return OpenAIChat(model, api_base=api_base, **{k: v for k, v in options.items() if k in known})
+    chosen = {k: v for k, v in options.items() if k in known and v is not None}
+    return OpenAIChat(model, api_base=api_base, **chosen)
 
 
 # prefix -> "module:function"; the world's stand-in is named here, imported only when asked for

@@ -14,6 +14,10 @@ Outputs (JSONL, one object per line, in input order):
 
 and for the LLM jobs ``rejects.jsonl`` with each answer that could not be used, its reason and
 its raw text (the originals drop those answers; here they are counted and kept for a look).
+A prompt the LLM gave no answer to yet (its retries used up on timeouts, 429 or 5xx) is no
+reject: it stays pending in its shard, the job ends with an error counting them, and a rerun
+asks exactly those again (:mod:`pairfree.synth.shards`). A job's summary says when too much
+was rejected (:meth:`TextJobSummary.warning`).
 Answers are read as the originals read them unless ``strict`` (:mod:`pairfree.synth.tasks`);
 a kept record that only the original's reading keeps says why the strict one would not, in
 ``lenient``, and the job's summary counts them.
@@ -24,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,8 +39,8 @@ from pairfree.errors import BadInputError, PairfreeError, SkipLog
 from pairfree.io import read_user_text
 from pairfree.job import Job
 from pairfree.synth.grouping import nearest_captions
-from pairfree.synth.llm import LLM, Sampling
-from pairfree.synth.shards import run_shards, write_jsonl
+from pairfree.synth.llm import LLM, NoAnswer, Sampling
+from pairfree.synth.shards import poor_yield, run_shards, write_jsonl
 from pairfree.synth.tasks import (
     Rejected,
     parse_rephrasings,
@@ -53,10 +57,16 @@ class TextJobSummary:
     out_dir: Path
     what: str
     lenient: int = 0  # kept answers that only the original's reading keeps
+    reasons: list[str] = field(default_factory=list)  # why each reject was rejected
 
     def __str__(self) -> str:
         lenient = f" ({self.lenient} only as the original reads them)" if self.lenient else ""
         return f"{self.what}: kept {self.kept}{lenient}, rejected {self.rejected} -> {self.out_dir}"
+
+    def warning(self, max_reject_share: float = 0.5) -> str | None:
+        """What to say when nothing was kept or over ``max_reject_share`` was rejected."""
+        return poor_yield(self.what, self.kept, self.reasons, self.out_dir / "rejects.jsonl",
+                          max_reject_share)  # fmt: skip
 
 
 def rephrase_captions(
@@ -77,20 +87,17 @@ def rephrase_captions(
     distinct = list(dict.fromkeys(c.strip() for c in captions if c.strip()))
     items = list(enumerate(distinct))
 
+    def read(answer: str) -> dict:
+        parsed = parse_rephrasings(answer, strict=strict)
+        return {
+            "rephrasings": parsed.texts,
+            **({"lenient": parsed.lenient} if parsed.lenient else {}),
+        }
+
     def ask(batch: list[tuple[int, str]]) -> list[dict]:
         answers = llm.generate([rephrase_prompt(c, template) for _, c in batch], sampling)
-        records = []
-        for (i, caption), answer in zip(batch, answers, strict=True):
-            record = {"id": str(i), "caption": caption}
-            try:
-                parsed = parse_rephrasings(_answered(answer), strict=strict)
-                record["rephrasings"] = parsed.texts
-                if parsed.lenient:
-                    record["lenient"] = parsed.lenient
-            except Rejected as why:
-                record.update(rejected=str(why), answer=answer)
-            records.append(record)
-        return records
+        return [_judge({"id": str(i), "caption": caption}, answer, read)
+                for (i, caption), answer in zip(batch, answers, strict=True)]  # fmt: skip
 
     request = _request(llm, template, sampling, shard_size, distinct, strict)
     records = run_shards(out, items, ask, request=request, shard_size=shard_size,
@@ -234,24 +241,20 @@ def summarize_groups(
     instead of ICSD's."""
     out = Path(out_dir)
 
+    def reader(group: Group) -> Callable[[str], dict]:
+        def read(answer: str) -> dict:
+            chosen = parse_selection(answer, len(group.captions), strict=strict)
+            return {"selected": [group.members[i] for i in chosen.indices],
+                    "captions": [group.captions[i] for i in chosen.indices],
+                    "summary": chosen.summary,
+                    **({"lenient": chosen.lenient} if chosen.lenient else {})}  # fmt: skip
+
+        return read
+
     def ask(batch: list[Group]) -> list[dict]:
         answers = llm.generate([summarize_prompt(g.captions, template) for g in batch], sampling)
-        records = []
-        for group, answer in zip(batch, answers, strict=True):
-            record: dict = {"id": group.id}
-            try:
-                chosen = parse_selection(_answered(answer), len(group.captions), strict=strict)
-                record.update(
-                    selected=[group.members[i] for i in chosen.indices],
-                    captions=[group.captions[i] for i in chosen.indices],
-                    summary=chosen.summary,
-                )
-                if chosen.lenient:
-                    record["lenient"] = chosen.lenient
-            except Rejected as why:
-                record.update(rejected=str(why), answer=answer)
-            records.append(record)
-        return records
+        return [_judge({"id": group.id}, answer, reader(group))
+                for group, answer in zip(batch, answers, strict=True)]  # fmt: skip
 
     texts = [json.dumps(asdict(g)) for g in groups]
     request = _request(llm, template, sampling, shard_size, texts, strict)
@@ -260,10 +263,15 @@ def summarize_groups(
     return None if records is None else _split(out, records, "summaries.jsonl", "summarize")
 
 
-def _answered(answer: str | None) -> str:
-    if answer is None:
-        raise Rejected("no answer from the LLM (refused, or its retries were used up)")
-    return answer
+def _judge(record: dict, answer: str | NoAnswer, read: Callable[[str], dict]) -> dict:
+    """``record`` with what ``read`` makes of the answer, or why it was rejected, or why it
+    is pending (no answer yet: a rerun asks again)."""
+    if isinstance(answer, NoAnswer):
+        return {**record, ("rejected" if answer.final else "pending"): answer.reason}
+    try:
+        return {**record, **read(answer)}
+    except Rejected as why:
+        return {**record, "rejected": str(why), "answer": answer}
 
 
 def _request(
@@ -276,7 +284,9 @@ def _request(
 
 def _split(out: Path, records: list[dict], kept_name: str, what: str) -> TextJobSummary:
     kept = [r for r in records if "rejected" not in r]
+    rejects = [r for r in records if "rejected" in r]
     write_jsonl(out / kept_name, kept)
-    write_jsonl(out / "rejects.jsonl", [r for r in records if "rejected" in r])
+    write_jsonl(out / "rejects.jsonl", rejects)
     lenient = sum("lenient" in r for r in kept)
-    return TextJobSummary(len(kept), len(records) - len(kept), out, what, lenient)
+    return TextJobSummary(len(kept), len(rejects), out, what, lenient,
+                          [r["rejected"] for r in rejects])  # fmt: skip

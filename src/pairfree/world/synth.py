@@ -425,7 +425,7 @@ class WorldLLM:
         self.paraphraser = WorldParaphraser(config)
         self.summarizer = WorldSummarizer(config)
 
-    def generate(self, prompts: Sequence[str], sampling) -> list[str | None]:
+    def generate(self, prompts: Sequence[str], sampling) -> list[str]:
         return [self._answer(prompt, sampling.seed) for prompt in prompts]
 
     def _answer(self, prompt: str, seed: int) -> str:
