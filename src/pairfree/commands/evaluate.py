@@ -75,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(predictions, list):
         raise BadInputError(args.predictions, "expected a JSON list of {image_id, caption} "
                             "objects (COCO's results format)")  # fmt: skip
-    items = read_images(
-        args.references, format=args.format, split=args.split, image_root=args.image_root
+    items = read_images(  # image files are read (and checked) for CLIPScore only
+        args.references,
+        format=args.format,
+        split=args.split,
+        image_root=args.image_root,
+        files=bool(args.clip),
     )
     references = {it.image_id: list(it.references) for it in items if it.references}
     domains = {it.image_id: it.domain for it in items if it.domain} or None
