@@ -159,3 +159,11 @@ def test_jsonl_lines_of_one_image_are_one_image_unless_they_name_two_files(tmp_p
     references.write_text("".join(json.dumps(line) + "\n" for line in lines))
     fails_with(capsys, ["evaluate", str(predictions), str(references),
                         "--out", str(tmp_path / "again")], "line 1 and line 3 -> '1'")  # fmt: skip
+
+
+def test_scoring_without_images_does_not_check_their_names(tmp_path, capsys):
+    references = dataset_file(tmp_path, "karpathy", ["../a.png", "/elsewhere/b.png"])
+    predictions = tmp_path / "preds.json"
+    predictions.write_text(json.dumps([{"image_id": 1, "caption": "a shape"}]))
+    assert main(["evaluate", str(predictions), str(references)]) == 0
+    assert "skipped" not in capsys.readouterr().out
