@@ -4,6 +4,7 @@ train, caption), its ablations, and resume."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,12 +134,13 @@ def test_repairing_moves_a_caption_off_an_own_image_that_shows_another_caption(
 
     root, world, lm = synthesized
     own = tmp_path / "own"
-    own.mkdir()
+    shutil.copytree(root / "own" / "images", own / "images")  # names stay inside the folder
     lines = [json.loads(x) for x in (root / "own" / "dataset.jsonl").read_text().splitlines()]
-    images = [str(root / "own" / x["image"]) for x in lines]
+    names = [x["image"] for x in lines]
+    images = [str(own / name) for name in names]
     with open(own / "dataset.jsonl", "w") as f:
-        for x, image in zip(lines, images[1:] + images[:1], strict=True):  # a rotation
-            f.write(json.dumps({**x, "image": image}) + "\n")
+        for x, name in zip(lines, names[1:] + names[:1], strict=True):  # a rotation
+            f.write(json.dumps({**x, "image": name}) + "\n")
     moved = {}
     for on in (True, False):
         cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "run",

@@ -81,3 +81,13 @@ class SkipLog:
         first = "; ".join(str(e) for e in self.items[:3])
         more = f" (+{len(self.items) - 3} more)" if len(self.items) > 3 else ""
         return f"skipped {len(self.items)} items: {first}{more}"
+
+
+def id_clashes(clashes: dict[str, list[str]], what: str, fix: str) -> PairfreeError:
+    """One line naming ids that more than one place claims (``a and b -> 'id'``, the first
+    five), so that neither place's data silently overwrites or merges into the other's."""
+    shown = "; ".join(
+        f"{' and '.join(places)} -> {image_id!r}" for image_id, places in list(clashes.items())[:5]
+    )
+    more = f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else ""
+    return PairfreeError(f"{len(clashes)} image ids {what}: {shown}{more}; {fix}")

@@ -35,6 +35,7 @@ class EvaluationConfig:
     dataset: str = ""  # Karpathy/COCO/NoCaps JSON with the images to caption and references
     split: str = "test"
     image_root: str | None = None
+    allow_outside_root: bool = False  # read file names leading out of image_root (links)
     project_to: str | None = None  # text feature store for DeCap projection at inference
     tau: float = 0.01
     checkpoint: str = "best"  # "best" or "last"
@@ -57,11 +58,23 @@ class TestSet:
 
     @classmethod
     def load(
-        cls, dataset: str | Path, *, split: str = "test", image_root: str | Path | None = None
+        cls,
+        dataset: str | Path,
+        *,
+        split: str = "test",
+        image_root: str | Path | None = None,
+        allow_outside_root: bool = False,
     ) -> TestSet:
-        """Unreadable images are skipped and listed in ``skipped``; the rest are scored."""
+        """Unreadable images, and those outside the image root, are skipped and listed in
+        ``skipped``; the rest are scored."""
         skipped = SkipLog()
-        items = dataset_images(dataset, split=split, image_root=image_root, skip_log=skipped)
+        items = dataset_images(
+            dataset,
+            split=split,
+            image_root=image_root,
+            allow_outside_root=allow_outside_root,
+            skip_log=skipped,
+        )
         ids, images = load_images([(it.image_id, it.path) for it in items], skipped)
         kept = set(ids)
         if not kept:
@@ -151,7 +164,12 @@ def run_experiment(
     captioner = Captioner.from_pretrained(
         ckpt, project_to=ev.project_to, tau=ev.tau, device=ev.device
     )
-    test = TestSet.load(ev.dataset, split=ev.split, image_root=ev.image_root)
+    test = TestSet.load(
+        ev.dataset,
+        split=ev.split,
+        image_root=ev.image_root,
+        allow_outside_root=ev.allow_outside_root,
+    )
     captions = caption_test_set(captioner, test, batch_size=ev.batch_size)
     out = Path(cfg.train.output_dir)
     atomic_write_json(

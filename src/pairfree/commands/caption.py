@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pairfree.commands.common import (
     add_device,
+    add_image_root,
     add_strict,
     positive_int,
     report_skips,
@@ -36,9 +37,7 @@ def register(sub) -> None:
     p.add_argument("images", nargs="*", help="image files, folders or globs")
     p.add_argument("--dataset", help="Karpathy/COCO/NoCaps JSON to caption the --split images of")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument(
-        "--image-root", default=None, help="folder the dataset's file names are relative to"
-    )
+    add_image_root(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -86,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset or args.images,
         split=args.split,
         image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
         skip_log=skip_log,
     )
     if not pairs and not skip_log.items:

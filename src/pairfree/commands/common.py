@@ -39,6 +39,18 @@ def add_strict(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_image_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-root", default=None, help="folder the dataset's file names are relative to"
+    )
+    parser.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="read dataset images whose names lead outside --image-root (../, absolute paths, "
+        "links out of it); without it they are skipped and reported",
+    )
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

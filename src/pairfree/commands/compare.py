@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                                     "(COCO's results format)")  # fmt: skip
             runs.append(predictions)
         loaded.append(runs)
-    items = read_images(args.references, format=args.format, split=args.split)
+    items = read_images(args.references, format=args.format, split=args.split, files=False)
     references = {it.image_id: list(it.references) for it in items if it.references}
     comparison = compare_predictions(
         loaded[0], loaded[1], references, metric=args.metric, resamples=args.resamples,

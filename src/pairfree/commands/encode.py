@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import add_strict, positive_int, report_skips
+from pairfree.commands.common import add_image_root, add_strict, positive_int, report_skips
 
 
 def register(sub) -> None:
@@ -37,9 +37,7 @@ def register(sub) -> None:
         default=None,
         help="split to read (default: train for captions, test for --dataset)",
     )
-    p.add_argument(
-        "--image-root", default=None, help="folder the dataset's file names are relative to"
-    )
+    add_image_root(p)
     p.add_argument(
         "--grid", action="store_true", help="store patch (grid) features instead of embeddings"
     )
@@ -85,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             args.images or args.dataset,
             split=args.split or "test",
             image_root=args.image_root,
+            allow_outside_root=args.allow_outside_root,
             format=args.format,
             skip_log=job.skip_log,
         )

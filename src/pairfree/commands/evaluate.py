@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import add_device
+from pairfree.commands.common import add_device, add_image_root
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("references", type=Path, help="Karpathy/COCO/NoCaps JSON with references")
     p.add_argument("--split", default="test", help="split of a Karpathy file (default: test)")
     p.add_argument("--format", default="auto", help="references format (default: detect)")
-    p.add_argument("--image-root", default=None, help="image folder, for CLIPScore")
+    add_image_root(p)  # for CLIPScore
     p.add_argument("--clip", default=None, help="CLIP spec for CLIPScore/RefCLIPScore")
     p.add_argument("--spice-dir", default=None, help="folder with SPICE and its CoreNLP jars")
     p.add_argument(
@@ -75,8 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(predictions, list):
         raise BadInputError(args.predictions, "expected a JSON list of {image_id, caption} "
                             "objects (COCO's results format)")  # fmt: skip
-    items = read_images(
-        args.references, format=args.format, split=args.split, image_root=args.image_root
+    items = read_images(  # image files are read (and checked) for CLIPScore only
+        args.references,
+        format=args.format,
+        split=args.split,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
+        files=bool(args.clip),
     )
     references = {it.image_id: list(it.references) for it in items if it.references}
     domains = {it.image_id: it.domain for it in items if it.domain} or None

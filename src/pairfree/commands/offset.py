@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pairfree.commands.common import add_device, add_strict, positive_int
+from pairfree.commands.common import add_device, add_image_root, add_strict, positive_int
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
     )
     p.add_argument("--dataset", required=True, help="paired Karpathy/COCO JSON")
     p.add_argument("--split", default="val")
-    p.add_argument("--image-root", default=None)
+    add_image_root(p)
     p.add_argument("--clip", required=True, help="CLIP spec (the one the captioner uses)")
     p.add_argument(
         "--max-images", type=positive_int, default=1000, help="pairs to use (default 1000)"
@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[args.dataset])
     skip_log = SkipLog(strict=args.strict)
     items = dataset_images(
-        args.dataset, split=args.split, image_root=args.image_root, skip_log=skip_log
+        args.dataset,
+        split=args.split,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
+        skip_log=skip_log,
     )
     items = [it for it in items if it.references][: args.max_images]
     ids, images = load_images([(it.image_id, it.path) for it in items], skip_log)

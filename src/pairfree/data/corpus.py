@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairfree.data.images import image_id_for
-from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.data.images import ImageRoot, image_id_for
+from pairfree.errors import BadInputError, PairfreeError, SkipLog, id_clashes
 
 CORPUS_FORMATS: tuple[str, ...] = ("karpathy", "nocaps", "coco", "cc", "text", "jsonl")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -72,6 +72,8 @@ class ImageItem:
 @dataclass(frozen=True)
 class _Image:
     file: str | None  # relative to the image root, as written in the dataset file
+    place: str  # where the file lists it: "line 3" or "images[3]"
+    line: int | None = None
     domain: str | None = None
 
 
@@ -80,6 +82,19 @@ class _Corpus:
     format: str
     captions: list[Caption] = field(default_factory=list)
     images: dict[str, _Image] = field(default_factory=dict)
+    clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> places listing it
+
+    def add_image(self, image_id: str, image: _Image) -> None:
+        """List an image once. JSONL files repeat an image on each of its caption lines,
+        which is one image unless the lines name different files; a JSON file listing an
+        id twice is a clash, since the two entries' captions would silently merge."""
+        known = self.images.get(image_id)
+        if known is None:
+            self.images[image_id] = image
+        elif self.format != "jsonl" or (
+            known.file is not None and image.file is not None and known.file != image.file
+        ):
+            self.clashes.setdefault(image_id, [known.place]).append(image.place)
 
 
 def _reject(error: BadInputError, skip_log: SkipLog | None) -> None:
@@ -161,7 +176,7 @@ def _jsonl_line(path: Path, number: int, line: str, corpus: _Corpus) -> None:
         image_id = image_id_for(image)
     if image_id is not None:
         image_id = str(image_id)
-        corpus.images.setdefault(image_id, _Image(image))
+        corpus.add_image(image_id, _Image(image, f"line {number}", line=number))
     corpus.captions.append(Caption(text, image_id, str(path), number))
 
 
@@ -234,7 +249,8 @@ def _parse_karpathy(path: Path, data: Any, split: str, skip_log: SkipLog | None)
             _reject(error, skip_log)
             continue
         image_id = str(record["cocoid"]) if "cocoid" in record else image_id_for(filename)
-        corpus.images[image_id] = _Image(posixpath.join(record.get("filepath", ""), filename))
+        file = posixpath.join(record.get("filepath", ""), filename)
+        corpus.add_image(image_id, _Image(file, f"images[{index}]"))
         for number, sentence in enumerate(sentences):
             sentence_id = _record_id(sentence, ("sentid",), f"{image_id}/sentences[{number}]")
             try:
@@ -260,7 +276,9 @@ def _parse_coco(path: Path, data: Any, format: str, skip_log: SkipLog | None) ->
         except BadInputError as error:
             _reject(error, skip_log)
             continue
-        corpus.images[image_id] = _Image(filename, record.get("domain"))
+        corpus.add_image(
+            image_id, _Image(filename, f"images[{index}]", domain=record.get("domain"))
+        )
     if format == "nocaps" and "annotations" not in data:
         annotations = []  # the NoCaps test file lists images without captions
     else:
@@ -306,7 +324,17 @@ def _sniff(path: Path) -> str:
 
 
 def _read(path: str | Path, format: str, split: str, skip_log: SkipLog | None) -> _Corpus:
-    path = Path(path)
+    corpus = _parse(Path(path), format, split, skip_log)
+    if corpus.clashes:
+        raise id_clashes(
+            corpus.clashes,
+            f"are listed more than once in {path}",
+            "their captions would merge; list each image once",
+        )
+    return corpus
+
+
+def _parse(path: Path, format: str, split: str, skip_log: SkipLog | None) -> _Corpus:
     if format != "auto" and format not in CORPUS_FORMATS:
         raise PairfreeError(
             f"unknown corpus format {format!r}; expected auto or one of {', '.join(CORPUS_FORMATS)}"
@@ -344,13 +372,19 @@ def read_images(
     format: str = "auto",
     split: str = "test",
     image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
+    files: bool = True,
     skip_log: SkipLog | None = None,
 ) -> list[ImageItem]:
     """The images of a dataset split with their reference captions, in file order.
 
     File names resolve against ``image_root`` (default: the dataset file's folder); Karpathy
-    files give ``image_root/filepath/filename``. Images listed without a file (JSONL records
-    with only an ``image_id``) get ``path=None``.
+    files give ``image_root/filepath/filename``. A name that leads outside the root (``..``,
+    an absolute path, a link out of it) is a :class:`BadInputError` unless
+    ``allow_outside_root``, so a dataset file cannot make a command read other files. Images
+    listed without a file (JSONL records with only an ``image_id``) get ``path=None``, as every
+    image does with ``files=False`` (for readers that open no image: file names are then
+    neither made nor checked).
     """
     corpus = _read(path, format, split, skip_log)
     if corpus.format in _CAPTIONS_ONLY:
@@ -358,20 +392,33 @@ def read_images(
             f"{path}: a {corpus.format} file holds captions only, no images; use one of "
             f"{', '.join(f for f in CORPUS_FORMATS if f not in _CAPTIONS_ONLY)}"
         )
-    root = Path(image_root) if image_root is not None else Path(path).parent
+    root = ImageRoot(image_root if image_root is not None else Path(path).parent)
     references: dict[str, list[str]] = {image_id: [] for image_id in corpus.images}
     for caption in corpus.captions:
         if caption.image_id is not None:
             references[caption.image_id].append(caption.text)
-    return [
-        ImageItem(
-            image_id=image_id,
-            path=root / image.file if image.file is not None else None,
-            references=tuple(references[image_id]),
-            domain=image.domain,
+    items = []
+    for image_id, image in corpus.images.items():
+        file = image.file if files else None
+        if file is not None and not allow_outside_root:
+            target = root.outside(file)
+            if target is not None:
+                message = (
+                    ("" if image.line is not None else f"{image.place}: ")
+                    + f"file name {file!r} leads outside the image root {root.folder} "
+                    f"(to {target}); pass --allow-outside-root if that is meant"
+                )
+                _reject(BadInputError(path, message, line=image.line, item_id=image_id), skip_log)
+                continue
+        items.append(
+            ImageItem(
+                image_id=image_id,
+                path=root.folder / file if file is not None else None,
+                references=tuple(references[image_id]),
+                domain=image.domain,
+            )
         )
-        for image_id, image in corpus.images.items()
-    ]
+    return items
 
 
 def read_references(
@@ -383,5 +430,5 @@ def read_references(
 ) -> dict[str, list[str]]:
     """image id -> reference captions, for evaluation; images without references are left
     out because no metric can score them."""
-    items = read_images(path, format=format, split=split, skip_log=skip_log)
+    items = read_images(path, format=format, split=split, files=False, skip_log=skip_log)
     return {item.image_id: list(item.references) for item in items if item.references}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pairfree.data.corpus import ImageItem, read_images
 from pairfree.data.images import collect_image_paths, image_id_for, load_image
-from pairfree.errors import BadInputError, PairfreeError, SkipLog
+from pairfree.errors import BadInputError, SkipLog, id_clashes
 
 DATASET_SUFFIXES = (".json", ".jsonl", ".ndjson")
 
@@ -29,11 +29,20 @@ def dataset_images(
     *,
     split: str = "test",
     image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
     format: str = "auto",
     skip_log: SkipLog | None = None,
 ) -> list[ImageItem]:
-    """The images of a dataset split that have a file; records without one are reported."""
-    items = read_images(path, format=format, split=split, image_root=image_root, skip_log=skip_log)
+    """The images of a dataset split that have a file; records without one, or whose file is
+    outside the image root (see :func:`read_images`), are reported."""
+    items = read_images(
+        path,
+        format=format,
+        split=split,
+        image_root=image_root,
+        allow_outside_root=allow_outside_root,
+        skip_log=skip_log,
+    )
     kept = []
     for item in items:
         if item.path is not None:
@@ -50,6 +59,7 @@ def image_sources(
     *,
     split: str = "test",
     image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
     format: str = "auto",
     skip_log: SkipLog | None = None,
 ) -> list[tuple[str, Path]]:
@@ -61,23 +71,24 @@ def image_sources(
         inputs = [inputs]
     if len(inputs) == 1 and is_dataset_file(inputs[0]):
         items = dataset_images(
-            inputs[0], split=split, image_root=image_root, format=format, skip_log=skip_log
+            inputs[0],
+            split=split,
+            image_root=image_root,
+            allow_outside_root=allow_outside_root,
+            format=format,
+            skip_log=skip_log,
         )
         return [(item.image_id, item.path) for item in items]
     pairs = [(image_id_for(p), p) for p in collect_image_paths(inputs, skip_log=skip_log)]
     by_id: dict[str, list[Path]] = {}
     for image_id, path in pairs:
         by_id.setdefault(image_id, []).append(path)
-    clashes = {image_id: paths for image_id, paths in by_id.items() if len(paths) > 1}
+    clashes = {i: [str(p) for p in paths] for i, paths in by_id.items() if len(paths) > 1}
     if clashes:
-        shown = "; ".join(
-            f"{' and '.join(map(str, paths))} -> {image_id!r}"
-            for image_id, paths in list(clashes.items())[:5]
-        )
-        more = f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise PairfreeError(
-            f"{len(clashes)} image ids would be given to more than one file: {shown}{more}; "
-            "image ids come from file names, so rename the files or run them separately"
+        raise id_clashes(
+            clashes,
+            "would be given to more than one file",
+            "image ids come from file names, so rename the files or run them separately",
         )
     return pairs
 

@@ -91,6 +91,7 @@ class ImagesConfig:
     path: str = ""
     split: str = "train"
     image_root: str | None = None
+    allow_outside_root: bool = False  # read file names leading out of image_root (links)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class ValConfig:
     dataset: str = ""  # Karpathy/COCO/NoCaps JSON; "" trains without validation
     split: str = "val"
     image_root: str | None = None
+    allow_outside_root: bool = False  # read file names leading out of image_root (links)
     batch_size: int = 64
 
 
@@ -255,6 +257,7 @@ def prepare_unpaired(cfg: UnpairedConfig, clip: ClipEncoder, job: Job) -> Unpair
         cfg.images.path,
         split=cfg.images.split,
         image_root=cfg.images.image_root,
+        allow_outside_root=cfg.images.allow_outside_root,
         skip_log=job.skip_log,
     )
     encode_images(clip, pairs, root / "images", job=job)
@@ -291,7 +294,11 @@ def validation_set(
     if not cfg.val.dataset:
         return [], None, {}
     items = dataset_images(
-        cfg.val.dataset, split=cfg.val.split, image_root=cfg.val.image_root, skip_log=job.skip_log
+        cfg.val.dataset,
+        split=cfg.val.split,
+        image_root=cfg.val.image_root,
+        allow_outside_root=cfg.val.allow_outside_root,
+        skip_log=job.skip_log,
     )
     pairs = [(it.image_id, it.path) for it in items if it.references]
     out = cfg.features_root / f"val-{cfg.val.split}"

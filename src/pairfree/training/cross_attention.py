@@ -179,6 +179,7 @@ class ValidationConfig:
     dataset: str | None = None  # a real val split (as ICSD); None: held-out synthetic images
     split: str = "val"
     image_root: str | None = None
+    allow_outside_root: bool = False  # read file names leading out of image_root (links)
     max_images: int | None = None  # score only the first ones (None: all)
     batch_size: int = 32
 
@@ -192,6 +193,7 @@ def check_validation(v: ValidationConfig) -> None:
 def validation_images(v: ValidationConfig, job: Job) -> tuple[list[Path], list[list[str]]]:
     """The first ``max_images`` readable images of ``v.dataset``'s split and their references."""
     items = dataset_images(v.dataset, split=v.split, image_root=v.image_root,
+                           allow_outside_root=v.allow_outside_root,
                            skip_log=job.skip_log)  # fmt: skip
     items = [it for it in items if it.path is not None][: v.max_images]
     return [it.path for it in items], [list(it.references) for it in items]
