@@ -54,7 +54,8 @@ def html_report(
     items = {it.image_id: it for it in read_images(world.dataset, split="test")}
     scenes = load_scenes(world.scenes)
     right = {
-        (r.method, i): is_true(parse_caption(c), scenes[i]) for r in results
+        (r.method, i): is_true(parse_caption(c), scenes[i], complete=scenes[i].salience is None)
+        for r in results
         for i, c in r.captions.items() if i in scenes
     }  # fmt: skip
     ids = [i for i in items if i in scenes]

@@ -79,7 +79,7 @@ def swap_attributes(scene: Scene, rng: np.random.Generator) -> Scene | None:
         objects[i] = replace(a, **{attribute: getattr(b, attribute)})
         objects[j] = replace(b, **{attribute: getattr(a, attribute)})
         try:
-            return Scene(tuple(objects))
+            return replace(scene, objects=tuple(objects))
         except ValueError:  # the exchange made two objects share a (shape, color) pair
             continue
     return None
@@ -93,7 +93,7 @@ def substitute_shape(scene: Scene, world: WorldConfig, rng: np.random.Generator)
         objects = list(scene.objects)
         objects[i] = replace(objects[i], shape=shapes[int(k)])
         try:
-            return Scene(tuple(objects))
+            return replace(scene, objects=tuple(objects))
         except ValueError:  # the new shape collides with another object's (shape, color)
             continue
     return scene
@@ -118,7 +118,9 @@ def caption_pair(
         if changed is None:
             return None
         text = write(changed)
-        return None if text == caption or is_true(parse_caption(text), scene) else text
+        return (
+            None if text == caption or is_true(parse_caption(text), scene, complete=False) else text
+        )
 
     caption = write(scene)
     swapped = negative(swap_attributes(scene, rng))

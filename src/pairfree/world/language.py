@@ -33,7 +33,9 @@ from pairfree.world.scene import (
     SIZES,
     Position,
     Scene,
+    SceneObject,
     relation_holds,
+    weighted_choice,
 )
 
 # The first word of each entry is canonical; the others are synonyms.
@@ -293,10 +295,21 @@ class Phrasing:
     intros: tuple[str, ...] = ("", "there {be} ", "the image shows ", "a picture of ", "we see ")
     count_intros: tuple[str, ...] = ("{n} {noun}: ", "there are {n} {noun}: ")
     sentence_case: bool = False  # capital first letter and a final period
+    # partial views: weights of naming 1, 2, 3, ... objects, drawn without replacement in
+    # proportion to salience ** salience_power; empty = every object is named
+    mentions: tuple[float, ...] = ()
+    salience_power: float = 1.0
+    p_position: float = 1.0  # partial views, no relations: chance that an object's cell is stated
 
     def __post_init__(self) -> None:
+        if self.mentions and (not all(w >= 0 for w in self.mentions) or not sum(self.mentions) > 0):
+            raise ValueError(f"Phrasing.mentions must be weights >= 0, got {self.mentions}")
+        if self.mentions and self.p_count:
+            raise ValueError("Phrasing: a caption naming a few objects cannot state the count")
+        if not self.salience_power >= 0:
+            raise ValueError(f"Phrasing.salience_power must be >= 0, got {self.salience_power}")
         probabilities = ("p_size", "p_relational", "p_position_in_relational", "p_count")
-        for name in (*probabilities, "p_clauses", "p_synonym"):
+        for name in (*probabilities, "p_clauses", "p_synonym", "p_position"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(
                     f"Phrasing.{name} must be a probability, got {getattr(self, name)}"
@@ -305,26 +318,50 @@ class Phrasing:
             raise ValueError("Phrasing needs at least one intro and one count intro")
 
 
+def named_objects(scene: Scene, rng: np.random.Generator, phrasing: Phrasing) -> list[int]:
+    """The objects one caption names: all of them, or with ``phrasing.mentions`` a few drawn
+    by salience (as annotators name what catches the eye), in scene order."""
+    n = len(scene.objects)
+    if not phrasing.mentions:
+        return list(range(n))
+    weights = {k + 1: w for k, w in enumerate(phrasing.mentions[:n]) if w > 0}
+    m = weighted_choice(rng, weights) if weights else n
+    salience = np.asarray(scene.salience if scene.salience is not None else [1.0] * n)
+    p = salience**phrasing.salience_power + 1e-9
+    chosen = rng.choice(n, size=m, replace=False, p=p / p.sum())
+    return sorted(int(i) for i in chosen)
+
+
 def describe(scene: Scene, rng: np.random.Generator, phrasing: Phrasing) -> ParsedScene:
     """Choose the facts one caption of ``scene`` states.
 
-    Every object is named with its shape and color. A single object also gets its size and
-    cell, so its caption identifies the scene; several objects get their cells, or relations
-    that chain them all together, and their sizes with probability ``p_size``. Whether to
-    state the count is left to :func:`realize`.
+    Every named object (:func:`named_objects`) gets its shape and color. When every object is
+    named, a single object also gets its size and cell, so its caption identifies the scene,
+    and several objects get their cells, or relations that chain them all together; a partial
+    view states each cell with probability ``p_position`` instead. Sizes are stated with
+    probability ``p_size``. Whether to state the count is left to :func:`realize`.
     """
-    n = len(scene.objects)
-    if n == 0:
+    if not scene.objects:
         raise ValueError("an empty scene has no caption")
+    if phrasing.mentions:
+        scene = Scene(tuple(scene.objects[i] for i in named_objects(scene, rng, phrasing)))
+    n = len(scene.objects)
+    whole = not phrasing.mentions  # a caption of every object states every cell
     relational = n >= 2 and rng.random() < phrasing.p_relational
+
+    def stated_position(o: SceneObject) -> Position | None:
+        if relational:
+            keep = rng.random() < phrasing.p_position_in_relational
+        else:
+            keep = whole or rng.random() < phrasing.p_position
+        return o.position if keep else None
+
     objects = tuple(
         ParsedObject(
             o.shape,
             o.color,
-            o.size if n == 1 or rng.random() < phrasing.p_size else None,
-            o.position
-            if not relational or rng.random() < phrasing.p_position_in_relational
-            else None,
+            o.size if (n == 1 and whole) or rng.random() < phrasing.p_size else None,
+            stated_position(o),
         )
         for o in scene.objects
     )

@@ -15,9 +15,18 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pairfree.world.scene import COLORS, GRID, SHAPES, Scene
+from pairfree.world.scene import COLORS, CONTEXTS, GRID, SHAPES, SIZES, Scene
 
 SIZE_RADIUS: dict[str, float] = {"small": 0.22, "medium": 0.32, "large": 0.42}  # of a cell
+# a cluttered world's context is its background: dark enough that every color reads on it
+CONTEXT_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "night": (18, 22, 58),
+    "garden": (26, 58, 30),
+    "street": (62, 62, 66),
+    "workshop": (62, 40, 24),
+}
+if set(CONTEXT_BACKGROUNDS) != set(CONTEXTS):
+    raise AssertionError("every context of the world needs a background")
 
 
 def _regular(n: int, phase: float = -90.0) -> np.ndarray:
@@ -81,7 +90,11 @@ if set(UNIT_SHAPES) != set(SHAPES):
 
 @dataclass(frozen=True)
 class RenderStyle:
-    """How scenes are drawn; jitter and sizes are fractions of a grid cell."""
+    """How scenes are drawn; jitter and radii are fractions of a grid cell.
+
+    ``radii`` are the small, medium and large objects' radii; only with ``overlap`` may a large
+    one reach past its cell into a neighbour's (a cluttered world's occlusion).
+    """
 
     supersample: int = 4  # 1 draws at the output size: hard, aliased edges
     background: tuple[int, int, int] = (28, 28, 32)
@@ -94,12 +107,16 @@ class RenderStyle:
     rotation: float = 10.0  # largest rotation in degrees
     color_jitter: int = 12  # largest change of each color channel
     noise: float = 3.0  # std of Gaussian pixel noise
+    radii: tuple[float, float, float] = tuple(SIZE_RADIUS[s] for s in SIZES)
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
-        reach = SIZE_RADIUS["large"] * (1.0 + self.scale_jitter) + self.jitter
-        if reach >= 0.5:
+        if len(self.radii) != len(SIZES) or not all(0 < r <= 1.0 for r in self.radii):
+            raise ValueError(f"radii must be {len(SIZES)} values in (0, 1], got {self.radii}")
+        reach = max(self.radii) * (1.0 + self.scale_jitter) + self.jitter
+        if reach >= 0.5 and not self.overlap:
             raise ValueError(
                 f"jitter {self.jitter} and scale_jitter {self.scale_jitter} let large objects "
                 "reach past their cell and overlap a neighbour"
@@ -134,8 +151,10 @@ class Placement:
 def place_objects(
     scene: Scene, rng: np.random.Generator, *, size: int, style: RenderStyle
 ) -> list[Placement]:
-    """Jittered placements; no object reaches past its own cell, so objects never overlap."""
+    """Jittered placements; no object reaches past its own cell unless the style allows
+    overlap."""
     cell = size / GRID
+    radius = dict(zip(SIZES, style.radii, strict=True))
     tint = np.array(style.tint, dtype=np.float64)
     placements = []
     for o in scene.objects:
@@ -150,7 +169,7 @@ def place_objects(
                     (col + 0.5 + style.jitter * dx) * cell,
                     (row + 0.5 + style.jitter * dy) * cell,
                 ),
-                radius=SIZE_RADIUS[o.size] * (1.0 + style.scale_jitter * ds) * cell,
+                radius=radius[o.size] * (1.0 + style.scale_jitter * ds) * cell,
                 angle=style.rotation * rot,
                 rgb=tuple(int(c) for c in np.clip(np.rint(color), 0, 255)),
             )
@@ -158,10 +177,16 @@ def place_objects(
     return placements
 
 
+def _polygon(shape: str, p: Placement) -> np.ndarray:
+    t = np.deg2rad(p.angle)
+    rotation = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    return UNIT_SHAPES[shape] @ rotation * p.radius + p.center
+
+
 @lru_cache(maxsize=16)
-def _background(style: RenderStyle, canvas: int) -> np.ndarray:
+def _background(style: RenderStyle, canvas: int, context: str | None) -> np.ndarray:
     image = np.empty((canvas, canvas, 3), dtype=np.int16)
-    image[:] = style.background
+    image[:] = style.background if context is None else CONTEXT_BACKGROUNDS[context]
     if style.stripes:
         period = 6 * style.supersample
         diagonal = np.add.outer(np.arange(canvas), np.arange(canvas))
@@ -175,12 +200,10 @@ def render_scene(
 ) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image; ``rng`` drives jitter and noise."""
     ss = style.supersample
-    canvas = Image.fromarray(_background(style, size * ss))
+    canvas = Image.fromarray(_background(style, size * ss, scene.context))
     draw = ImageDraw.Draw(canvas)
     for o, p in zip(scene.objects, place_objects(scene, rng, size=size, style=style), strict=True):
-        t = np.deg2rad(p.angle)
-        rotation = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
-        points = (UNIT_SHAPES[o.shape] @ rotation * p.radius + p.center) * ss
+        points = _polygon(o.shape, p) * ss
         outline = tuple(c * 45 // 100 for c in p.rgb) if style.outline else None
         draw.polygon(points.ravel().tolist(), fill=p.rgb, outline=outline, width=style.outline * ss)
     if ss > 1:
@@ -190,3 +213,27 @@ def render_scene(
     pixels = np.asarray(canvas, dtype=np.float32)
     pixels = pixels + style.noise * rng.standard_normal(pixels.shape, dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def salience(scene: Scene, style: RenderStyle, *, size: int = 48) -> tuple[float, ...]:
+    """How much each object draws the eye: the share of the image it shows once later objects
+    have covered it, times its centrality (1 in the center cell, 0.75 beside it, 0.5 in a
+    corner). Read from an unjittered drawing, so it is a property of the scene."""
+    calm = RenderStyle(jitter=0.0, scale_jitter=0.0, rotation=0.0, color_jitter=0, noise=0.0,
+                       radii=style.radii, overlap=True)  # fmt: skip
+    placements = place_objects(scene, np.random.default_rng(0), size=size, style=calm)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for k, (o, p) in enumerate(zip(scene.objects, placements, strict=True)):
+        draw.polygon(_polygon(o.shape, p).ravel().tolist(), fill=k + 1)
+    shown = np.bincount(np.asarray(mask).ravel(), minlength=len(scene.objects) + 1)[1:]
+    centre = GRID // 2
+    return tuple(
+        round(
+            float(shown[k])
+            / size**2
+            * (1.0 - 0.25 * (abs(o.position[0] - centre) + abs(o.position[1] - centre))),
+            5,
+        )
+        for k, o in enumerate(scene.objects)
+    )

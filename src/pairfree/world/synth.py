@@ -4,7 +4,9 @@
   leaves open, makes Stable Diffusion's typical mistakes at the rates of
   :class:`~pairfree.world.variants.T2IFailures` (an object dropped, colors bound to the wrong
   object, an extra object, one default composition for what the prompt leaves open) and draws
-  the result in the synthetic style, so its images carry a style shift as SD images do.
+  the result in the synthetic style, so its images carry a style shift as SD images do. In a
+  cluttered world it also sets the scene in a context and fills it with other objects
+  behind the named ones, as SD draws a whole scene around a short prompt.
 - :class:`WorldParaphraser` rewrites a caption into other captions stating the same facts.
 - :class:`WorldSummarizer` picks mutually consistent captions from a group and writes one
   caption of a scene that makes them all true (the LLM step of ICSD).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,12 +28,13 @@ import numpy as np
 from PIL import Image
 
 from pairfree.world.language import ParsedObject, ParsedScene, Relation, parse_caption, realize
-from pairfree.world.render import RenderStyle, render_scene
+from pairfree.world.render import RenderStyle, render_scene, salience
 from pairfree.world.scene import (
     GRID,
     Position,
     Scene,
     SceneObject,
+    add_instances,
     relation_holds,
     weighted_choice,
 )
@@ -150,6 +154,35 @@ def scene_from_caption(
     )
 
 
+def fill_scene(scene: Scene, config: WorldConfig, rng: np.random.Generator) -> Scene:
+    """``scene`` set in a context and filled up to one of the world's object counts, as
+    Stable Diffusion draws a whole plausible scene around the few things a prompt names: the
+    context is the one the named shapes suggest, the extra objects sit behind the named ones
+    (drawn first, so the prompt's objects stay on top)."""
+    clutter = config.clutter
+    if clutter is None:
+        raise ValueError(f"world {config.name!r} is not cluttered: it has no contexts to fill")
+    fit = {
+        context: weight * math.prod(clutter.affinity.get(context, {}).get(o.shape, 1.0)
+                                    for o in scene.objects)
+        for context, weight in clutter.contexts.items()
+    }  # fmt: skip
+    context = weighted_choice(rng, fit)
+    boosts = clutter.affinity.get(context, {})
+    n = weighted_choice(rng, config.object_counts) - len(scene.objects)
+    extra = add_instances(
+        rng,
+        scene.objects,
+        max(n, 0),
+        shapes={s: w * boosts.get(s, 1.0) for s, w in config.seen(config.shapes).items()},
+        colors=config.seen(config.colors),
+        sizes=config.sizes,
+        concentration=clutter.concentration,
+    )
+    filled = Scene((*extra, *scene.objects), context)
+    return replace(filled, salience=salience(filled, config.synthetic))
+
+
 def _name(o: SceneObject) -> str:
     return f"the {o.color} {o.shape}"
 
@@ -229,7 +262,10 @@ class WorldTextToImage:
     def _compose(self, prompt: str, rng: np.random.Generator) -> tuple[Scene, list[str]]:
         default = bool(rng.random() < self.failures.default_layout)
         scene = scene_from_caption(prompt, self.config, rng, default_layout=default)
-        return make_mistakes(scene, self.config, self.failures, rng)
+        scene, mistakes = make_mistakes(scene, self.config, self.failures, rng)
+        if self.config.clutter is not None and scene.objects:
+            scene = fill_scene(scene, self.config, rng)
+        return scene, mistakes
 
     def draw(self, prompt: str, seed: int = 0) -> Drawing:
         rng = _rng(seed, prompt)

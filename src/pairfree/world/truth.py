@@ -71,6 +71,8 @@ def truth_metrics(
     """Truth scores (x100) of one caption per image; ids are compared as strings.
 
     - ``object_precision`` / ``object_recall``: matched objects over parsed / scene objects;
+    - ``salient_recall``: matched salient objects (:meth:`Scene.salient_objects`, every object
+      in a sparse world) over salient objects: what a caption of a cluttered scene should name;
     - ``exact_scene``: captions whose (shape, color) objects are exactly the scene's;
     - ``size_accuracy`` / ``position_accuracy``: stated sizes / cells of matched objects that
       are right; ``relation_accuracy``: stated relations between matched objects that hold
@@ -83,6 +85,7 @@ def truth_metrics(
     """
     by_id = {str(k): v for k, v in scenes.items()}
     n = parsed_total = scene_total = matched = exact = unparseable = 0
+    salient_total = salient_matched = 0
     stated = Counter[str]()
     right = Counter[str]()
     chair: list[tuple[list[str], set[str]]] = []
@@ -101,6 +104,9 @@ def truth_metrics(
         parsed_total += len(parsed.objects)
         scene_total += len(scene.objects)
         matched += sum(i is not None for i in matches)
+        salient = set(scene.salient_objects())
+        salient_total += len(salient)
+        salient_matched += len(salient.intersection(matches))
         exact += Counter(o.key for o in parsed.objects) == Counter(o.key for o in scene.objects)
         unparseable += not any(o.color is not None for o in parsed.objects)
         chair.append(([o.shape for o in parsed.objects], {o.shape for o in scene.objects}))
@@ -124,6 +130,7 @@ def truth_metrics(
     return {
         "object_precision": _percent(matched, parsed_total),
         "object_recall": _percent(matched, scene_total),
+        "salient_recall": _percent(salient_matched, salient_total),
         "exact_scene": _percent(exact, n),
         "size_accuracy": _percent(right["size"], stated["size"]),
         "position_accuracy": _percent(right["position"], stated["position"]),
