@@ -3,7 +3,8 @@
 Settings: in-domain (train on the default world, test on its images), cross-domain (same
 models, test on the shifted world, as COCO -> Flickr30k), novel objects (train on the novel
 world's corpus, whose held-out shape and color words never occur in it; test on its images,
-which contain them). Every model is trained from scratch: the text-only ones on the corpus,
+which contain them), and, with ``--presets coco``, the cluttered COCO-like world (train and
+test there; captions name a salient few of its objects). Every model is trained from scratch: the text-only ones on the corpus,
 the GANs on the corpus plus the world's unpaired training images, each beside its own
 text-only initialization, the paired upper bound on captioned training images (those three
 in- and cross-domain only), SaCap with its three ablations on synthetic images of the
@@ -56,8 +57,13 @@ SETTINGS = {
         (("in-domain", "default"), ("cross-domain", "shifted")),
     ),
     "novel": ((*TEXT_METHODS, *SACAP_METHODS, *ICSD_METHODS), (("novel objects", "novel"),)),
+    "coco": (
+        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS, *ICSD_METHODS),
+        (("cluttered", "coco"),),
+    ),
 }
-COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + TRUTH_COLUMNS[:3]
+TRUTH = ("object_precision", "object_recall", "salient_recall", "chair_i")
+COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + tuple(c for c in TRUTH_COLUMNS if c[0] in TRUTH)
 BASELINE = TEXT_METHODS[0].name  # CapDec, noise 0.016: every other method is compared with it
 
 
@@ -71,9 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
     parser.add_argument("--test-images", type=int, default=DemoConfig.n_test)
     parser.add_argument("--recipes", default=None, help="comma-separated: only these recipes")
-    parser.add_argument("--presets", default=",".join(SETTINGS),
+    parser.add_argument("--presets", default="default,novel",
                         help="comma-separated training worlds: default (in- and cross-domain "
-                        "settings), novel (novel objects)")  # fmt: skip
+                        "settings), novel (novel objects), coco (the cluttered world; needs a "
+                        "world CLIP trained on it, --clip)")  # fmt: skip
+    parser.add_argument("--clip", default=DemoConfig.clip,
+                        help="the world CLIP (default: the packaged one)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -93,7 +102,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
             continue
         cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
                          gan_steps=args.gan_steps, n_corpus=args.corpus,
-                         n_test=args.test_images)  # fmt: skip
+                         n_test=args.test_images, clip=args.clip)  # fmt: skip
         if any(m.needs_images for m in methods):
             cfg = cfg.with_images()
         setting_of = {preset: setting for setting, preset in settings}
@@ -112,17 +121,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
 
 def cider_cells(
     per_image: dict[tuple[str, str], list[list[float]]], method: str, setting: str
-) -> tuple[str, str]:
-    """CIDEr-D with its 95 % interval, and the paired difference from the baseline (with a
-    * where its interval excludes 0)."""
+) -> tuple[str, str, float | None]:
+    """CIDEr-D with its 95 % interval, the paired difference from the baseline (with a * where
+    its interval excludes 0), and that difference's standard error."""
     values = per_image[(method, setting)]
     cell = str(bootstrap_mean(values))
     baseline = per_image.get((BASELINE, setting))
     if method == BASELINE or baseline is None:
-        return cell, ""
+        return cell, "", None
     c = paired_bootstrap(values, baseline)
     d = c.difference
-    return cell, f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{'*' if c.significant else ''}"
+    mark = "*" if c.significant else ""
+    return cell, f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}", d.stderr
 
 
 def main() -> None:
@@ -151,12 +161,14 @@ def main() -> None:
     print(f"{args.seeds} seeds, {args.steps} steps (GAN phase {args.gan_steps}), corpus "
           f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
           f"with {args.jobs} processes")  # fmt: skip
-    rows = []
+    rows, stderrs = [], []
     for (method, setting), runs in scores.items():
         cells = []
         for key, _ in COLUMNS:
             if key == "CIDEr":
-                cells.extend(cider_cells(per_image, method, setting))
+                cell, difference, stderr = cider_cells(per_image, method, setting)
+                cells += [cell, difference]
+                stderrs += [] if stderr is None else [stderr]
                 continue
             values = [r[key] for r in runs if r.get(key) is not None]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -166,6 +178,9 @@ def main() -> None:
               ((f"{label} [95 % CI]", "ΔC vs CapDec") if key == "CIDEr" else (label,))]  # fmt: skip
     header = ["method", "setting", *labels, "train s"]
     print(markdown_table(header, rows, labels=2))
+    if stderrs:
+        print(f"standard error of a difference from CapDec: median {statistics.median(stderrs):.2f}"
+              f", largest {max(stderrs):.2f} CIDEr")  # fmt: skip
 
 
 if __name__ == "__main__":

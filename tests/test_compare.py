@@ -169,3 +169,18 @@ def test_compare_command_refuses_unpaired_inputs_naming_them(world, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["compare", str(a), str(a), str(references), "--confidence", "95"])
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_the_world_table_marks_a_real_difference_and_gives_its_standard_error():
+    from bench.world import BASELINE, cider_cells
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 100, size=(2, 200))
+    per_image = {(BASELINE, "s"): base.tolist(), ("better", "s"): (base + 5).tolist(),
+                 ("same", "s"): base.tolist()}  # fmt: skip
+    cell, difference, stderr = cider_cells(per_image, "better", "s")
+    assert difference.startswith("+5.0") and difference.endswith("*")
+    assert stderr == pytest.approx(0.0, abs=1e-9)  # the same +5 on every image
+    _, same, _ = cider_cells(per_image, "same", "s")
+    assert not same.endswith("*")
+    assert cider_cells(per_image, BASELINE, "s")[1:] == ("", None)

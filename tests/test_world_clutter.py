@@ -189,3 +189,16 @@ def test_text_to_image_draws_a_whole_scene_around_the_prompt():
     assert len(sparse.scene_for("a yellow star and a white circle", 0).objects) == 2
     with pytest.raises(ValueError, match="not cluttered"):
         fill_scene(Scene(()), world_preset("default"), np.random.default_rng(0))
+
+
+def test_realism_table_prints_the_world_beside_coco(capsys, monkeypatch):
+    import sys
+
+    from bench import world_realism
+
+    monkeypatch.setattr(sys, "argv", ["world_realism.py", "--scenes", "200"])
+    world_realism.main()
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "7.7" in rows["instances_per_image"] and "Lin et al." in rows["instances_per_image"]
+    world_value = float(rows["share_of_scene_named"].split("|")[2])
+    assert 0.2 < world_value < 0.7

@@ -23,6 +23,8 @@ CLIP_COLUMNS = (("CLIPScore", "CLIP-S"),)
 TRUTH_COLUMNS = (
     ("object_precision", "obj P"),
     ("object_recall", "obj R"),
+    ("salient_recall", "sal R"),
+    ("chair_i", "CHAIR-i"),
     ("exact_scene", "exact"),
     ("size_accuracy", "size"),
     ("position_accuracy", "pos"),
