@@ -25,6 +25,7 @@ from pairfree.data import dataset_images, load_images
 from pairfree.errors import PairfreeError, SkipLog
 from pairfree.evaluate import METRICS, EvaluationReport, evaluate
 from pairfree.io import atomic_write_json, check_output
+from pairfree.locks import output_lock
 from pairfree.pipeline import Captioner
 from pairfree.recipes import get_recipe
 from pairfree.training.trainer import TrainResult
@@ -145,7 +146,9 @@ def score_captions(
 def run_experiment(
     config_path: str | Path, overrides: Sequence[str] = (), *, progress: bool = True
 ) -> EvaluationReport:
-    """Run the whole experiment; every stage resumes or reuses what an earlier run left."""
+    """Run the whole experiment; every stage resumes or reuses what an earlier run left. The
+    run folder (``train.output_dir``) stays locked throughout (:func:`output_lock`), so a
+    second run or ``pairfree train`` into it is refused instead of mixing in."""
     data = apply_overrides(read_yaml(config_path), overrides)
     recipe_name = data.pop("recipe", None)
     if recipe_name is None:
@@ -158,26 +161,27 @@ def run_experiment(
         raise PairfreeError(f"evaluation.dataset: {ev.dataset} does not exist")
     cfg = recipe.build_config(data)
     check_output(Path(cfg.train.output_dir), folder=True)
-    result = recipe.train(cfg, progress=progress)
+    with output_lock(cfg.train.output_dir):
+        result = recipe.train(cfg, progress=progress)
 
-    ckpt = result.best_dir if ev.checkpoint == "best" and result.best_dir else result.last_dir
-    captioner = Captioner.from_pretrained(
-        ckpt, project_to=ev.project_to, tau=ev.tau, device=ev.device
-    )
-    test = TestSet.load(
-        ev.dataset,
-        split=ev.split,
-        image_root=ev.image_root,
-        allow_outside_root=ev.allow_outside_root,
-    )
-    captions = caption_test_set(captioner, test, batch_size=ev.batch_size)
-    out = Path(cfg.train.output_dir)
-    atomic_write_json(
-        out / f"captions_{ev.split}.json",
-        [{"image_id": i, "caption": c} for i, c in captions.items()],
-    )
-    report = score_captions(
-        captions, test, clip=captioner.clip if ev.clip_score else None, spice_dir=ev.spice_dir
-    )
-    report.write(out / f"metrics_{ev.split}")
-    return report
+        ckpt = result.best_dir if ev.checkpoint == "best" and result.best_dir else result.last_dir
+        captioner = Captioner.from_pretrained(
+            ckpt, project_to=ev.project_to, tau=ev.tau, device=ev.device
+        )
+        test = TestSet.load(
+            ev.dataset,
+            split=ev.split,
+            image_root=ev.image_root,
+            allow_outside_root=ev.allow_outside_root,
+        )
+        captions = caption_test_set(captioner, test, batch_size=ev.batch_size)
+        out = Path(cfg.train.output_dir)
+        atomic_write_json(
+            out / f"captions_{ev.split}.json",
+            [{"image_id": i, "caption": c} for i, c in captions.items()],
+        )
+        report = score_captions(
+            captions, test, clip=captioner.clip if ev.clip_score else None, spice_dir=ev.spice_dir
+        )
+        report.write(out / f"metrics_{ev.split}")
+        return report

@@ -73,10 +73,13 @@ def predictions_files(spec: str, split: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from pairfree.data import read_images
     from pairfree.errors import BadInputError, PairfreeError
     from pairfree.evaluate.compare import compare_predictions, comparison_table
     from pairfree.io import atomic_write_json, check_output, read_json
+    from pairfree.locks import output_lock
 
     names = tuple(n.strip() for n in args.names.split(","))
     if len(names) != 2 or not all(names):
@@ -84,26 +87,27 @@ def run(args: argparse.Namespace) -> int:
     sides = [predictions_files(args.a, args.split), predictions_files(args.b, args.split)]
     if args.out is not None:
         check_output(args.out, inputs=[p for side in sides for p in side])
-    loaded = []
-    for side in sides:
-        runs = []
-        for path in side:
-            predictions = read_json(path)
-            if not isinstance(predictions, list):
-                raise BadInputError(path, "expected a JSON list of {image_id, caption} objects "
-                                    "(COCO's results format)")  # fmt: skip
-            runs.append(predictions)
-        loaded.append(runs)
-    items = read_images(args.references, format=args.format, split=args.split, files=False)
-    references = {it.image_id: list(it.references) for it in items if it.references}
-    comparison = compare_predictions(
-        loaded[0], loaded[1], references, metric=args.metric, resamples=args.resamples,
-        confidence=args.confidence, seed=args.seed, spice_dir=args.spice_dir,
-    )  # fmt: skip
-    print(comparison_table(comparison, names, args.metric), end="")
-    if args.out is not None:
-        files = {name: [str(p) for p in side] for name, side in zip(names, sides, strict=True)}
-        atomic_write_json(args.out, {"metric": args.metric, "predictions": files,
-                                     **comparison.to_json()})  # fmt: skip
-        print(f"wrote {args.out}")
-    return 0
+    with output_lock(args.out) if args.out is not None else nullcontext():
+        loaded = []
+        for side in sides:
+            runs = []
+            for path in side:
+                predictions = read_json(path)
+                if not isinstance(predictions, list):
+                    raise BadInputError(path, "expected a JSON list of {image_id, caption} objects "
+                                        "(COCO's results format)")  # fmt: skip
+                runs.append(predictions)
+            loaded.append(runs)
+        items = read_images(args.references, format=args.format, split=args.split, files=False)
+        references = {it.image_id: list(it.references) for it in items if it.references}
+        comparison = compare_predictions(
+            loaded[0], loaded[1], references, metric=args.metric, resamples=args.resamples,
+            confidence=args.confidence, seed=args.seed, spice_dir=args.spice_dir,
+        )  # fmt: skip
+        print(comparison_table(comparison, names, args.metric), end="")
+        if args.out is not None:
+            files = {name: [str(p) for p in side] for name, side in zip(names, sides, strict=True)}
+            atomic_write_json(args.out, {"metric": args.metric, "predictions": files,
+                                         **comparison.to_json()})  # fmt: skip
+            print(f"wrote {args.out}")
+        return 0

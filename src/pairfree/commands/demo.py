@@ -50,23 +50,24 @@ def run(args: argparse.Namespace) -> int:
 
     from pairfree.demo import DEMO_METHODS, FULL_METHODS, DemoConfig, run_demo
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
 
     check_output(args.out, folder=True)
-
-    cfg = DemoConfig(out=str(args.out), seed=args.seed)
-    if args.steps:
-        cfg.steps = args.steps
-    if args.corpus:
-        cfg.n_corpus = args.corpus
-    if args.test_images:
-        cfg.n_test = args.test_images
-    if args.gan_steps:
-        cfg.gan_steps = args.gan_steps
-    methods = DEMO_METHODS
-    if args.full:
-        cfg, methods = cfg.with_images(), FULL_METHODS
-    start = time.time()
-    table, report = run_demo(cfg, methods, progress=not args.no_progress, jobs=args.jobs)
-    print(table)
-    print(f"\nreport: {report}  ({time.time() - start:.0f} s)")
-    return 0
+    with output_lock(args.out):
+        cfg = DemoConfig(out=str(args.out), seed=args.seed)
+        if args.steps:
+            cfg.steps = args.steps
+        if args.corpus:
+            cfg.n_corpus = args.corpus
+        if args.test_images:
+            cfg.n_test = args.test_images
+        if args.gan_steps:
+            cfg.gan_steps = args.gan_steps
+        methods = DEMO_METHODS
+        if args.full:
+            cfg, methods = cfg.with_images(), FULL_METHODS
+        start = time.time()
+        table, report = run_demo(cfg, methods, progress=not args.no_progress, jobs=args.jobs)
+        print(table)
+        print(f"\nreport: {report}  ({time.time() - start:.0f} s)")
+        return 0

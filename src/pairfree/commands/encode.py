@@ -65,35 +65,42 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.encoding import encode_captions, encode_images
     from pairfree.io import check_output
     from pairfree.job import Job
+    from pairfree.locks import output_lock
 
     check_output(args.out, inputs=[args.captions, args.dataset], folder=True)
-    job = Job.create(strict=args.strict)
-    common = dict(normalize=args.normalize, dtype=args.dtype, job=job)
-    if args.batch_size:
-        common["batch_size"] = args.batch_size
-    if args.shard_size:
-        common["shard_size"] = args.shard_size
-    # read (and validate) the inputs before loading a model
-    if args.captions:
-        captions = read_captions(
-            args.captions, format=args.format, split=args.split or "train", skip_log=job.skip_log
-        )
-    else:
-        pairs = image_sources(
-            args.images or args.dataset,
-            split=args.split or "test",
-            image_root=args.image_root,
-            allow_outside_root=args.allow_outside_root,
-            format=args.format,
-            skip_log=job.skip_log,
-        )
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    clip = load_clip(args.clip, device=job.state.device, dtype=dtype)
-    if args.captions:
-        store = encode_captions(clip, captions, args.out, **common)
-    else:
-        store = encode_images(clip, pairs, args.out, grid=args.grid, **common)
-    if store is not None:
-        report_skips([e.to_record() for e in job.skip_log.items], args.out)
-        print(f"wrote {len(store)} {store.kind} features of dim {store.dim} to {args.out}")
-    return 0
+    with output_lock(args.out):
+        job = Job.create(strict=args.strict)
+        common = dict(normalize=args.normalize, dtype=args.dtype, job=job)
+        if args.batch_size:
+            common["batch_size"] = args.batch_size
+        if args.shard_size:
+            common["shard_size"] = args.shard_size
+        # read (and validate) the inputs before loading a model
+        if args.captions:
+            captions = read_captions(
+                args.captions,
+                format=args.format,
+                split=args.split or "train",
+                skip_log=job.skip_log,
+            )
+        else:
+            pairs = image_sources(
+                args.images or args.dataset,
+                split=args.split or "test",
+                image_root=args.image_root,
+                allow_outside_root=args.allow_outside_root,
+                format=args.format,
+                skip_log=job.skip_log,
+            )
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            args.precision
+        ]
+        clip = load_clip(args.clip, device=job.state.device, dtype=dtype)
+        if args.captions:
+            store = encode_captions(clip, captions, args.out, **common)
+        else:
+            store = encode_images(clip, pairs, args.out, grid=args.grid, **common)
+        if store is not None:
+            report_skips([e.to_record() for e in job.skip_log.items], args.out)
+            print(f"wrote {len(store)} {store.kind} features of dim {store.dim} to {args.out}")
+        return 0

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.errors import BadInputError, PairfreeError
     from pairfree.evaluate import evaluate
     from pairfree.io import check_output, read_json
+    from pairfree.locks import output_lock
 
     out = args.out or args.predictions.with_suffix("").with_name(
         args.predictions.with_suffix("").name + ".scores"
@@ -70,53 +71,55 @@ def run(args: argparse.Namespace) -> int:
     json_out, md_out = Path(f"{out}.json"), Path(f"{out}.md")
     for path in (json_out, md_out):
         check_output(path, inputs=[args.predictions, args.references, *(args.instances or ())])
+    with output_lock(json_out), output_lock(md_out):
+        predictions = read_json(args.predictions)
+        if not isinstance(predictions, list):
+            raise BadInputError(args.predictions, "expected a JSON list of {image_id, caption} "
+                                "objects (COCO's results format)")  # fmt: skip
+        items = read_images(  # image files are read (and checked) for CLIPScore only
+            args.references,
+            format=args.format,
+            split=args.split,
+            image_root=args.image_root,
+            allow_outside_root=args.allow_outside_root,
+            files=bool(args.clip),
+        )
+        references = {it.image_id: list(it.references) for it in items if it.references}
+        domains = {it.image_id: it.domain for it in items if it.domain} or None
+        clip = images = None
+        if args.clip:
+            from pairfree.clip import load_clip
 
-    predictions = read_json(args.predictions)
-    if not isinstance(predictions, list):
-        raise BadInputError(args.predictions, "expected a JSON list of {image_id, caption} "
-                            "objects (COCO's results format)")  # fmt: skip
-    items = read_images(  # image files are read (and checked) for CLIPScore only
-        args.references,
-        format=args.format,
-        split=args.split,
-        image_root=args.image_root,
-        allow_outside_root=args.allow_outside_root,
-        files=bool(args.clip),
-    )
-    references = {it.image_id: list(it.references) for it in items if it.references}
-    domains = {it.image_id: it.domain for it in items if it.domain} or None
-    clip = images = None
-    if args.clip:
-        from pairfree.clip import load_clip
+            clip = load_clip(args.clip, device=args.device)
+            wanted = {str(p["image_id"]) for p in predictions}
+            images = {}
+            for it in items:
+                if it.image_id in wanted:
+                    try:
+                        images[it.image_id] = load_image(it.path)
+                    except BadInputError as err:
+                        raise PairfreeError(
+                            f"CLIPScore needs every predicted image: {err}"
+                        ) from None
+        instances = None
+        if args.instances:
+            from pairfree.evaluate.chair import read_coco_instances
 
-        clip = load_clip(args.clip, device=args.device)
-        wanted = {str(p["image_id"]) for p in predictions}
-        images = {}
-        for it in items:
-            if it.image_id in wanted:
-                try:
-                    images[it.image_id] = load_image(it.path)
-                except BadInputError as err:
-                    raise PairfreeError(f"CLIPScore needs every predicted image: {err}") from None
-    instances = None
-    if args.instances:
-        from pairfree.evaluate.chair import read_coco_instances
-
-        instances = {}
-        for path in args.instances:
-            for image_id, objects in read_coco_instances(path).items():
-                instances.setdefault(image_id, set()).update(objects)
-    report = evaluate(
-        predictions,
-        references,
-        domains=domains,
-        clip=clip,
-        images=images,
-        spice_dir=args.spice_dir,
-        instances=instances,
-        chair_references=not args.chair_instances_only,
-    )
-    print(report.to_markdown())  # first, so a failing write below loses no scores
-    json_path, md_path = report.write(out)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+            instances = {}
+            for path in args.instances:
+                for image_id, objects in read_coco_instances(path).items():
+                    instances.setdefault(image_id, set()).update(objects)
+        report = evaluate(
+            predictions,
+            references,
+            domains=domains,
+            clip=clip,
+            images=images,
+            spice_dir=args.spice_dir,
+            instances=instances,
+            chair_references=not args.chair_instances_only,
+        )
+        print(report.to_markdown())  # first, so a failing write below loses no scores
+        json_path, md_path = report.write(out)
+        print(f"wrote {json_path} and {md_path}")
+        return 0

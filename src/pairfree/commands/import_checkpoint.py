@@ -65,40 +65,41 @@ def run(args: argparse.Namespace) -> int:
         save_captioner,
     )
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
     from pairfree.tokenizers import gpt2_tokenizer
 
     check_output(args.out, inputs=[args.checkpoint], folder=True)
+    with output_lock(args.out):
+        lm_config = None
+        if args.lm_config:
+            from transformers import AutoConfig
 
-    lm_config = None
-    if args.lm_config:
-        from transformers import AutoConfig
+            lm_config = AutoConfig.from_pretrained(args.lm_config)
+        model = load_original_checkpoint(
+            args.checkpoint,
+            lm_config=lm_config,
+            mapper=args.mapper,
+            prefix_length=args.prefix_length,
+            clip_length=args.clip_length,
+            num_layers=args.num_layers,
+        )
+        if args.tokenizer:
+            from transformers import AutoTokenizer
 
-        lm_config = AutoConfig.from_pretrained(args.lm_config)
-    model = load_original_checkpoint(
-        args.checkpoint,
-        lm_config=lm_config,
-        mapper=args.mapper,
-        prefix_length=args.prefix_length,
-        clip_length=args.clip_length,
-        num_layers=args.num_layers,
-    )
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    else:
-        tokenizer = gpt2_tokenizer()
-    card = CheckpointCard(
-        recipe="imported",
-        clip=args.clip,
-        conditioning=Conditioning(normalize=args.normalize),
-        # as the original generate_beam: its beam search, beam 5, 67 tokens, no end-of-text stop
-        generation=GenerationConfig(
-            num_beams=5, max_new_tokens=67, stop=args.stop, search="clipcap", stop_at_eos=False
-        ),
-        source=str(args.checkpoint),
-    )
-    save_captioner(model, tokenizer, args.out, card)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"imported {args.checkpoint} ({n / 1e6:.1f}M parameters) -> {args.out}")
-    return 0
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            tokenizer = gpt2_tokenizer()
+        card = CheckpointCard(
+            recipe="imported",
+            clip=args.clip,
+            conditioning=Conditioning(normalize=args.normalize),
+            # as the original generate_beam: its beam search, beam 5, 67 tokens, no end-of-text stop
+            generation=GenerationConfig(
+                num_beams=5, max_new_tokens=67, stop=args.stop, search="clipcap", stop_at_eos=False
+            ),
+            source=str(args.checkpoint),
+        )
+        save_captioner(model, tokenizer, args.out, card)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"imported {args.checkpoint} ({n / 1e6:.1f}M parameters) -> {args.out}")
+        return 0

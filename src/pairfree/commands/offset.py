@@ -39,29 +39,33 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.data import dataset_images, load_images
     from pairfree.errors import PairfreeError, SkipLog
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
 
     check_output(args.out, inputs=[args.dataset])
-    skip_log = SkipLog(strict=args.strict)
-    items = dataset_images(
-        args.dataset,
-        split=args.split,
-        image_root=args.image_root,
-        allow_outside_root=args.allow_outside_root,
-        skip_log=skip_log,
-    )
-    items = [it for it in items if it.references][: args.max_images]
-    ids, images = load_images([(it.image_id, it.path) for it in items], skip_log)
-    references = {it.image_id: it.references for it in items}
-    texts = [text for image_id in ids for text in references[image_id]]
-    if not images:
-        raise PairfreeError(f"{args.dataset}: no readable paired images in split {args.split!r}")
-    clip = load_clip(args.clip, device=args.device)
-    offset = modality_offset(clip.encode_images(images), clip.encode_texts(texts))
-    save_offset(args.out, offset, clip=clip.name, pairs=len(images))
-    if skip_log:
-        print(skip_log.summary())
-    print(
-        f"modality gap |offset| = {offset.norm():.4f} from {len(images)} images, "
-        f"{len(texts)} captions -> {args.out}"
-    )
-    return 0
+    with output_lock(args.out):
+        skip_log = SkipLog(strict=args.strict)
+        items = dataset_images(
+            args.dataset,
+            split=args.split,
+            image_root=args.image_root,
+            allow_outside_root=args.allow_outside_root,
+            skip_log=skip_log,
+        )
+        items = [it for it in items if it.references][: args.max_images]
+        ids, images = load_images([(it.image_id, it.path) for it in items], skip_log)
+        references = {it.image_id: it.references for it in items}
+        texts = [text for image_id in ids for text in references[image_id]]
+        if not images:
+            raise PairfreeError(
+                f"{args.dataset}: no readable paired images in split {args.split!r}"
+            )
+        clip = load_clip(args.clip, device=args.device)
+        offset = modality_offset(clip.encode_images(images), clip.encode_texts(texts))
+        save_offset(args.out, offset, clip=clip.name, pairs=len(images))
+        if skip_log:
+            print(skip_log.summary())
+        print(
+            f"modality gap |offset| = {offset.norm():.4f} from {len(images)} images, "
+            f"{len(texts)} captions -> {args.out}"
+        )
+        return 0

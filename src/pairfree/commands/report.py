@@ -26,9 +26,11 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pairfree.evaluate.runs import run_report
     from pairfree.io import atomic_write_text, check_output
+    from pairfree.locks import output_lock
 
     runs = list({run.resolve(): run for run in args.runs}.values())  # each run once
     check_output(args.out, inputs=runs)
-    atomic_write_text(args.out, run_report(runs, title=args.title))
-    print(f"report of {len(runs)} run(s) -> {args.out}")
-    return 0
+    with output_lock(args.out):
+        atomic_write_text(args.out, run_report(runs, title=args.title))
+        print(f"report of {len(runs)} run(s) -> {args.out}")
+        return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pairfree.commands.common import add_device, add_strict, at_least, positive_int, report_skips
@@ -216,34 +218,38 @@ def finish(summary, max_reject_share: float) -> int:
     return 0
 
 
-def _llm_job(args: argparse.Namespace, inputs: list):
-    """(job, llm, sampling) of an LLM subcommand, after checking where it writes."""
+@contextmanager
+def _llm_job(args: argparse.Namespace, inputs: list) -> Iterator[tuple]:
+    """(job, llm, sampling) of an LLM subcommand, after checking where it writes, holding the
+    lock of its output folder."""
     from pairfree.io import check_output
     from pairfree.job import Job
+    from pairfree.locks import output_lock
     from pairfree.synth.llm import Sampling, load_llm
 
     check_output(args.out, inputs=inputs, folder=True)
-    sampling = Sampling(  # checked before the LLM is loaded
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        seed=args.seed,
-    )
-    job = Job.create(progress=not args.no_progress)
-    llm = load_llm(
-        args.llm,
-        api_base=args.api_base,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        response_prefix=args.response_prefix,
-        chat_template=args.chat_template,
-        dtype=args.dtype,
-        device=args.device if job.num_processes == 1 else job.state.device,
-    )
-    return job, llm, sampling
+    with output_lock(args.out):
+        sampling = Sampling(  # checked before the LLM is loaded
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            do_sample=not args.greedy,
+            seed=args.seed,
+        )
+        job = Job.create(progress=not args.no_progress)
+        llm = load_llm(
+            args.llm,
+            api_base=args.api_base,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            response_prefix=args.response_prefix,
+            chat_template=args.chat_template,
+            dtype=args.dtype,
+            device=args.device if job.num_processes == 1 else job.state.device,
+        )
+        yield job, llm, sampling
 
 
 def run_rephrase(args: argparse.Namespace) -> int:
@@ -255,16 +261,16 @@ def run_rephrase(args: argparse.Namespace) -> int:
     template = load_prompt(args.prompt, REPHRASE_PROMPT, "caption")
     skip_log = SkipLog()
     captions = read_captions(args.corpus, skip_log=skip_log)
-    job, llm, sampling = _llm_job(args, [args.corpus])
-    summary = rephrase_captions(
-        llm, [c.text for c in captions], args.out, template=template, sampling=sampling,
-        batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
-        job=job,
-    )  # fmt: skip
-    if summary is None:
-        return 0
-    report_skips([e.to_record() for e in skip_log.items], args.out)
-    return finish(summary, args.max_reject_share)
+    with _llm_job(args, [args.corpus]) as (job, llm, sampling):
+        summary = rephrase_captions(
+            llm, [c.text for c in captions], args.out, template=template, sampling=sampling,
+            batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
+            job=job,
+        )  # fmt: skip
+        if summary is None:
+            return 0
+        report_skips([e.to_record() for e in skip_log.items], args.out)
+        return finish(summary, args.max_reject_share)
 
 
 def run_summarize(args: argparse.Namespace) -> int:
@@ -273,13 +279,13 @@ def run_summarize(args: argparse.Namespace) -> int:
 
     template = load_prompt(args.prompt, SUMMARIZE_PROMPT, "captions")
     groups = read_groups(args.groups)
-    job, llm, sampling = _llm_job(args, [args.groups])
-    summary = summarize_groups(
-        llm, groups, args.out, template=template, sampling=sampling,
-        batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
-        job=job,
-    )  # fmt: skip
-    return 0 if summary is None else finish(summary, args.max_reject_share)
+    with _llm_job(args, [args.groups]) as (job, llm, sampling):
+        summary = summarize_groups(
+            llm, groups, args.out, template=template, sampling=sampling,
+            batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
+            job=job,
+        )  # fmt: skip
+        return 0 if summary is None else finish(summary, args.max_reject_share)
 
 
 def run_group(args: argparse.Namespace) -> int:
@@ -289,24 +295,26 @@ def run_group(args: argparse.Namespace) -> int:
     from pairfree.features import FeatureStore
     from pairfree.io import check_output
     from pairfree.job import Job
+    from pairfree.locks import output_lock
     from pairfree.synth.text import group_captions
 
     check_output(args.out, inputs=[args.corpus], folder=True)
-    job = Job.create(strict=args.strict, progress=not args.no_progress)
-    captions = read_captions(args.corpus, split=args.split, skip_log=job.skip_log)
-    clip = load_clip(args.clip, device=args.device)
-    encode_captions(clip, captions, args.out / "features", job=job)
-    job.wait_for_everyone()
-    if not job.is_main_process:
+    with output_lock(args.out):
+        job = Job.create(strict=args.strict, progress=not args.no_progress)
+        captions = read_captions(args.corpus, split=args.split, skip_log=job.skip_log)
+        clip = load_clip(args.clip, device=args.device)
+        encode_captions(clip, captions, args.out / "features", job=job)
+        job.wait_for_everyone()
+        if not job.is_main_process:
+            return 0
+        store = FeatureStore(args.out / "features")
+        groups = group_captions(store.ids, store.texts, store.tensor(), args.out, k=args.k,
+                                backend=args.index, dedup=args.dedup)  # fmt: skip
+        report_skips([e.to_record() for e in job.skip_log.items], args.out)
+        dropped = f" ({len(store) - len(groups)} identical groups left out)" if args.dedup else ""
+        size = min(args.k, len(store))
+        print(f"{len(groups)} groups of {size} captions{dropped} -> {args.out / 'groups.jsonl'}")
         return 0
-    store = FeatureStore(args.out / "features")
-    groups = group_captions(store.ids, store.texts, store.tensor(), args.out, k=args.k,
-                            backend=args.index, dedup=args.dedup)  # fmt: skip
-    report_skips([e.to_record() for e in job.skip_log.items], args.out)
-    dropped = f" ({len(store) - len(groups)} identical groups left out)" if args.dedup else ""
-    size = min(args.k, len(store))
-    print(f"{len(groups)} groups of {size} captions{dropped} -> {args.out / 'groups.jsonl'}")
-    return 0
 
 
 def run_images(args: argparse.Namespace) -> int:
@@ -315,46 +323,48 @@ def run_images(args: argparse.Namespace) -> int:
     from pairfree.data import read_captions
     from pairfree.io import check_output
     from pairfree.job import Job
+    from pairfree.locks import output_lock
     from pairfree.synth.images import plan_prompts, synthesize_images
     from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
 
     check_output(args.out, inputs=[args.corpus], folder=True)
-    job = Job.create(strict=args.strict, progress=not args.no_progress)
-    captions = read_captions(
-        args.corpus, format=args.format, split=args.split, skip_log=job.skip_log
-    )
-    prompts = plan_prompts(captions, variants=args.variants, seed=args.seed)
-    settings = DiffusionSettings(
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-        scheduler=args.scheduler,
-        height=args.height,
-        width=args.width,
-        dtype=args.dtype,
-    )
-    device = args.device if job.num_processes == 1 else job.state.device
-    backend = load_text_to_image(args.backend, settings, device=device)
-    summary = synthesize_images(
-        backend,
-        prompts,
-        args.out,
-        settings={**asdict(settings), "seed": args.seed, "variants": args.variants},
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        keep_nsfw=args.nsfw == "keep",
-        job=job,
-    )
-    job.wait_for_everyone()  # the main process wrote dataset.jsonl
-    if args.clip:
-        from pairfree.clip import load_clip
-        from pairfree.data import image_sources
-        from pairfree.encoding import encode_images
+    with output_lock(args.out):
+        job = Job.create(strict=args.strict, progress=not args.no_progress)
+        captions = read_captions(
+            args.corpus, format=args.format, split=args.split, skip_log=job.skip_log
+        )
+        prompts = plan_prompts(captions, variants=args.variants, seed=args.seed)
+        settings = DiffusionSettings(
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            scheduler=args.scheduler,
+            height=args.height,
+            width=args.width,
+            dtype=args.dtype,
+        )
+        device = args.device if job.num_processes == 1 else job.state.device
+        backend = load_text_to_image(args.backend, settings, device=device)
+        summary = synthesize_images(
+            backend,
+            prompts,
+            args.out,
+            settings={**asdict(settings), "seed": args.seed, "variants": args.variants},
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            keep_nsfw=args.nsfw == "keep",
+            job=job,
+        )
+        job.wait_for_everyone()  # the main process wrote dataset.jsonl
+        if args.clip:
+            from pairfree.clip import load_clip
+            from pairfree.data import image_sources
+            from pairfree.encoding import encode_images
 
-        pairs = image_sources(args.out / "dataset.jsonl", split="train", skip_log=job.skip_log)
-        clip = load_clip(args.clip, device=device)
-        encode_images(clip, pairs, args.out / "features", job=job)
-    if summary is None:
-        return 0
-    report_skips([e.to_record() for e in job.skip_log.items], args.out)
-    return finish(summary, args.max_reject_share)
+            pairs = image_sources(args.out / "dataset.jsonl", split="train", skip_log=job.skip_log)
+            clip = load_clip(args.clip, device=device)
+            encode_images(clip, pairs, args.out / "features", job=job)
+        if summary is None:
+            return 0
+        report_skips([e.to_record() for e in job.skip_log.items], args.out)
+        return finish(summary, args.max_reject_share)

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from pairfree.config import read_yaml, to_dict
     from pairfree.errors import PairfreeError
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
     from pairfree.recipes import get_recipe
 
     data = read_yaml(args.config) if args.config else {}
@@ -48,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     check_output(Path(cfg.train.output_dir), folder=True)
-    result = recipe.train(cfg, resume=not args.no_resume, progress=not args.no_progress)
-    best = (
-        f"; best {cfg.train.select_metric} {result.best_metric:.4g} -> {result.best_dir}"
-        if result.best_dir
-        else ""
-    )
-    print(f"trained {result.global_step} steps; last -> {result.last_dir}{best}")
-    return 0
+    with output_lock(cfg.train.output_dir):
+        result = recipe.train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+        best = (
+            f"; best {cfg.train.select_metric} {result.best_metric:.4g} -> {result.best_dir}"
+            if result.best_dir
+            else ""
+        )
+        print(f"trained {result.global_step} steps; last -> {result.last_dir}{best}")
+        return 0

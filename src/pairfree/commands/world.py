@@ -56,12 +56,14 @@ def register(sub) -> None:
 
 def run_lm(args: argparse.Namespace) -> int:
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
     from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
     check_output(args.out, folder=True)
-    build = {"gpt2": build_world_lm, "bert": build_world_bert, "roberta": build_world_encoder}
-    print(f"untrained world {args.kind} -> {build[args.kind](args.out, seed=args.seed)}")
-    return 0
+    with output_lock(args.out):
+        build = {"gpt2": build_world_lm, "bert": build_world_bert, "roberta": build_world_encoder}
+        print(f"untrained world {args.kind} -> {build[args.kind](args.out, seed=args.seed)}")
+        return 0
 
 
 MAX_IMAGE_SIZE = 1024  # beyond it a world image only costs memory (100000 pixels: 900 GB)
@@ -76,22 +78,24 @@ def image_size(text: str) -> int:
 
 def run_make(args: argparse.Namespace) -> int:
     from pairfree.io import check_output
+    from pairfree.locks import output_lock
     from pairfree.world import make_world
 
     check_output(args.out, folder=True)
-    paths = make_world(
-        args.out,
-        preset=args.preset,
-        n_train_images=args.train_images,
-        n_val=args.val,
-        n_test=args.test,
-        n_corpus=args.corpus,
-        seed=args.seed,
-        image_size=args.image_size,
-    )
-    print(f"world {args.preset!r} (seed {args.seed}) -> {paths.root}")
-    print(f"  dataset: {paths.dataset}\n  corpus:  {paths.corpus}\n  images:  {paths.images}")
-    return 0
+    with output_lock(args.out):
+        paths = make_world(
+            args.out,
+            preset=args.preset,
+            n_train_images=args.train_images,
+            n_val=args.val,
+            n_test=args.test,
+            n_corpus=args.corpus,
+            seed=args.seed,
+            image_size=args.image_size,
+        )
+        print(f"world {args.preset!r} (seed {args.seed}) -> {paths.root}")
+        print(f"  dataset: {paths.dataset}\n  corpus:  {paths.corpus}\n  images:  {paths.images}")
+        return 0
 
 
 def register_train_clip(world_sub) -> None:
@@ -132,18 +136,22 @@ def register_train_clip(world_sub) -> None:
 def run_train_clip(args: argparse.Namespace) -> int:
     import json
 
+    from pairfree.io import check_output
+    from pairfree.locks import output_lock
     from pairfree.world.clip import WorldClipConfig
     from pairfree.world.clip_training import train_world_clip
 
-    metrics = train_world_clip(
-        WorldClipConfig(gap=args.gap, modality_specific=args.modality_specific),
-        args.worlds.split(","),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        synthetic_fraction=args.synthetic_fraction,
-        out_dir=args.out,
-    )
-    print(json.dumps(metrics, indent=1))
-    print(f"world CLIP -> {args.out} (use --clip world:{args.out})")
-    return 0
+    check_output(args.out, folder=True)
+    with output_lock(args.out):
+        metrics = train_world_clip(
+            WorldClipConfig(gap=args.gap, modality_specific=args.modality_specific),
+            args.worlds.split(","),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            synthetic_fraction=args.synthetic_fraction,
+            out_dir=args.out,
+        )
+        print(json.dumps(metrics, indent=1))
+        print(f"world CLIP -> {args.out} (use --clip world:{args.out})")
+        return 0
