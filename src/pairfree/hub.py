@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pairfree.captioner.card import CheckpointCard
-from pairfree.captioner.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from pairfree.captioner.checkpoint import CONFIG_NAME, TRAINING_NAME, WEIGHTS_NAME
 from pairfree.errors import PairfreeError, first_line
 from pairfree.evaluate.runs import RunRecord
 
 logger = logging.getLogger(__name__)
-TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
