@@ -323,3 +323,54 @@ def test_a_config_from_a_newer_pairfree_is_refused(saved):
     del config["format_version"]  # checkpoints written before the field existed still load
     (folder / "config.json").write_text(json.dumps(config))
     assert Captioner.from_pretrained(folder).card.recipe == "capdec"
+
+
+TOKEN = "hf_SeCrEtToKeN0123456789abcdefghijKLMN"
+
+
+@pytest.mark.parametrize("where", ["create_repo", "upload_folder"])
+@pytest.mark.parametrize("error", ["http", "value", "runtime"])
+def test_push_to_hub_never_shows_the_token(run, monkeypatch, caplog, where, error):
+    """Whatever the Hub client raises, with the token in its message, reaches neither the
+    error pairfree raises (nor its chain), nor a log, nor the uploaded model card."""
+    import traceback
+
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    out, _, _ = run
+    uploaded = {}
+
+    def http(message: str) -> HfHubHTTPError:
+        import httpx2
+
+        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create",
+                                 headers={"authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        return HfHubHTTPError(message, response=httpx2.Response(401, request=request))
+
+    make = {"http": http, "value": ValueError, "runtime": RuntimeError}
+
+    class LeakyApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private, exist_ok):
+            if where == "create_repo":
+                raise make[error](f"401 Unauthorized for Bearer {self.token} on {repo_id}")
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()
+                             if p.is_file()})  # fmt: skip
+            logging.getLogger("huggingface_hub").warning("uploading with token=%s", self.token)
+            raise make[error](f"upload failed (authorization: Bearer {self.token})")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LeakyApi)
+    captioner = Captioner.from_pretrained(out / "best")
+    with caplog.at_level(logging.DEBUG), pytest.raises(PairfreeError) as info:
+        captioner.push_to_hub("someone/x", token=TOKEN)
+    chain = "".join(traceback.format_exception(info.value))
+    assert "someone/x" in str(info.value) and "[redacted]" in str(info.value), str(info.value)
+    assert TOKEN not in chain and TOKEN[3:12] not in chain, chain
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert TOKEN not in logged, logged
+    assert all(TOKEN.encode() not in data for data in uploaded.values())
