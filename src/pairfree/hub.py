@@ -179,7 +179,11 @@ def _logs_redacted(secrets: Sequence[str]) -> Iterator[None]:
 
     def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        record.msg, record.args = redact(record.getMessage(), secrets), None
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: logging reports it later
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message, secrets), None
         if record.exc_info:
             record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip(),
                                      secrets)  # fmt: skip
