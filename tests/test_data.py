@@ -435,6 +435,38 @@ def test_load_image_bad_files(tmp_path):
         assert info.value.source == str(path)
 
 
+def test_load_image_scales_16_bit_and_float_images_to_8_bits(tmp_path):
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32)
+    expected = (ramp / 257).round()  # the 8-bit picture a viewer sees
+    for name, array in [("g16.png", ramp.astype(np.uint16)), ("i32.tif", ramp.astype(np.int32)),
+                        ("f.tif", (ramp / 65535).astype(np.float32))]:  # fmt: skip
+        Image.fromarray(array).save(tmp_path / name)
+        pixels = np.asarray(load_image(tmp_path / name), dtype=float)[..., 0]
+        # PIL's own conversion clips 16-bit values at 255 (white) and floats in [0, 1] to 0
+        assert abs(pixels - expected).max() <= 1, name
+
+
+def test_load_image_reads_the_first_frame_of_an_animation(tmp_path):
+    frames = [Image.new("RGB", (16, 16), color) for color in ((250, 0, 0), (0, 0, 250))]
+    for name in ("a.gif", "a.png", "a.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=50)
+        picture = load_image(tmp_path / name)
+        red, _, blue = picture.getpixel((8, 8))
+        assert picture.mode == "RGB" and picture.size == (16, 16) and red > 200 > blue, name
+
+
+def test_load_image_refuses_a_sliver_before_decoding(tmp_path):
+    """A 1-pixel-wide image is small on disk, but CLIP's resize of its short side to 224 px
+    would make it billions of pixels."""
+    Image.new("L", (1, 20_000)).save(tmp_path / "sliver.png")
+    with pytest.raises(BadInputError, match="1x20000 .*aspect ratio"):
+        load_image(tmp_path / "sliver.png")
+    Image.new("L", (40, 2_000)).save(tmp_path / "tall.png")  # 1:50 (a long strip) still loads
+    assert load_image(tmp_path / "tall.png").size == (40, 2_000)
+
+
 def test_collect_image_paths_from_folders_and_globs(tmp_path):
     a = _save(tmp_path / "imgs" / "b.png")
     b = _save(tmp_path / "imgs" / "a.JPG")

@@ -193,3 +193,184 @@ def test_devices_default_to_the_gpu_when_there_is_one_and_are_checked(run, capsy
     assert isinstance(half(images[0]), str)
     with pytest.raises(PairfreeError, match="unknown dtype"):
         Captioner.from_pretrained(out / "last", dtype="int4")
+
+
+# --------------------------------------------------------------------------- hostile snapshots
+
+
+class Trap:
+    """Unpickling this writes ``marker``: proof that something unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+@pytest.fixture
+def saved(run, tmp_path):
+    """A self-contained copy (its DeCap memory inside it, as memory/) to tamper with."""
+    out, images, features = run
+    folder = Captioner.from_pretrained(out / "last", project_to=features).save_pretrained(
+        tmp_path / "saved"
+    )
+    return folder, images
+
+
+def as_snapshot(tmp_path, folder: Path, monkeypatch) -> str:
+    """``folder`` served from a Hugging Face cache as the repo ``someone/tampered``."""
+    import huggingface_hub.constants as constants
+
+    cache = hub_cache(tmp_path / "hf", "someone/tampered", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return "someone/tampered"
+
+
+def refused(ref, *fragments) -> str:
+    with pytest.raises(PairfreeError) as info:
+        Captioner.from_pretrained(ref)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pkl", "extra/weights.pt",
+                                  "memory/shard-00000.pth", "notes.exe"])  # fmt: skip
+def test_a_checkpoint_holding_a_pickle_or_an_unknown_file_is_refused_unread(
+    saved, tmp_path, monkeypatch, name
+):
+    import pickle
+
+    folder, _ = saved
+    marker = tmp_path / "marker"
+    (folder / name).parent.mkdir(exist_ok=True)
+    (folder / name).write_bytes(pickle.dumps(Trap(marker)))
+    what = "a pickle" if name != "notes.exe" else "not a file a pairfree checkpoint holds"
+    refused(folder, str(folder / name), what)
+    refused(as_snapshot(tmp_path, folder, monkeypatch), name, what)
+    assert not marker.exists()
+
+
+def test_serve_refuses_a_tampered_checkpoint_in_one_line_before_serving(saved, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    import socket
+
+    import pairfree.demo.web as web
+
+    folder, _ = saved
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    monkeypatch.setattr(web, "launch", lambda *a, **k: pytest.fail("served a tampered folder"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", str(folder), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pytorch_model.bin" in err and "pickle" in err, err
+
+
+def test_a_card_naming_files_outside_the_snapshot_is_refused(saved, run, tmp_path, monkeypatch):
+    import json
+    import os
+
+    folder, images = saved
+    _, _, features = run
+    config = json.loads((folder / "config.json").read_text())
+    outside = tmp_path / "outside"
+    shutil.copytree(folder / "memory", outside)
+
+    def card(**conditioning) -> None:
+        edited = json.loads(json.dumps(config))
+        edited["card"]["conditioning"].update(conditioning)
+        (folder / "config.json").write_text(json.dumps(edited))
+
+    card(project_to="../outside")  # ../ out of the folder
+    refused(folder, "config.json", "../outside", "outside the checkpoint")
+    refused(as_snapshot(tmp_path, folder, monkeypatch), "../outside", "outside the checkpoint")
+    shutil.rmtree(tmp_path / "hf")
+    # an absolute path: a training run's checkpoint names its stores so (a local folder is the
+    # user's own), but a Hub snapshot may name nothing outside itself
+    card(project_to=str(outside))
+    assert Captioner.from_pretrained(folder).conditioning.project_to == str(outside)
+    refused(as_snapshot(tmp_path, folder, monkeypatch), str(outside), "outside the snapshot")
+    shutil.rmtree(tmp_path / "hf")
+    # a link out of the folder
+    card(project_to="memory")
+    shutil.rmtree(folder / "memory")
+    os.symlink(outside, folder / "memory")
+    refused(folder, "memory", "links outside the checkpoint")
+    # a CLIP named by a path on this machine
+    (folder / "memory").unlink()
+    shutil.copytree(outside, folder / "memory")
+    edited = json.loads(json.dumps(config))
+    edited["card"]["clip"] = f"hf:{tmp_path / 'some-clip'}"
+    (folder / "config.json").write_text(json.dumps(edited))
+    refused(as_snapshot(tmp_path, folder, monkeypatch), "some-clip", "outside the snapshot")
+
+
+def test_a_config_from_a_newer_pairfree_is_refused(saved):
+    import json
+
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format_version"] == 1  # what this version writes
+    (folder / "config.json").write_text(json.dumps(config | {"format_version": 2}))
+    refused(folder, "config.json", "format_version 2", "newer pairfree")
+    (folder / "config.json").write_text(json.dumps(config | {"adapters": ["x.safetensors"]}))
+    refused(folder, "config.json", "'adapters'")
+    del config["format_version"]  # checkpoints written before the field existed still load
+    (folder / "config.json").write_text(json.dumps(config))
+    assert Captioner.from_pretrained(folder).card.recipe == "capdec"
+
+
+TOKEN = "hf_SeCrEtToKeN0123456789abcdefghijKLMN"
+
+
+@pytest.mark.parametrize("where", ["create_repo", "upload_folder"])
+@pytest.mark.parametrize("error", ["http", "value", "runtime"])
+def test_push_to_hub_never_shows_the_token(run, monkeypatch, caplog, where, error):
+    """Whatever the Hub client raises, with the token in its message, reaches neither the
+    error pairfree raises (nor its chain), nor a log, nor the uploaded model card."""
+    import traceback
+
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    out, _, _ = run
+    uploaded = {}
+
+    def http(message: str) -> HfHubHTTPError:
+        import httpx2
+
+        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create",
+                                 headers={"authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        return HfHubHTTPError(message, response=httpx2.Response(401, request=request))
+
+    make = {"http": http, "value": ValueError, "runtime": RuntimeError}
+
+    class LeakyApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private, exist_ok):
+            if where == "create_repo":
+                raise make[error](f"401 Unauthorized for Bearer {self.token} on {repo_id}")
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()
+                             if p.is_file()})  # fmt: skip
+            logging.getLogger("huggingface_hub").warning("uploading with token=%s", self.token)
+            raise make[error](f"upload failed (authorization: Bearer {self.token})")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LeakyApi)
+    captioner = Captioner.from_pretrained(out / "best")
+    with caplog.at_level(logging.DEBUG), pytest.raises(PairfreeError) as info:
+        captioner.push_to_hub("someone/x", token=TOKEN)
+    chain = "".join(traceback.format_exception(info.value))
+    assert "someone/x" in str(info.value) and "[redacted]" in str(info.value), str(info.value)
+    assert TOKEN not in chain and TOKEN[3:12] not in chain, chain
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert TOKEN not in logged, logged
+    assert all(TOKEN.encode() not in data for data in uploaded.values())

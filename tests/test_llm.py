@@ -844,3 +844,49 @@ def test_rephrase_prompts_an_hf_model_raw_and_summarize_through_its_template():
     args = parser.parse_args(["synthesize", "rephrase", "in", "--llm", "hf:m", "--out", "out",
                               "--chat-template", "auto", "--strict-answers"])  # fmt: skip
     assert args.chat_template == "auto" and args.strict_answers
+
+
+# --------------------------------------------------------------------------- stale caches
+
+
+def test_a_changed_llm_behind_the_same_name_refuses_to_resume(tmp_path, capsys, monkeypatch):
+    """Rephrasings are keyed by the LLM's fingerprint, not its name alone: a world
+    paraphraser that answers otherwise (another preset or pairfree version) is refused in one
+    line, the shards left as they were."""
+    from pairfree.cli import main
+    from pairfree.world import make_world
+    from pairfree.world.synth import WorldParaphraser
+
+    world = make_world(tmp_path / "w", n_train_images=0, n_val=0, n_test=0, n_corpus=12, seed=3)
+    out = tmp_path / "rephrased"
+    args = ["synthesize", "rephrase", str(world.corpus), "--llm", "world:default", "--out",
+            str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0 and main(args) == 0  # the same paraphraser resumes
+    before = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    rephrase = WorldParaphraser.rephrase
+    monkeypatch.setattr(WorldParaphraser, "rephrase",
+                        lambda self, *a, **k: [t.upper() for t in rephrase(self, *a, **k)])  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "other fingerprint" in err and "changed behind its name" in err, err
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == before
+
+
+def test_an_hf_llms_fingerprint_follows_its_weights_and_prompt_rendering(tiny_gpt2_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    once = load_llm(f"hf:{tiny_gpt2_dir}").fingerprint
+    assert load_llm(f"hf:{tiny_gpt2_dir}").fingerprint == once  # stable across loads
+    assert load_llm(f"hf:{tiny_gpt2_dir}", response_prefix='{"1": "').fingerprint != once
+    moved = tmp_path / "lm"
+    shutil.copytree(tiny_gpt2_dir, moved)
+    lm = AutoModelForCausalLM.from_pretrained(moved)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(1.01)  # tied to the embeddings: a fine-tune moves them all
+    lm.save_pretrained(moved)
+    assert load_llm(f"hf:{moved}").fingerprint != once
+    # a remote server's model is only its name: nothing to fingerprint
+    assert load_llm("openai:m", api_base="http://127.0.0.1:9").fingerprint is None

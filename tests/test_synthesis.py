@@ -393,3 +393,70 @@ def test_diffusion_settings_a_pipeline_cannot_draw_are_one_line(tiny_sd_dir):
     backend = load_text_to_image(f"diffusers:{tiny_sd_dir}", odd)
     with pytest.raises(PairfreeError, match=r"^diffusers:.*divisible"):
         backend.generate(["a red circle"], [0])
+
+
+# --------------------------------------------------------------------------- stale caches
+
+
+def test_other_weights_behind_the_same_diffusers_name_refuse_to_resume(tiny_sd_dir, tmp_path,
+                                                                      capsys):  # fmt: skip
+    """Shards are keyed by a fingerprint of the pipeline's weights and scheduler, not by its
+    name alone: re-saved weights or another scheduler config at the same path are refused in
+    one line rather than mixed with the old images; the same pipeline resumes."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from pairfree.cli import main
+
+    sd = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, sd)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "syn"
+    args = synthesize(corpus, f"diffusers:{sd}", out, "--steps", "2")
+    assert main(args) == 0
+    assert main(args) == 0  # the same weights, loaded again: resumed (nothing new to make)
+    capsys.readouterr()
+    saved = json.loads((out / "synthesis.json").read_text())
+    assert len(saved["fingerprint"]) == 10
+
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(sd / "unet")  # fine-tuned, saved where the old one was
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pairfree")]
+    assert len(err) == 1 and "other fingerprint" in err[0] and "weights" in err[0], err
+    assert json.loads((out / "synthesis.json").read_text()) == saved  # left as it was
+
+    shutil.rmtree(sd / "unet")
+    shutil.copytree(tiny_sd_dir / "unet", sd / "unet")
+    assert main(args) == 0  # the old weights back: it resumes again
+    config = sd / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"beta_end": 0.02}))
+    assert main(args) == 2 and "other fingerprint" in capsys.readouterr().err
+
+
+def test_a_changed_world_renderer_behind_the_same_name_refuses_to_resume(tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    from PIL import ImageOps
+
+    from pairfree.cli import main
+    from pairfree.world.synth import WorldTextToImage
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "syn"
+    assert main(synthesize(corpus, "world:default", out)) == 0
+    draw = WorldTextToImage.draw
+
+    def inverted(self, prompt, seed=0):  # the renderer of another pairfree version
+        drawing = draw(self, prompt, seed)
+        return replace(drawing, image=ImageOps.invert(drawing.image.convert("RGB")))
+
+    monkeypatch.setattr(WorldTextToImage, "draw", inverted)
+    assert main(synthesize(corpus, "world:default", out)) == 2
+    assert "other fingerprint" in capsys.readouterr().err

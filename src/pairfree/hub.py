@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pairfree.captioner.card import CheckpointCard
-from pairfree.captioner.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from pairfree.captioner.checkpoint import CONFIG_NAME, TRAINING_NAME, WEIGHTS_NAME
 from pairfree.errors import PairfreeError, first_line
 from pairfree.evaluate.runs import RunRecord
 
 logger = logging.getLogger(__name__)
-TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -157,6 +159,43 @@ def model_card(
     return "\n".join(lines)
 
 
+# a Hub token's shape, and whatever follows "Bearer " (an Authorization header echoed back)
+_TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}|(?<=Bearer )[^\s'\",)]+")
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` and anything shaped like a Hub token replaced."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _TOKEN_SHAPE.sub("[redacted]", text)
+
+
+@contextmanager
+def _logs_redacted(secrets: Sequence[str]) -> Iterator[None]:
+    """While it lasts, every log record (huggingface_hub's included, any logger) is made with
+    the secrets redacted from its message and its traceback."""
+    previous = logging.getLogRecordFactory()
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: logging reports it later
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message, secrets), None
+        if record.exc_info:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip(),
+                                     secrets)  # fmt: skip
+        return record
+
+    logging.setLogRecordFactory(make)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
+
+
 def push_folder(
     folder: Path,
     repo_id: str,
@@ -165,14 +204,25 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload pairfree captioner",
 ) -> str:
-    """Upload ``folder`` to the Hub model repository ``repo_id`` (made if missing); its URL."""
-    from huggingface_hub import HfApi
+    """Upload ``folder`` to the Hub model repository ``repo_id`` (made if missing); its URL.
 
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
-                                 commit_message=commit_message)  # fmt: skip
-    except OSError as err:
-        raise PairfreeError(f"cannot push to {repo_id}: {first_line(err)}") from err
+    The token (given, or the one huggingface_hub finds) never reaches a log or the error: a
+    client error is raised as one redacted line with no chain, as its own message may quote
+    the request's Authorization header."""
+    from huggingface_hub import HfApi, get_token
+
+    secrets = [token or "", get_token() or ""]
+    with _logs_redacted(secrets):
+        try:
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                     commit_message=commit_message)  # fmt: skip
+        except Exception as err:  # anything the client raises may quote the token
+            reason = redact(first_line(err), secrets)
+            failure = PairfreeError(f"cannot push to {repo_id}: {reason}")
+        else:
+            failure = None
+    if failure is not None:  # raised outside the handler: no chain back to the client's error
+        raise failure
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -33,7 +33,14 @@ from pairfree.captioner import (
     load_captioner,
 )
 from pairfree.captioner.card import CheckpointCard
-from pairfree.captioner.checkpoint import family_of, read_card, save_captioner
+from pairfree.captioner.checkpoint import (
+    STORE_FOLDERS,
+    card_path,
+    check_clip_spec,
+    family_of,
+    read_card,
+    save_captioner,
+)
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
@@ -47,7 +54,7 @@ from pairfree.job import resolve_device
 
 ImageInput = Union[Image.Image, str, Path, np.ndarray]  # noqa: UP007 (a runtime alias)
 # conditioning fields that name feature stores, and their folder in a saved checkpoint
-STORES = {"project_to": "memory", "prompt_phrases": "phrases"}
+STORES = dict(zip(("project_to", "prompt_phrases"), STORE_FOLDERS, strict=True))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,7 +116,10 @@ class Captioner:
             raise PairfreeError(f"unknown dtype {dtype!r}: one of {sorted(DTYPES)}")
         half = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
         path = resolve_checkpoint(path, revision=revision)
-        spec = clip if clip is not None else read_card(path).clip
+        if clip is None:
+            clip = read_card(path).clip  # the folder's files are checked before anything loads
+            check_clip_spec(path, clip)
+        spec = clip
         encoder = load_clip(spec, device=device, dtype=half) if isinstance(spec, str) else spec
         model, tokenizer, card = load_captioner(path, device=device, clip=encoder)
         model = model.to(half)
@@ -119,10 +129,10 @@ class Captioner:
             raise PairfreeError(
                 f"unknown generation options {sorted(unknown)}; known: {sorted(known)}"
             )
-        # a saved copy names its own stores relative to itself
+        # a saved copy names its own stores relative to itself (and never out of itself)
         conditioning = replace(card.conditioning, **{
-            field: str(path / value) for field in STORES
-            if (value := getattr(card.conditioning, field)) and not Path(value).is_absolute()
+            field: card_path(path, value, f"conditioning.{field}") for field in STORES
+            if (value := getattr(card.conditioning, field))
         })  # fmt: skip
         if project_to is not None:
             conditioning = replace(conditioning, project_to=str(project_to), tau=tau)

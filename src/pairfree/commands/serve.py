@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=at_least(1, at_most=65535), default=7860,
                    help="port (default 7860)")  # fmt: skip
+    p.add_argument("--queue", type=at_least(1), default=8,
+                   help="requests waiting for a caption; beyond them a request is refused at "
+                   "once with HTTP 503 'Queue is full' (default 8)")  # fmt: skip
+    p.add_argument("--max-upload-mb", type=at_least(1), default=20,
+                   help="largest upload in MB; larger ones get HTTP 413 (default 20)")  # fmt: skip
     add_device(p)
     p.set_defaults(func=run)
 
@@ -45,12 +50,12 @@ def check_free(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pairfree.demo.web import build_app
+    from pairfree.demo import web
     from pairfree.pipeline import Captioner
 
     check_free(args.host, args.port)
     captioner = Captioner.from_pretrained(args.checkpoint, device=args.device)
-    app = build_app(captioner)
+    app = web.build_app(captioner, queue_size=args.queue)
     print(f"serving {captioner.source} on http://{args.host}:{args.port} (Ctrl-C stops)")
-    app.launch(server_name=args.host, server_port=args.port, show_error=True)
+    web.launch(app, args.host, args.port, max_upload_mb=args.max_upload_mb)
     return 0

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pairfree.errors import BadInputError, PairfreeError, SkipLog
@@ -30,6 +31,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 MAX_PIXELS_VARIABLE = "PAIRFREE_MAX_IMAGE_PIXELS"
+# CLIP resizes an image's short side to its input size (224 px): a 1 x 80M-pixel sliver, small
+# on disk and under the pixel limit, would become billions of pixels. Long strips (1:50) pass.
+MAX_ASPECT_RATIO = 200
 
 # COCO 2014 file names (COCO_val2014_000000391895) and 2017 ones (000000391895) carry the
 # integer image id that COCO annotations and results files use.
@@ -41,7 +45,9 @@ def load_image(path: str | Path) -> Image.Image:
     """Decode ``path`` fully into an RGB image.
 
     EXIF orientation is applied (phone photos are stored sideways) and transparent images are
-    composited onto white, so every backend sees the picture a viewer sees.
+    composited onto white, so every backend sees the picture a viewer sees: an animation is
+    its first frame, a 16-bit or float image is scaled to 8 bits. An image over the pixel limit
+    or thinner than 1:``MAX_ASPECT_RATIO`` is refused from its header, before decoding.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,8 +63,16 @@ def load_image(path: str | Path) -> Image.Image:
                     f"{image.width}x{image.height} pixels is over the limit of {limit} "
                     f"(set {MAX_PIXELS_VARIABLE} to raise it)",
                 )
-            image.load()
+            if max(image.size) > MAX_ASPECT_RATIO * max(1, min(image.size)):
+                raise BadInputError(
+                    path,
+                    f"{image.width}x{image.height} pixels is beyond an aspect ratio of "
+                    f"1:{MAX_ASPECT_RATIO} (CLIP's resize of its short side would blow it up)",
+                )
+            image.load()  # the first frame of an animation
             image = ImageOps.exif_transpose(image)
+            if image.mode.startswith(("I", "F")):
+                image = _to_8_bits(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -68,6 +82,18 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInputError(path, f"{error} (set {MAX_PIXELS_VARIABLE} to raise it)") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadInputError(path, f"cannot decode image: {error}") from error
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as 8-bit ``L``: integers are taken as 16-bit
+    (PNG's depth), floats in [0, 1] as fractions; PIL's own conversion clips them at 255, so a
+    16-bit picture would come out white and a float one black."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
 
 
 _PIL_LIMIT = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit, as it ships

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pairfree.errors import PairfreeError
+from pairfree.io import strict_json
 
 GLOSSARY = (
     ("B@n", "BLEU-n: n-gram precision of the caption against its references, with a brevity "
@@ -63,6 +64,10 @@ class RunRecord:
                 if number == len(lines):
                     continue  # a line cut by an interruption
                 raise PairfreeError(f"{metrics}:{number}: not JSON ({err.msg})") from None
+            if (not isinstance(item, dict) or not isinstance(item.get("step"), int)
+                    or not isinstance(item.get("eval", {}), dict)):  # fmt: skip
+                raise PairfreeError(f"{metrics}:{number}: not a metrics record (an object with "
+                                    "a whole-number step)")  # fmt: skip
             if "eval" in item:
                 record.evals.append({"step": item["step"], **item["eval"]})
             else:
@@ -114,29 +119,43 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], *, title: str) -> st
     return "".join(parts) + "</svg>"
 
 
+def _finite(value: Any) -> float | None:
+    """A logged value as a number to draw: None for NaN and infinities (the trainer logs them
+    as null), strings, booleans and anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _points(records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], y) for r in records if (y := _finite(r.get(key))) is not None]
+
+
 def run_section(run: RunRecord) -> str:
-    """One run's part of the report."""
-    loss_keys = sorted({k for r in run.train for k in r if "loss" in k})
-    series = {k: [(r["step"], float(r[k])) for r in run.train if k in r] for k in loss_keys}
-    series.update({k: [(e["step"], float(e[k])) for e in run.evals if k in e]
+    """One run's part of the report. Every text in it is escaped (a run's folder name, config
+    and metric names are anyone's), and a loss or metric that is NaN, infinite or missing is
+    left out of its chart rather than stopping the page."""
+    series = {k: _points(run.train, k) for k in sorted({k for r in run.train for k in r
+                                                         if "loss" in k})}  # fmt: skip
+    series.update({k: _points(run.evals, k)
                    for k in sorted({k for e in run.evals for k in e if "loss" in k})})  # fmt: skip
     charts = [svg_chart(series, title="loss")]
     others = sorted({k for e in run.evals for k in e if k != "step" and "loss" not in k})
     for key in others:
-        charts.append(svg_chart({key: [(e["step"], float(e[key])) for e in run.evals
-                                       if isinstance(e.get(key), int | float)]}, title=key))  # fmt: skip
-    config = run.config
-    train = config.get("train", {})
-    sessions = run.run.get("sessions", [])
-    wall = sum(s.get("wall_s", 0.0) for s in sessions)
+        charts.append(svg_chart({key: _points(run.evals, key)}, title=key))
+    config = run.config if isinstance(run.config, dict) else {}
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    sessions = [s for s in run.run.get("sessions", []) if isinstance(s, dict)]
+    wall = sum(w for s in sessions if (w := _finite(s.get("wall_s"))) is not None)
+    versions = sessions[-1].get("versions") if sessions else None
     facts = [
         ("recipe", config.get("recipe", "?")),
         ("seed", train.get("seed", "?")),
         ("steps", run.train[-1]["step"] if run.train else "none logged"),
         ("wall time", f"{wall:.0f} s over {len(sessions)} session(s)" if sessions else "?"),
-        ("command", " ".join(sessions[0]["command"]) if sessions else "?"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in sessions[-1]["versions"].items())
-         if sessions else "?"),
+        ("command", " ".join(map(str, sessions[0].get("command") or ["?"])) if sessions else "?"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())
+         if isinstance(versions, dict) else "?"),
     ]  # fmt: skip
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in facts)  # fmt: skip
@@ -148,7 +167,8 @@ def run_section(run: RunRecord) -> str:
         f'<section class="run"><h2>{html.escape(str(run.path))}</h2>'
         f'<table class="facts">{rows}</table><div class="charts">{"".join(charts)}</div>'
         f"{tables}<details><summary>config</summary><pre>"
-        f"{html.escape(json.dumps(config, indent=2))}</pre></details></section>"
+        f"{html.escape(json.dumps(strict_json(run.config), indent=2, allow_nan=False))}"
+        "</pre></details></section>"
     )
 
 

@@ -2,7 +2,8 @@
 
 Layout of the output folder::
 
-    synthesis.json     what was asked: backend, settings, run seed, variants, prompts digest
+    synthesis.json     what was asked: backend (its name and fingerprint), settings, run
+                       seed, variants, prompts digest
     images/ID.png      the images, each written atomically
     shards/NNNNN.jsonl the records of each finished shard (the unit of resume)
     manifest.jsonl     every record: id, prompt, source caption id, variant, seed, backend,
@@ -34,7 +35,7 @@ from pairfree.data import Caption
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_path
 from pairfree.job import Job
-from pairfree.synth.shards import poor_yield, run_shards, write_jsonl
+from pairfree.synth.shards import backend_fingerprint, poor_yield, run_shards, write_jsonl
 from pairfree.synth.text_to_image import TextToImage, image_seed
 
 
@@ -143,8 +144,8 @@ def synthesize_images(
                                    mistakes=generated.mistakes))  # fmt: skip
         return sorted(records, key=lambda r: r["id"])
 
-    request = {"backend": backend.name, "settings": settings, "shard_size": shard_size,
-               "prompts": _digest(prompts)}  # fmt: skip
+    request = {"backend": backend.name, "fingerprint": backend_fingerprint(backend),
+               "settings": settings, "shard_size": shard_size, "prompts": _digest(prompts)}  # fmt: skip
     records = run_shards(out, prompts, make, request=request, shard_size=shard_size,
                          batch_size=batch_size, job=job or Job(), desc="synthesize")  # fmt: skip
     if records is None:

@@ -16,6 +16,11 @@
 - ``world:<preset>``: the shapes world's paraphraser and summarizer answering the two task
   prompts (the testbed's stand-in).
 
+A backend's ``fingerprint`` (its weights, sampled, and how it renders prompts; the world's
+answers to fixed probes) keys a synthesis job's shards beside its name, so other weights behind
+the same name never resume an old job; an ``openai:`` server has none (None): its model is
+what the server says it is.
+
 A prompt that gets no answer comes back as :class:`NoAnswer`. When its retries were used up
 (timeouts, 429, 5xx, replies that are not chat completions) it is no answer *yet*: the job keeps
 the prompt pending and a rerun asks again. Only the server refusing the prompt itself (HTTP 400,
@@ -44,6 +49,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pairfree.backends import resolve_backend
+from pairfree.clip.batching import fingerprint
 from pairfree.errors import PairfreeError, load_failure
 
 logger = logging.getLogger(__name__)
@@ -113,6 +119,9 @@ class HFCausalLM:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.stop_ids = stop_token_ids(model, tokenizer)
+        # what a resumed job must match: the weights (sampled) and how prompts are rendered
+        rendering = f"{self.chat}\0{response_prefix}\0{getattr(tokenizer, 'chat_template', '')}"
+        self.fingerprint = fingerprint(model, f"{rendering}\0{len(tokenizer)}")
 
     def _render(self, prompt: str) -> str:
         if self.chat:
@@ -212,6 +221,7 @@ class OpenAIChat:
                 "command line, synthesis.llm.api_base in a config)"
             )
         self.name = f"openai:{model}"
+        self.fingerprint = None  # the model behind a server's name is the server's word
         self.model = model
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env

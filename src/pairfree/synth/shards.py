@@ -7,6 +7,12 @@ twice or lost. ``OUT/synthesis.json`` records what the job makes (backend, setti
 of the inputs); a rerun asking for something else is refused, never mixed in. The main process
 gathers every shard's records, in order, once all are done.
 
+A backend's name does not say which weights answer to it (a folder re-saved after fine-tuning,
+a newer Hub revision, another world renderer), so the request carries the backend's
+``fingerprint`` (:func:`backend_fingerprint`) too, as feature stores carry their encoder's: a
+rerun under other weights or settings is refused in one line and the old shards are left as
+they are (delete the folder, or use another ``--out``, to start over).
+
 A record with a ``"pending"`` key (why: an LLM's retries were used up on 5xx, 429 or timeouts)
 is no result yet. Its shard is written with it, the job goes on, and ends with an error that
 counts the pending inputs; a rerun asks exactly those again. After :data:`GIVE_UP_AFTER`
@@ -92,6 +98,14 @@ def run_shards(
     return records if job.is_main_process else None
 
 
+def backend_fingerprint(backend: object) -> str | None:
+    """What a synthesis backend's output depends on besides its name, as a short digest (its
+    ``fingerprint``: sampled weights and settings, or a probe of what it makes); None for one
+    that cannot tell (a remote server: the model behind its name is the server's word)."""
+    value = getattr(backend, "fingerprint", None)
+    return value if isinstance(value, str) else None
+
+
 def poor_yield(
     what: str, kept: int, reasons: Sequence[str], where: Path, max_share: float
 ) -> str | None:
@@ -131,9 +145,11 @@ def _claim(out: Path, request: dict, job: Job) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved != request:
             changed = sorted(k for k in set(saved) | set(request) if saved.get(k) != request.get(k))
+            why = (" (the backend's weights or settings changed behind its name)"
+                   if "fingerprint" in changed else "")  # fmt: skip
             raise PairfreeError(
-                f"{out} holds a synthesis with other {', '.join(changed)}; use another --out, "
-                "or delete it to start over"
+                f"{out} holds a synthesis with other {', '.join(changed)}{why}; use another "
+                "--out, or delete it to start over"
             )
     elif job.is_main_process:
         atomic_write_json(path, request)

@@ -40,7 +40,7 @@ from pairfree.io import read_user_text
 from pairfree.job import Job
 from pairfree.synth.grouping import nearest_captions
 from pairfree.synth.llm import LLM, NoAnswer, Sampling
-from pairfree.synth.shards import poor_yield, run_shards, write_jsonl
+from pairfree.synth.shards import backend_fingerprint, poor_yield, run_shards, write_jsonl
 from pairfree.synth.tasks import (
     Rejected,
     parse_rephrasings,
@@ -278,7 +278,8 @@ def _request(
     llm: LLM, template: str, sampling: Sampling, shard_size: int, inputs, strict: bool
 ) -> dict:
     digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
-    return {"llm": llm.name, "prompt": template, "sampling": asdict(sampling),
+    return {"llm": llm.name, "fingerprint": backend_fingerprint(llm), "prompt": template,
+            "sampling": asdict(sampling),
             "shard_size": shard_size, "inputs": digest, "strict": strict}  # fmt: skip
 
 

@@ -12,11 +12,16 @@ An all-black image counts as NSFW too: that is what Stable Diffusion's safety ch
 in place of a flagged image, and what ICSD's code filters on (every channel of every pixel 0).
 Whether flagged images are used is the dataset's choice (``keep_nsfw``,
 :mod:`pairfree.synth.images`).
+
+A backend's ``fingerprint`` keys a synthesis job beside its name (:mod:`pairfree.synth.shards`):
+for diffusers, its models' weights (sampled, as CLIP encoders are fingerprinted) and its
+scheduler's config; for the world, its settings and the images it draws for fixed probes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import torch
 from PIL import Image
 
 from pairfree.backends import resolve_backend
+from pairfree.clip.batching import fingerprint
 from pairfree.errors import PairfreeError, first_line, load_failure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,6 +88,24 @@ class DiffusionSettings:
             raise PairfreeError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
 
 
+def pipeline_fingerprint(pipeline) -> str:
+    """A short digest of a diffusers pipeline: each model's weights (sampled, as CLIP
+    encoders are fingerprinted), its scheduler's class and config, its other parts' classes;
+    so synthesis shards made by other weights behind the same name are never reused."""
+    digest = hashlib.sha256()
+    for part, component in sorted(pipeline.components.items()):
+        if isinstance(component, torch.nn.Module):
+            what = fingerprint(component, type(component).__name__)
+        elif hasattr(component, "config"):  # a scheduler
+            config = {k: v for k, v in dict(component.config).items() if not k.startswith("_")}
+            what = type(component).__name__ + json.dumps(config, sort_keys=True, default=str)
+        else:  # a tokenizer, a feature extractor, or None
+            what = type(component).__name__ + str(len(component) if hasattr(component, "__len__")
+                                                  else "")  # fmt: skip
+        digest.update(f"{part}\0{what}\0".encode())
+    return digest.hexdigest()[:10]
+
+
 class DiffusersTextToImage:
     """A diffusers text-to-image pipeline (Stable Diffusion and compatible)."""
 
@@ -89,6 +113,7 @@ class DiffusersTextToImage:
         self.pipeline = pipeline
         self.settings = settings
         self.name = name
+        self.fingerprint = pipeline_fingerprint(pipeline)  # what a resumed job must match
         pipeline.set_progress_bar_config(disable=True)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:

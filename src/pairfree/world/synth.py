@@ -281,16 +281,37 @@ class WorldTextToImage:
         return [self.draw(prompt, seed).image for prompt in prompts]
 
 
+def probe_captions(config: WorldConfig, n: int = 4) -> list[str]:
+    """Captions of ``n`` scenes drawn with a fixed seed: what a world backend's fingerprint
+    asks it, so that another renderer or paraphraser behind the same name (a changed preset,
+    another pairfree version) is told apart from the one a synthesis job started with."""
+    from pairfree.world.language import caption_scene
+
+    rng = np.random.default_rng(0)
+    return [caption_scene(config.sample_scene(rng), rng, config.phrasing) for _ in range(n)]
+
+
+def _digest(*parts: object) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode())
+    return digest.hexdigest()[:10]
+
+
 class WorldTextToImageBackend:
     """:class:`WorldTextToImage` behind the library's text-to-image protocol
     (``world:<preset>``): one image per (prompt, seed), never flagged NSFW, with its mistakes
-    reported."""
+    reported. Its fingerprint is its settings and the images it draws for fixed probes."""
 
     def __init__(self, preset: str) -> None:
         from pairfree.world.variants import world_preset
 
+        config = world_preset(preset)
         self.name = f"world:{preset}"
-        self.renderer = WorldTextToImage(world_preset(preset))
+        self.renderer = WorldTextToImage(config)
+        probes = [self.renderer.draw(text, 0) for text in probe_captions(config)]
+        self.fingerprint = _digest(config, *(d.image.tobytes() + repr(d.mistakes).encode()
+                                             for d in probes))  # fmt: skip
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list:
         from pairfree.synth.text_to_image import GeneratedImage
@@ -454,12 +475,17 @@ class WorldLLM:
     _NUMBERED = re.compile(r"<(\d+)> (.*?)(?=\s*<\d+> |\s*$)", re.S)
 
     def __init__(self, preset: str) -> None:
+        from pairfree.synth.tasks import rephrase_prompt, summarize_prompt
         from pairfree.world.variants import world_preset
 
         config = world_preset(preset)
         self.name = f"world:{preset}"
         self.paraphraser = WorldParaphraser(config)
         self.summarizer = WorldSummarizer(config)
+        # its settings and its answers to fixed probes (what a resumed job must match)
+        probes = probe_captions(config)
+        asked = [rephrase_prompt(text) for text in probes] + [summarize_prompt(probes)]
+        self.fingerprint = _digest(config, [self._answer(prompt, 0) for prompt in asked])
 
     def generate(self, prompts: Sequence[str], sampling) -> list[str]:
         return [self._answer(prompt, sampling.seed) for prompt in prompts]
