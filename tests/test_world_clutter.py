@@ -202,3 +202,15 @@ def test_realism_table_prints_the_world_beside_coco(capsys, monkeypatch):
     assert "7.7" in rows["instances_per_image"] and "Lin et al." in rows["instances_per_image"]
     world_value = float(rows["share_of_scene_named"].split("|")[2])
     assert 0.2 < world_value < 0.7
+
+
+def test_world_make_writes_the_cluttered_world(tmp_path, capsys):
+    from pairfree.cli import main
+
+    out = tmp_path / "coco"
+    main(["world", "make", str(out), "--preset", "coco", "--train-images", "2", "--val", "1",
+          "--test", "3", "--corpus", "8"])  # fmt: skip
+    dataset = json.loads((out / "dataset_world.json").read_text())
+    assert dataset["world"] == "coco"
+    assert all(set(image["scene"]) == {"objects", "context", "salience"}
+               for image in dataset["images"])  # fmt: skip

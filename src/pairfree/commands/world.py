@@ -27,8 +27,11 @@ def register(sub) -> None:
         ),
     )
     make.add_argument("out", type=Path, help="output folder")
-    make.add_argument("--preset", default="default", choices=["default", "shifted", "novel"],
-                      help="default; shifted (cross-domain); novel (held-out words, NoCaps-like domains)")  # fmt: skip
+    make.add_argument("--preset", default="default",
+                      choices=["default", "shifted", "novel", "coco"],
+                      help="default; shifted (cross-domain); novel (held-out words, NoCaps-like "
+                      "domains); coco (cluttered COCO-like scenes, captions naming a salient few "
+                      "of their objects)")  # fmt: skip
     make.add_argument("--train-images", type=int, default=2000, help="unpaired training images")
     make.add_argument("--val", type=int, default=200, help="validation images")
     make.add_argument("--test", type=int, default=200, help="test images")

@@ -328,7 +328,7 @@ class WorldTextToImageBackend:
 def load_world_text_to_image(
     preset: str, _settings=None, *, device=None
 ) -> WorldTextToImageBackend:
-    """The ``world:<preset>`` text-to-image backend (``default``, ``shifted``, ``novel``)."""
+    """The ``world:<preset>`` text-to-image backend (``default``, ``shifted``, ``novel``, ``coco``)."""
     return WorldTextToImageBackend(preset or "default")
 
 
