@@ -12,7 +12,9 @@ from pairfree.demo import (
     FULL_METHODS,
     GAN_METHODS,
     NOISE_SWEEP,
+    PAIRED_UPPER_BOUND,
     SACAP_METHODS,
+    TEXT_METHODS,
     DemoConfig,
     run_demo,
 )
@@ -157,3 +159,16 @@ def test_spawned_training_processes_show_the_parents_log_lines(capfd):
         ) as pool:
             pool.submit(log.info, "step 7/9 of a spawned run").result()
         assert ("step 7/9 of a spawned run" in capfd.readouterr().err) is shown
+
+
+def test_world_runs_of_the_text_only_recipes_end_captions_at_end_of_text(tmp_path):
+    """World captions have no final period, and CapDec's and CgT-GAN's code stop at "." only:
+    the demo's runs of those recipes must train on and stop at end-of-text, or every caption
+    runs to the length limit (CIDEr ~0, as main briefly had)."""
+    from pairfree.demo.methods import method_config
+
+    cfg = DemoConfig(out=str(tmp_path / "d"), n_corpus=50, n_test=2).with_images(4, 2)
+    corpus = cfg.world().corpus.read_text().splitlines()
+    assert not any(line.rstrip().endswith(".") for line in corpus)
+    for method in (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS):
+        assert method_config(cfg, method).generation.stop_at_eos, method.name

@@ -201,7 +201,14 @@ def capdec_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
         },
         "model": {"lm": str(cfg.lm_dir), "mapper": "mlp", "prefix_length": 10},
         "train": world_schedule(cfg, method),
-        "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": None},
+        # world captions have no final period, so the decoder trains on and stops at
+        # end-of-text (CapDec's code stops at "." only, which a world caption never has)
+        "generation": {
+            "num_beams": cfg.beams,
+            "max_new_tokens": 48,
+            "stop": None,
+            "stop_at_eos": True,
+        },  # fmt: skip
     }
 
 
@@ -246,7 +253,8 @@ def gan_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
             "log_every": 20,
             "seed": cfg.seed,
         },
-        "generation": {"num_beams": 1, "max_new_tokens": 48, "stop": None},
+        # as capdec_settings: no final period in the world, so end-of-text ends a caption
+        "generation": {"num_beams": 1, "max_new_tokens": 48, "stop": None, "stop_at_eos": True},
     }
 
 
