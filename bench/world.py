@@ -21,6 +21,8 @@ excludes 0. Every run's per-image CIDEr is written to ``<out>/world-table.json``
     python bench/world.py --recipes sacap        # only some recipes' rows (each run is seeded:
                                                  # the rows equal those of a full run)
     python bench/world.py --presets default      # only the in- and cross-domain settings
+    python bench/world.py --from-tables A/world-table.json B/world-table.json  # rows of two
+                                                 # invocations (same worlds, seeds) compared
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated training worlds: default (in- and cross-domain "
                         "settings), novel (novel objects), coco (the cluttered world; needs a "
                         "world CLIP trained on it, --clip)")  # fmt: skip
+    parser.add_argument("--from-tables", nargs="+", metavar="JSON",
+                        help="train nothing: print the table of earlier runs' world-table.json "
+                        "files together (same worlds and seeds; a later file's rows win)")  # fmt: skip
     parser.add_argument("--clip", default=DemoConfig.clip,
                         help="the world CLIP (default: the packaged one)")  # fmt: skip
     return parser.parse_args()
@@ -135,8 +140,54 @@ def cider_cells(
     return cell, f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}", d.stderr
 
 
+def print_table(
+    scores: dict[tuple[str, str], list[dict]],
+    seconds: dict[str, list[float]],
+    per_image: dict[tuple[str, str], list[list[float]]],
+) -> None:
+    """The world table: one row per (method, setting), CIDEr with its interval and its paired
+    difference from CapDec, the other metrics as mean ± std over seeds."""
+    rows, stderrs = [], []
+    for (method, setting), runs in scores.items():
+        cells = []
+        for key, _ in COLUMNS:
+            if key == "CIDEr":
+                cell, difference, stderr = cider_cells(per_image, method, setting)
+                cells += [cell, difference]
+                stderrs += [] if stderr is None else [stderr]
+                continue
+            values = [r[key] for r in runs if r.get(key) is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "n/a")
+        took = seconds.get(method)
+        rows.append([method, setting, *cells, f"{statistics.mean(took):.0f}" if took else "n/a"])
+    labels = [label for key, label in COLUMNS for label in
+              ((f"{label} [95 % CI]", "ΔC vs CapDec") if key == "CIDEr" else (label,))]  # fmt: skip
+    header = ["method", "setting", *labels, "train s"]
+    print(markdown_table(header, rows, labels=2))
+    if stderrs:
+        print(f"standard error of a difference from CapDec: median {statistics.median(stderrs):.2f}"
+              f", largest {max(stderrs):.2f} CIDEr")  # fmt: skip
+
+
+def read_tables(paths: list[str]) -> tuple[dict, dict, dict]:
+    """Rows of earlier runs' ``world-table.json`` files (a later file's row replaces an
+    earlier one's), so that separate invocations on the same worlds and seeds compare paired."""
+    scores, seconds, per_image = {}, {}, {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text(encoding="utf-8")):
+            key = (row["method"], row["setting"])
+            scores[key], per_image[key] = row["scores"], row["per_image_cider"]
+            if row.get("train_seconds"):
+                seconds[row["method"]] = row["train_seconds"]
+    return scores, seconds, per_image
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_tables:
+        print_table(*read_tables(args.from_tables))
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
     # the untrained world LMs and discriminator encoder, shared by every seed: made once here
@@ -155,32 +206,13 @@ def main() -> None:
                 seconds[key].append(value)
             for key, value in seed_per_image.items():
                 per_image[key].append(value)
-    table = [{"method": m, "setting": s, "scores": runs, "per_image_cider": per_image[(m, s)]}
-             for (m, s), runs in scores.items()]  # fmt: skip
+    table = [{"method": m, "setting": s, "scores": runs, "per_image_cider": per_image[(m, s)],
+              "train_seconds": seconds[m]} for (m, s), runs in scores.items()]  # fmt: skip
     (Path(args.out) / "world-table.json").write_text(json.dumps(table), encoding="utf-8")
     print(f"{args.seeds} seeds, {args.steps} steps (GAN phase {args.gan_steps}), corpus "
           f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
           f"with {args.jobs} processes")  # fmt: skip
-    rows, stderrs = [], []
-    for (method, setting), runs in scores.items():
-        cells = []
-        for key, _ in COLUMNS:
-            if key == "CIDEr":
-                cell, difference, stderr = cider_cells(per_image, method, setting)
-                cells += [cell, difference]
-                stderrs += [] if stderr is None else [stderr]
-                continue
-            values = [r[key] for r in runs if r.get(key) is not None]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "n/a")
-        rows.append([method, setting, *cells, f"{statistics.mean(seconds[method]):.0f}"])
-    labels = [label for key, label in COLUMNS for label in
-              ((f"{label} [95 % CI]", "ΔC vs CapDec") if key == "CIDEr" else (label,))]  # fmt: skip
-    header = ["method", "setting", *labels, "train s"]
-    print(markdown_table(header, rows, labels=2))
-    if stderrs:
-        print(f"standard error of a difference from CapDec: median {statistics.median(stderrs):.2f}"
-              f", largest {max(stderrs):.2f} CIDEr")  # fmt: skip
+    print_table(scores, seconds, per_image)
 
 
 if __name__ == "__main__":

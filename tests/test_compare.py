@@ -184,3 +184,21 @@ def test_the_world_table_marks_a_real_difference_and_gives_its_standard_error():
     _, same, _ = cider_cells(per_image, "same", "s")
     assert not same.endswith("*")
     assert cider_cells(per_image, BASELINE, "s")[1:] == ("", None)
+
+
+def test_the_world_table_joins_earlier_runs_tables(tmp_path, capsys):
+    from bench.world import BASELINE, print_table, read_tables
+
+    def row(method, cider, seconds=None):
+        return {"method": method, "setting": "s", "scores": [{"CIDEr": cider}] * 2,
+                "per_image_cider": [[cider] * 50, [cider] * 50], "train_seconds": seconds}  # fmt: skip
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([row(BASELINE, 1.0), row("SaCap", 9.0, [3.0, 5.0])]))
+    b.write_text(json.dumps([row(BASELINE, 5.0, [2.0, 2.0])]))  # a rerun of the baseline
+    scores, seconds, per_image = read_tables([str(a), str(b)])
+    assert per_image[(BASELINE, "s")][0][0] == 5.0 and seconds == {"SaCap": [3.0, 5.0],
+                                                                   BASELINE: [2.0, 2.0]}  # fmt: skip
+    print_table(scores, seconds, per_image)
+    sacap = next(line for line in capsys.readouterr().out.splitlines() if "| SaCap |" in line)
+    assert "+4.0 [+4.0, +4.0]*" in sacap and sacap.rstrip().endswith("| 4 |")
