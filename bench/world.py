@@ -14,7 +14,9 @@ caption groups (the world's text-to-image model and LLM).
 CIDEr is given with its 95 % confidence interval (bootstrap over test images and seeds), and
 each method is compared with CapDec (noise 0.016) on the same images and seeds (a paired
 bootstrap of per-image CIDEr-D): the difference with its interval, marked * where the interval
-excludes 0. Every run's per-image CIDEr is written to ``<out>/world-table.json``.
+excludes 0. A second table compares each ablation with its full recipe and each GAN with its
+own initialization the same way. Every run's per-image CIDEr is written to
+``<out>/world-table.json``.
 
     python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
@@ -67,6 +69,13 @@ SETTINGS = {
 TRUTH = ("object_precision", "object_recall", "salient_recall", "chair_i")
 COLUMNS = COCO_COLUMNS + CLIP_COLUMNS + tuple(c for c in TRUTH_COLUMNS if c[0] in TRUTH)
 BASELINE = TEXT_METHODS[0].name  # CapDec, noise 0.016: every other method is compared with it
+# what each method varies, for the within-recipe comparisons: ablation -> full recipe, and
+# GAN -> its own initialization (the text-only ablations are already compared with CapDec)
+VARIES = {
+    **{m.name: SACAP_METHODS[0].name for m in SACAP_METHODS[1:]},
+    **{m.name: ICSD_METHODS[0].name for m in ICSD_METHODS[1:]},
+    **{gan.name: init.name for init, gan in zip(GAN_METHODS[::2], GAN_METHODS[1::2], strict=True)},
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -170,6 +179,23 @@ def print_table(
               f", largest {max(stderrs):.2f} CIDEr")  # fmt: skip
 
 
+def print_within_recipes(per_image: dict[tuple[str, str], list[list[float]]]) -> None:
+    """Each ablation against its full recipe and each GAN against its initialization, paired
+    over the same images and seeds: what the world table's CapDec column cannot show."""
+    rows = []
+    for method, setting in per_image:
+        reference = VARIES.get(method)
+        if (reference, setting) not in per_image:
+            continue
+        c = paired_bootstrap(per_image[(method, setting)], per_image[(reference, setting)])
+        d = c.difference
+        mark = "*" if c.significant else ""
+        rows.append([f"{method} − {reference}", setting,
+                     f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}"])  # fmt: skip
+    if rows:
+        print(markdown_table(["comparison", "setting", "ΔC [95 % CI]"], rows, labels=2))
+
+
 def read_tables(paths: list[str]) -> tuple[dict, dict, dict]:
     """Rows of earlier runs' ``world-table.json`` files (a later file's row replaces an
     earlier one's), so that separate invocations on the same worlds and seeds compare paired."""
@@ -186,7 +212,9 @@ def read_tables(paths: list[str]) -> tuple[dict, dict, dict]:
 def main() -> None:
     args = parse_args()
     if args.from_tables:
-        print_table(*read_tables(args.from_tables))
+        scores, seconds, per_image = read_tables(args.from_tables)
+        print_table(scores, seconds, per_image)
+        print_within_recipes(per_image)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
@@ -213,6 +241,7 @@ def main() -> None:
           f"{args.corpus}, {args.test_images} test images; total {time.time() - start:.0f} s "
           f"with {args.jobs} processes")  # fmt: skip
     print_table(scores, seconds, per_image)
+    print_within_recipes(per_image)
 
 
 if __name__ == "__main__":

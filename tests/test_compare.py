@@ -202,3 +202,23 @@ def test_the_world_table_joins_earlier_runs_tables(tmp_path, capsys):
     print_table(scores, seconds, per_image)
     sacap = next(line for line in capsys.readouterr().out.splitlines() if "| SaCap |" in line)
     assert "+4.0 [+4.0, +4.0]*" in sacap and sacap.rstrip().endswith("| 4 |")
+
+
+def test_the_world_table_compares_each_ablation_with_its_own_recipe(capsys):
+    from bench.world import print_within_recipes
+
+    rng = np.random.default_rng(1)
+    full = rng.uniform(0, 100, size=(2, 100))
+    per_image = {("SaCap", "s"): full.tolist(),
+                 ("SaCap without re-pairing", "s"): (full - 7).tolist(),
+                 ("SaCap without soft prompt", "s"): full.tolist(),
+                 ("CgT-GAN: its text-only init", "s"): full.tolist(),
+                 ("CgT-GAN", "s"): (full + 3).tolist(),
+                 ("ICSD, single-context images", "s"): full.tolist()}  # fmt: skip
+    print_within_recipes(per_image)
+    lines = capsys.readouterr().out.splitlines()
+    row = {line.split(" | ")[0].lstrip("| "): line for line in lines}
+    assert "-7.0 [-7.0, -7.0]*" in row["SaCap without re-pairing − SaCap"]
+    assert "+0.0 [+0.0, +0.0] |" in row["SaCap without soft prompt − SaCap"]  # a tie, no *
+    assert "+3.0 [+3.0, +3.0]*" in row["CgT-GAN − CgT-GAN: its text-only init"]
+    assert not any("ICSD" in line for line in lines)  # its full recipe is not in the table
