@@ -15,8 +15,10 @@ CIDEr is given with its 95 % confidence interval (bootstrap over test images and
 each method is compared with CapDec (noise 0.016) on the same images and seeds (a paired
 bootstrap of per-image CIDEr-D): the difference with its interval, marked * where the interval
 excludes 0. A second table compares each ablation with its full recipe and each GAN with its
-own initialization the same way. Every run's per-image CIDEr is written to
-``<out>/world-table.json``.
+own initialization the same way. The last lines say how large the standard error of a
+difference from CapDec is, how much of it comes from test images and how much from training
+seeds, and how many of each would bring it to 3 CIDEr. Every run's per-image CIDEr is written
+to ``<out>/world-table.json``.
 
     python bench/world.py                        # 3 seeds, demo-sized training, 2 processes
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
@@ -38,6 +40,8 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from pairfree.demo import (
     GAN_METHODS,
     ICSD_METHODS,
@@ -50,7 +54,12 @@ from pairfree.demo import (
 from pairfree.demo.report import CLIP_COLUMNS, COCO_COLUMNS, TRUTH_COLUMNS
 from pairfree.evaluate import markdown_table
 from pairfree.evaluate.coco import per_image_scores
-from pairfree.evaluate.stats import bootstrap_mean, paired_bootstrap
+from pairfree.evaluate.stats import (
+    VarianceParts,
+    bootstrap_mean,
+    paired_bootstrap,
+    variance_parts,
+)
 from pairfree.experiment import TestSet
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
@@ -177,6 +186,28 @@ def print_table(
     if stderrs:
         print(f"standard error of a difference from CapDec: median {statistics.median(stderrs):.2f}"
               f", largest {max(stderrs):.2f} CIDEr")  # fmt: skip
+    print_plan(per_image)
+
+
+def print_plan(per_image: dict[tuple[str, str], list[list[float]]], target: float = 3.0) -> None:
+    """Where the error of a difference from CapDec comes from and how many test images and
+    seeds would bring it to ``target``. Each part is pooled over methods (the root of its mean
+    variance): with few seeds one method's seed part is often estimated as 0."""
+    parts = []
+    for (method, setting), values in per_image.items():
+        baseline = per_image.get((BASELINE, setting))
+        if method != BASELINE and baseline is not None and len(values) > 1:
+            parts.append(variance_parts(np.asarray(values) - np.asarray(baseline)))
+    if not parts:
+        return
+    pooled = VarianceParts(*(float(np.sqrt(np.mean([getattr(p, name) ** 2 for p in parts])))
+                             for name in ("image", "seed", "noise")))  # fmt: skip
+    plan = pooled.plan(target)
+    needs = (f"about {plan[1]} test images with {plan[0]} seed{'s' * (plan[0] > 1)}" if plan
+             else "more than 32 seeds")  # fmt: skip
+    print(f"its parts (sd pooled over methods): image {pooled.image:.1f}, seed "
+          f"{pooled.seed:.1f}, rest {pooled.noise:.1f} CIDEr; a standard error of {target:g} "
+          f"needs {needs}")  # fmt: skip
 
 
 def print_within_recipes(per_image: dict[tuple[str, str], list[list[float]]]) -> None:

@@ -13,7 +13,12 @@ from pairfree.cli import main
 from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.evaluate.coco import per_image_scores
-from pairfree.evaluate.stats import bootstrap_mean, paired_bootstrap
+from pairfree.evaluate.stats import (
+    VarianceParts,
+    bootstrap_mean,
+    paired_bootstrap,
+    variance_parts,
+)
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
 
@@ -222,3 +227,40 @@ def test_the_world_table_compares_each_ablation_with_its_own_recipe(capsys):
     assert "+0.0 [+0.0, +0.0] |" in row["SaCap without soft prompt − SaCap"]  # a tie, no *
     assert "+3.0 [+3.0, +3.0]*" in row["CgT-GAN − CgT-GAN: its text-only init"]
     assert not any("ICSD" in line for line in lines)  # its full recipe is not in the table
+
+
+def test_variance_parts_recover_known_image_seed_and_noise_parts():
+    rng = np.random.default_rng(0)
+    seeds, images = 200, 400
+    d = (5 + rng.normal(0, 10, (seeds, 1)) + rng.normal(0, 30, (1, images))
+         + rng.normal(0, 100, (seeds, images)))  # fmt: skip
+    parts = variance_parts(d)
+    assert parts.image == pytest.approx(30, rel=0.15)
+    assert parts.seed == pytest.approx(10, rel=0.2)
+    assert parts.noise == pytest.approx(100, rel=0.05)
+    # the formula is the spread of the mean over fresh draws of all three parts
+    means = [(rng.normal(0, 10, (2, 1)) + rng.normal(0, 30, (1, 50))
+              + rng.normal(0, 100, (2, 50))).mean() for _ in range(4000)]  # fmt: skip
+    assert parts.stderr(50, 2) == pytest.approx(float(np.std(means)), rel=0.1)
+    with pytest.raises(PairfreeError, match="at least 2 seeds"):
+        variance_parts(d[:1])
+
+
+def test_the_plan_is_the_fewest_seeds_that_reach_the_target_error():
+    parts = VarianceParts(image=0.0, seed=6.0, noise=100.0)
+    seeds, images = parts.plan(3.0)
+    assert seeds == 5  # 6² / 4 = 9 leaves the images nothing; 6² / 5 = 7.2 does not
+    assert parts.stderr(images, seeds) <= 3.0 < parts.stderr(images - 1, seeds)
+    assert VarianceParts(image=0.0, seed=30.0, noise=1.0).plan(3.0, max_seeds=32) is None
+
+
+def test_the_world_table_says_what_would_bring_its_error_to_3_cider(capsys):
+    from bench.world import BASELINE, print_plan
+
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0, 300, size=(3, 300))
+    noisy = base + rng.normal(0, 60, size=(3, 300))  # no image or seed part: images suffice
+    print_plan({(BASELINE, "s"): base.tolist(), ("other", "s"): noisy.tolist()})
+    line = capsys.readouterr().out
+    images = int(line.split(" test images")[0].rsplit(" ", 1)[1])
+    assert "with 1 seed\n" in line and images == pytest.approx(400, rel=0.2)  # 60² / 3²

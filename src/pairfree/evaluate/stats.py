@@ -154,3 +154,49 @@ def paired_bootstrap(
         n_seeds=seeds,
         resamples=resamples,
     )
+
+
+@dataclass(frozen=True)
+class VarianceParts:
+    """Where the noise in a paired difference comes from, as standard deviations of
+    ``difference[s, i] = mean + seed[s] + image[i] + noise[s, i]``: what a test image adds on
+    every seed (a hard image), what one training seed adds on every image, and the rest. More
+    test images shrink the first and the last; only more seeds shrink the seed part."""
+
+    image: float
+    seed: float
+    noise: float
+
+    def stderr(self, images: int, seeds: int) -> float:
+        """The standard error of the mean difference over ``images`` x ``seeds``."""
+        return float(np.sqrt(self.image**2 / images + self.seed**2 / seeds
+                             + self.noise**2 / (images * seeds)))  # fmt: skip
+
+    def plan(self, target: float, *, max_seeds: int = 32) -> tuple[int, int] | None:
+        """The fewest seeds, and with them the fewest test images, that bring the standard
+        error to ``target``; None when ``max_seeds`` seeds cannot."""
+        for seeds in range(1, max_seeds + 1):
+            left = target**2 - self.seed**2 / seeds  # what the images may still add
+            if left > 0:
+                images = (self.image**2 + self.noise**2 / seeds) / left
+                return seeds, max(1, int(np.ceil(images)))
+        return None
+
+
+def variance_parts(differences: np.ndarray | list) -> VarianceParts:
+    """Moment estimates of the parts from per-image differences ``[seeds, images]`` (two or
+    more seeds): the image part is the covariance of two seeds' differences over the same
+    images, the seed part what the spread of the seed means holds beyond the noise."""
+    d = _as_matrix(differences, "differences")
+    seeds, images = d.shape
+    if seeds < 2 or images < 2:
+        raise PairfreeError(f"splitting the variance needs at least 2 seeds and 2 images, not "
+                            f"{seeds} and {images}")  # fmt: skip
+    covariance = np.cov(d)  # seeds x seeds, over images
+    within = float(np.mean(np.diag(covariance)))
+    shared = float(np.mean(covariance[~np.eye(seeds, dtype=bool)]))
+    image = max(shared, 0.0)
+    noise = max(within - image, 0.0)
+    seed = max(float(np.var(d.mean(axis=1), ddof=1)) - noise / images, 0.0)
+    return VarianceParts(image=float(np.sqrt(image)), seed=float(np.sqrt(seed)),
+                         noise=float(np.sqrt(noise)))  # fmt: skip
