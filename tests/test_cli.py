@@ -257,6 +257,29 @@ def test_import_checkpoint_gives_the_original_logits(tiny_gpt2_dir, tmp_path):
     )
 
 
+def test_encode_stores_grid_features_as_float16_unless_asked(world, tmp_path):
+    images = sorted(world.images.glob("test_*.png"))[:2]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder / path.name)
+    base = ["encode", "--images", str(folder), "--clip", "world:builtin"]
+    assert main([*base, "--grid", "--out", str(tmp_path / "grid")]) == 0
+    assert main([*base, "--grid", "--dtype", "float32", "--out", str(tmp_path / "grid32")]) == 0
+    assert main([*base, "--out", str(tmp_path / "embeddings")]) == 0
+    dtypes = {
+        name: {s.dtype.name for s in FeatureStore(tmp_path / name).iter_shards()}
+        for name in ("grid", "grid32", "embeddings")
+    }
+    assert dtypes == {"grid": {"float16"}, "grid32": {"float32"}, "embeddings": {"float32"}}
+    torch.testing.assert_close(
+        FeatureStore(tmp_path / "grid").tensor(),
+        FeatureStore(tmp_path / "grid32").tensor(),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+
+
 def test_encode_in_two_processes_covers_every_item_once(world, tiny_clip_dir, tmp_path):
     import os
     import subprocess

@@ -145,7 +145,7 @@ def test_duplicate_ids_are_rejected(tmp_path):
         write_store(tmp_path / "s", [Item("1", "a"), Item("1", "b")], fake_encode, INFO, job=QUIET)
 
 
-def test_grid_features_are_stored_as_float16_and_memory_mapped(tmp_path):
+def test_grid_features_are_stored_as_float16_by_default_and_memory_mapped(tmp_path):
     from PIL import Image
 
     from pairfree.clip import load_clip
@@ -156,10 +156,45 @@ def test_grid_features_are_stored_as_float16_and_memory_mapped(tmp_path):
     for i, color in enumerate(["red", "blue", "green"]):
         paths.append((f"im{i}", tmp_path / f"{i}.png"))
         Image.new("RGB", (64, 64), color).save(paths[-1][1])
-    store = encode_images(clip, paths, tmp_path / "grid", grid=True, dtype="float16",
-                          shard_size=2, job=QUIET)  # fmt: skip
+    store = encode_images(clip, paths, tmp_path / "grid", grid=True, shard_size=2, job=QUIET)
     assert store.kind == "image_grid" and len(store) == 3
     assert all(isinstance(s, np.memmap) and s.dtype == np.float16 for s in store.iter_shards())
     expected = clip.encode_image_grid([Image.open(p) for _, p in paths])
     assert store[2].shape == tuple(expected.shape[1:]) == clip.grid_shape
     np.testing.assert_allclose(store[2], expected[2].numpy(), rtol=2e-3, atol=2e-3)
+
+    asked = encode_images(clip, paths, tmp_path / "grid32", grid=True, dtype="float32", job=QUIET)
+    assert all(s.dtype == np.float32 for s in asked.iter_shards())
+    plain = encode_images(clip, paths, tmp_path / "embeddings", job=QUIET)
+    assert all(s.dtype == np.float32 for s in plain.iter_shards())
+
+
+def test_rows_are_found_by_id_and_by_text_across_shards_and_skips(tmp_path):
+    def load(it):
+        if it.id == "2":
+            raise BadInputError("corpus.txt", "empty caption", line=3)
+        return it.value
+
+    values = ["a cat", "a dog", "skipped", "a cat", "a bird"]  # "a cat" twice
+    store = write_store(tmp_path / "s", [Item(str(i), v) for i, v in enumerate(values)],
+                        fake_encode, INFO, load=load, shard_size=2,
+                        job=Job(skip_log=SkipLog(), progress=False))  # fmt: skip
+    assert store.ids == ["0", "1", "3", "4"]
+    for item_id in store.ids:
+        assert item_id in store and store.ids[store.row(item_id)] == item_id
+        assert store[store.row(item_id)].tolist() == fake_encode([values[int(item_id)]])[0].tolist()
+    assert "2" not in store and 2 not in store
+    with pytest.raises(PairfreeError, match=r"no row for id '2'"):
+        store.row("2")
+    assert store.text_row("a bird") == 3 and store.text_row("a dog") == 1
+    assert store.text_row("a cat") == 2  # a repeated text maps to its last row
+    with pytest.raises(PairfreeError, match="no row for the caption 'a fish'"):
+        store.text_row("a fish")
+
+
+def test_an_image_store_has_no_text_rows(tmp_path):
+    info = StoreInfo(encoder="fake:1", kind="image", normalized=False)
+    store = write_store(tmp_path / "s", items(3), fake_encode, info, job=QUIET)
+    assert store.row("1") == 1
+    with pytest.raises(PairfreeError, match="holds image features, not texts"):
+        store.text_row("caption number 1 about a cat")

@@ -14,6 +14,7 @@ the store complete once every shard exists (the processes come in one :class:`Jo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -224,6 +225,33 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._id_rows
+
+    @functools.cached_property
+    def _id_rows(self) -> dict[str, int]:
+        return {item_id: row for row, item_id in enumerate(self.ids)}
+
+    @functools.cached_property
+    def _text_rows(self) -> dict[str, int]:
+        if self.texts is None:
+            raise PairfreeError(f"{self.path} holds image features, not texts")
+        return {text: row for row, text in enumerate(self.texts)}  # a repeated text: its last row
+
+    def row(self, item_id: str) -> int:
+        """The row of an item, by the id it was encoded under (skipped items have none)."""
+        try:
+            return self._id_rows[item_id]
+        except KeyError:
+            raise PairfreeError(f"{self.path}: no row for id {item_id!r}") from None
+
+    def text_row(self, text: str) -> int:
+        """The row of a caption, by its text: how the recipes find a caption's embedding."""
+        try:
+            return self._text_rows[text]
+        except KeyError:
+            raise PairfreeError(f"{self.path}: no row for the caption {text!r}") from None
 
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < len(self):

@@ -45,7 +45,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="items per forward pass")
     p.add_argument("--shard-size", type=positive_int, default=None, help="items per shard file")
     p.add_argument(
-        "--dtype", choices=["float16", "float32"], default="float32", help="storage dtype"
+        "--dtype",
+        choices=["float16", "float32"],
+        help="storage dtype (default: float16 for --grid, float32 otherwise)",
     )
     p.add_argument(
         "--precision",
@@ -70,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[args.captions, args.dataset], folder=True)
     with output_lock(args.out):
         job = Job.create(strict=args.strict)
-        common = dict(normalize=args.normalize, dtype=args.dtype, job=job)
+        common = dict(normalize=args.normalize, job=job)
+        if args.dtype:
+            common["dtype"] = args.dtype
         if args.batch_size:
             common["batch_size"] = args.batch_size
         if args.shard_size:

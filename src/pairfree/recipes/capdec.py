@@ -112,13 +112,12 @@ def paired_image_condition(
     encode_images(clip, [(it.image_id, it.path) for it in items], features_dir / "images", job=job)
     job.wait_for_everyone()  # the main process marks the store complete after the others return
     store = FeatureStore(features_dir / "images")
-    row = {image_id: i for i, image_id in enumerate(store.ids)}
     texts, rows = [], []
     for it in items:
-        if it.image_id in row:  # unreadable images were skipped and reported
+        if it.image_id in store:  # unreadable images were skipped and reported
             cleaned = clean_captions(it.references, cfg.corpus.cleaning)
             texts += cleaned
-            rows += [row[it.image_id]] * len(cleaned)
+            rows += [store.row(it.image_id)] * len(cleaned)
     if not texts:
         raise PairfreeError(f"{cfg.corpus.path}: no captioned images in split {cfg.corpus.split!r}")
     return texts, store.tensor()[rows]

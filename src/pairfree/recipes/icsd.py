@@ -222,8 +222,7 @@ def group_stage(
     job.wait_for_everyone()
     if job.is_main_process:
         store = FeatureStore(features)
-        row = {t: i for i, t in enumerate(store.texts or [])}
-        embeds = store.tensor()[[row[t] for t in texts]]
+        embeds = store.tensor()[[store.text_row(t) for t in texts]]
         group_captions([str(i) for i in range(len(texts))], texts, embeds, out,
                        k=s.group_size, backend=s.index, dedup=s.dedup)  # fmt: skip
         atomic_write_json(done, request)

@@ -264,16 +264,16 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
         FeatureStore(features / "captions"),
         FeatureStore(features / "images"),
     )
-    image_row = {image_id: i for i, image_id in enumerate(image_store.ids)}
-    keep = [i for i, rows in enumerate(candidates) if ids[rows[0]] in image_row]
+    keep = [i for i, rows in enumerate(candidates) if ids[rows[0]] in image_store]
     memory = memory_store.tensor()
     image_embeds = image_store.tensor()
 
     # 1. re-pairing
     generator = torch.Generator().manual_seed(cfg.seed)
-    text_row = {t: i for i, t in enumerate(memory_store.texts or [])}
-    usable = [[image_row[ids[r]] for r in candidates[i] if ids[r] in image_row] for i in keep]
-    caption_embeds = memory[[text_row[texts[i]] for i in keep]]
+    usable = [
+        [image_store.row(ids[r]) for r in candidates[i] if ids[r] in image_store] for i in keep
+    ]
+    caption_embeds = memory[[memory_store.text_row(texts[i]) for i in keep]]
     if cfg.repair:
         paired = repair(caption_embeds, image_embeds, usable, generator)
     else:
@@ -284,7 +284,6 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
     job.wait_for_everyone()
     grids = FeatureStore(grid_dir)
-    grid_row = {image_id: i for i, image_id in enumerate(grids.ids)}
 
     # 2. hard prompts: the paired image's top phrases
     phrase_dir = None
@@ -317,7 +316,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     examples = [
         GridExample(
             conditions[k],
-            grid_row[image_store.ids[paired[k]]],
+            grids.row(image_store.ids[paired[k]]),
             prompt_ids[k],
             target_ids["input_ids"][k][: cfg.corpus.max_tokens],
         )
