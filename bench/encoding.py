@@ -66,9 +66,11 @@ def build_clip(small: bool, out: str) -> str:
     else:
         config = CLIPConfig()  # the openai/clip-vit-base-patch32 architecture
     CLIPModel(config).save_pretrained(out)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=clip_tokenizer()).save_pretrained(
-        out
+    side = config.vision_config.image_size  # the processor crops to what the tower reads
+    pixels = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
+    CLIPProcessor(image_processor=pixels, tokenizer=clip_tokenizer()).save_pretrained(out)
     return out
 
 

@@ -410,3 +410,38 @@ def test_open_clip_vit_tower_at_another_size_and_cnn_towers_that_cannot_change(t
     assert world.vision_tower(None).pixels.image_size == world.vision_tower(64).pixels.image_size
     with pytest.raises(PairfreeError, match="world:builtin.*reads 64-px images only"):
         world.vision_tower(384)
+
+
+def _one_pass_matches_two(enc, first_layer: torch.nn.Module) -> None:
+    """``encode_images_and_grid`` gives ``encode_images`` and ``encode_image_grid`` of the same
+    images, running the image tower once per batch (counted at its first layer)."""
+    images = [_image(seed) for seed in range(3)]
+    calls = []
+    hook = first_layer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        embeds, grid = enc.encode_images_and_grid(images, batch_size=2)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # batches of 2 and 1
+    torch.testing.assert_close(embeds, enc.encode_images(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grid, enc.encode_image_grid(images), rtol=1e-5, atol=1e-5)
+    empty = enc.encode_images_and_grid([])
+    assert empty[0].shape == (0, enc.embed_dim) and empty[1].shape == (0, *enc.grid_shape)
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode_images_and_grid(images, batch_size=0)
+
+
+def test_hf_embeddings_and_grid_come_from_one_pass(hf):
+    _one_pass_matches_two(hf, hf.model.vision_model.embeddings)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_open_clip_embeddings_and_grid_come_from_one_pass(tiny_open_clip, name):
+    _, _, path = tiny_open_clip[name]
+    enc = load_clip(f"open_clip:{name}@{path}")
+    _one_pass_matches_two(enc, enc.model.visual.conv1)
+
+
+def test_world_embeddings_and_grid_come_from_one_pass():
+    enc = load_clip("world:builtin")
+    _one_pass_matches_two(enc, enc.model.image_tower.features)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from pairfree import Captioner, experiment
 from pairfree.cli import main
 from pairfree.recipes.sacap import repair
 
@@ -204,6 +206,22 @@ def test_sacap_trains_from_synthetic_data_and_captions_images(synthesized, tmp_p
                  "--quiet"]) == 0  # fmt: skip
     results = json.loads(captions.read_text())
     assert len(results) == len(images) and all(isinstance(r["caption"], str) for r in results)
+
+    # the API reads both the embedding and the grid from one image-tower pass, and captions
+    # as the two passes would
+    captioner = Captioner.from_pretrained(out / "last")
+    pil = [Image.open(p).convert("RGB") for p in images]
+    two_passes = captioner.caption_embeddings(
+        captioner.clip.encode_images(pil), grid=captioner.clip.encode_image_grid(pil)
+    )
+    for name in ("encode_images", "encode_image_grid"):
+        setattr(captioner.clip, name, lambda *a, **k: pytest.fail("a second image-tower pass"))
+    assert captioner.caption(pil) == two_passes == [r["caption"] for r in results]
+    test = experiment.TestSet.load(world.dataset, split="test")
+    by_id = experiment.caption_test_set(
+        captioner, test
+    )  # the experiment runner's path: one pass too
+    assert set(by_id) == set(test.images) and test.embeddings(captioner.clip).shape[0] == len(by_id)
 
 
 @pytest.mark.parametrize("off", ["repair", "hard_prompt", "soft_prompt"])

@@ -92,11 +92,16 @@ class TestSet:
 
     def grids(self, captioner: Captioner) -> torch.Tensor:
         """What a cross-attention captioner reads of the images (CLIP grid features, or
-        pixels for its own image tower), computed once per kind."""
+        pixels for its own image tower), computed once per kind; with the CLIP embeddings in
+        the same pass where the captioner reads both."""
         vision = getattr(captioner.model, "vision", None)
         key = captioner.clip.name if vision is None else repr(vision.pixels)
         if key not in self._grids:
-            self._grids[key] = captioner.grids(list(self.images.values()))
+            images = list(self.images.values())
+            if vision is None and captioner.needs_embeddings and key not in self._embeddings:
+                self._embeddings[key], self._grids[key] = captioner.image_inputs(images)
+            else:
+                self._grids[key] = captioner.grids(images)
         return self._grids[key]
 
 

@@ -286,12 +286,25 @@ class Captioner:
         return texts[0] if single else texts
 
     def _caption(self, pil: list[Image.Image], *, batch_size: int) -> list[str]:
-        if pil and self.needs_embeddings:
-            embeds = self.clip.encode_images(pil, batch_size=batch_size)
-        else:
-            embeds = torch.empty(len(pil), 0)
-        grid = self.grids(pil, batch_size=batch_size) if self.needs_grid else None
+        embeds, grid = self.image_inputs(pil, batch_size=batch_size)
         return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
+
+    def image_inputs(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What :meth:`caption_embeddings` reads of the images: their CLIP embeddings
+        (``[N, 0]`` where :attr:`needs_embeddings` is false) and :meth:`grids` (None where
+        :attr:`needs_grid` is), both from one pass through CLIP's image tower when both
+        come from it."""
+        from_clip = getattr(self.model, "vision", None) is None
+        if self.needs_embeddings and self.needs_grid and from_clip:
+            return self.clip.encode_images_and_grid(images, batch_size=batch_size)
+        if images and self.needs_embeddings:
+            embeds = self.clip.encode_images(images, batch_size=batch_size)
+        else:
+            embeds = torch.empty(len(images), 0)
+        grid = self.grids(images, batch_size=batch_size) if self.needs_grid else None
+        return embeds, grid
 
 
 def _text_store(path: str, clip: ClipEncoder) -> FeatureStore:

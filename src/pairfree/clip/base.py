@@ -37,6 +37,14 @@ class ClipEncoder(Protocol):
         CNN's last feature map), for cross-attending decoders."""
         ...
 
+    def encode_images_and_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_images` and :meth:`encode_image_grid` of the same images from one
+        pass through the image tower (what a captioner with soft or hard prompts and a
+        cross-attending decoder reads: half the image-tower work of calling both)."""
+        ...
+
     def vision_tower(self, image_size: int | None = None) -> VisionTower:
         """A trainable copy of the image tower that gives :meth:`encode_image_grid`'s
         features from pixels (for recipes that fine-tune it, as ICSD does), reading

@@ -41,23 +41,35 @@ def encode_batched(
 ) -> torch.Tensor:
     """Run ``encode`` over slices of ``items`` and concatenate, as float32 on CPU.
 
+    Normalization happens after the cast so fp16/bf16 towers still give unit vectors in
+    float32. An empty input gives an empty ``[0, *empty_shape]`` tensor.
+    """
+    (out,) = run_batches(items, lambda batch: (encode(batch),), batch_size, [empty_shape])
+    return F.normalize(out, dim=-1) if normalize else out
+
+
+def run_batches(
+    items: Sequence[T],
+    encode: Callable[[Sequence[T]], tuple[torch.Tensor, ...]],
+    batch_size: int,
+    empty_shapes: Sequence[tuple[int, ...]],
+) -> tuple[torch.Tensor, ...]:
+    """Each of ``encode``'s outputs over slices of ``items``, concatenated as float32 on CPU
+    (``[0, *shape]`` tensors for no items).
+
     ``torch.no_grad`` rather than ``inference_mode``, so no inference tensor (which cannot be
     saved for backward) reaches callers that feed these embeddings to trainable mappers.
-    Normalization happens
-    after the cast so fp16/bf16 towers still give unit vectors in float32. An empty input gives
-    an empty ``[0, *empty_shape]`` tensor.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if len(items) == 0:
-        return torch.zeros(0, *empty_shape)
+        return tuple(torch.zeros(0, *shape) for shape in empty_shapes)
     with torch.no_grad():
         parts = [
-            encode(items[start : start + batch_size]).float().cpu()
+            [t.float().cpu() for t in encode(items[start : start + batch_size])]
             for start in range(0, len(items), batch_size)
         ]
-    out = torch.cat(parts)
-    return F.normalize(out, dim=-1) if normalize else out
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
 
 class BatchedClipEncoder(ABC):
@@ -77,6 +89,12 @@ class BatchedClipEncoder(ABC):
 
     @abstractmethod
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def _image_and_grid_batch(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one image-tower pass; this fallback makes two, backends override it."""
+        return self._image_batch(images), self._grid_batch(images)
 
     def encode_images(
         self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
@@ -106,3 +124,10 @@ class BatchedClipEncoder(ABC):
         return encode_batched(
             images, self._grid_batch, batch_size=batch_size, empty_shape=self.grid_shape
         )
+
+    def encode_images_and_grid(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shapes = [(self.embed_dim,), self.grid_shape]
+        embeds, grid = run_batches(images, self._image_and_grid_batch, batch_size, shapes)
+        return embeds, grid

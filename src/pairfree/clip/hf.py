@@ -53,6 +53,14 @@ class HFClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return HFVisionTower.grid(self.model.vision_model, self._pixels(images))
 
+    def _image_and_grid_batch(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # get_image_features projects the pooler output, post_layernorm of the class token,
+        # which is the grid's first token
+        grid = self._grid_batch(images)
+        return self.model.visual_projection(grid[:, 0]), grid
+
     def vision_tower(self, image_size: int | None = None) -> HFVisionTower:
         config = self.model.config.vision_config
         size = tower_resolution(self.name, config.image_size, image_size, config.patch_size)

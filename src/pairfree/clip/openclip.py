@@ -97,6 +97,14 @@ class OpenClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return OpenClipVisionTower.grid(self.model.visual, self._pixels(images))
 
+    def _image_and_grid_batch(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, grid = OpenClipVisionTower.features(
+            self.model.visual, self._pixels(images), pooled=True
+        )
+        return embeds, grid
+
     def vision_tower(self, image_size: int | None = None) -> OpenClipVisionTower:
         visual = self.model.visual
         native = visual.image_size
@@ -137,19 +145,30 @@ class OpenClipVisionTower(VisionTower):
 
     @staticmethod
     def grid(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return OpenClipVisionTower.features(visual, pixels, pooled=False)[1]
+
+    @staticmethod
+    def features(
+        visual: torch.nn.Module, pixels: torch.Tensor, *, pooled: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The tower's output (``encode_image``'s, with ``pooled``, else None) and the grid
+        features, from one pass."""
         if not isinstance(visual, VisionTransformer):  # the feature map before attention pooling
-            out = visual.forward_intermediates(pixels, indices=1, intermediates_only=True)
-            return out["image_intermediates"][0].flatten(2).transpose(1, 2)
+            out = visual.forward_intermediates(pixels, indices=1, intermediates_only=not pooled)
+            return out.get("image_features"), out["image_intermediates"][0].flatten(2).transpose(
+                1, 2
+            )
         out = visual.forward_intermediates(
             pixels,
             indices=1,
             normalize_intermediates=True,
-            intermediates_only=True,
+            intermediates_only=not pooled,
             output_fmt="NLC",
             output_extra_tokens=True,
         )
         # the class token first, then the patches, all after ln_post (before the projection)
-        return torch.cat((out["image_intermediates_prefix"][0], out["image_intermediates"][0]), 1)
+        grid = torch.cat((out["image_intermediates_prefix"][0], out["image_intermediates"][0]), 1)
+        return out.get("image_features"), grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.grid(self.visual, pixels)

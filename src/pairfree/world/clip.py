@@ -255,7 +255,13 @@ class WorldClip(nn.Module):
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._place(self.image_tower(pixels), self._image_specific(pixels), 1.0)
+        return self.encode_image_and_grid(pixels)[0]
+
+    def encode_image_and_grid(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding and the grid (:meth:`ImageTower.grid`) it is pooled from."""
+        grid = self.image_tower.grid(pixels)
+        embeds = self._place(self.image_tower.pool(grid), self._image_specific(pixels), 1.0)
+        return embeds, grid
 
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._place(self.text_tower(ids, lengths), self._text_specific(ids), -1.0)
@@ -351,6 +357,11 @@ class WorldClipEncoder(BatchedClipEncoder):
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.model.image_tower.grid(self.model.pixels(images))
+
+    def _image_and_grid_batch(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image_and_grid(self.model.pixels(images))
 
     def vision_tower(self, image_size: int | None = None) -> WorldVisionTower:
         config = self.model.config
