@@ -205,6 +205,39 @@ def test_capdec_targets_are_the_caption_tokens_only_as_its_train_py(
     assert eos == (tokenizer.eos_token_id if stop_at_eos else None)
 
 
+def test_training_warns_when_captions_never_end_where_decoding_stops(
+    tiny_clip_dir, tiny_gpt2_dir, tmp_path, caplog
+):
+    """Captions without the stop text ("." by default) and no end-of-text target: the
+    captioner never learns to stop, so training says so, naming the fix; with periods, or
+    with generation.stop_at_eos, it is quiet."""
+    from pairfree.captioner import GenerationConfig
+    from pairfree.training.text_only import warn_if_captions_never_stop
+
+    bare = tmp_path / "bare.txt"
+    bare.write_text("\n".join(f"a {c} {s} on the left" for c in COLORS for s in SHAPES) + "\n")
+    args = overrides(bare, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "run", **{"train.max_steps": 1})
+    with caplog.at_level("WARNING", logger="pairfree"):
+        train_capdec(build_config(CapDecConfig, None, args), progress=False)
+    warned = [r.getMessage() for r in caplog.records if "stop_at_eos" in r.getMessage()]
+    n = len(COLORS) * len(SHAPES)
+    assert (
+        len(warned) == 1 and f"0 of {n} training captions end with the stop text '.'" in warned[0]
+    )
+    assert "max_new_tokens=67" in warned[0] and "generation.stop_at_eos=true" in warned[0]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pairfree"):
+        warn_if_captions_never_stop(
+            ["a cat.", "a dog.", "a cow"], GenerationConfig(stop_at_eos=False)
+        )
+        warn_if_captions_never_stop(["a cat", "a dog"], GenerationConfig(stop_at_eos=True))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="pairfree"):
+        warn_if_captions_never_stop(["a cat."], GenerationConfig(stop=None, stop_at_eos=False))
+    assert "0 of 1 training captions" in caplog.records[0].getMessage()
+
+
 def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
     tiny_clip_dir, tiny_gpt2_dir, tmp_path
 ):

@@ -144,7 +144,7 @@ def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = Tru
     # the objective: caption cross-entropy given condition(t), i.e. normalize(normalize(t) + eps)
     # trained to end with end-of-text only where it decodes to stop there (the original: never)
     setup = text_only_setup(texts, embeddings, cfg.model, cfg.corpus, seed=cfg.train.seed,
-                            end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
+                            generation=cfg.generation)  # fmt: skip
     return fit_captioner(
         cfg.train,
         setup,

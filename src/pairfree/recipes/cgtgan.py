@@ -68,7 +68,7 @@ def initialize_on_text(cfg: CgtGanConfig, *, resume: bool, progress: bool) -> Tr
     job.log_skips()
     seed = cfg.init.train.seed
     setup = text_only_setup(store.texts, store.tensor(), cfg.model, cfg.corpus, seed=seed,
-                            end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
+                            generation=cfg.generation)  # fmt: skip
     return fit_captioner(
         replace(cfg.init.train, output_dir=str(init_output_dir(cfg, cfg.init))),
         setup,

@@ -90,7 +90,7 @@ def initialize_with_mmd(cfg: ScstGanConfig, *, resume: bool, progress: bool) -> 
     job.log_skips()
     images = data.images.tensor()
     setup = text_only_setup(data.corpus.texts, data.corpus.tensor(), cfg.model, cfg.corpus,
-                            seed=init.train.seed, end_of_text=cfg.generation.stop_at_eos)  # fmt: skip
+                            seed=init.train.seed, generation=cfg.generation)  # fmt: skip
     conditioning = cfg.conditioning
 
     def step(ctx, batch):

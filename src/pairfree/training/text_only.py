@@ -9,6 +9,7 @@ fresh captioner, the caption cross-entropy step and its validation, and the one-
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pairfree.captioner import (
     CaptionerConfig,
     CheckpointCard,
     Conditioning,
+    GenerationConfig,
     PrefixCaptioner,
     condition,
     save_captioner,
@@ -49,6 +51,8 @@ from pairfree.training.trainer import (
     TrainResult,
     ValFn,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the corpus
@@ -152,6 +156,28 @@ def tokenize_captions(
     return CaptionTokens([ids[: max_tokens - 1] + [eos] for ids in encoded])
 
 
+def warn_if_captions_never_stop(texts: Sequence[str], generation: GenerationConfig) -> None:
+    """Warn where most training captions do not end with the text decoding stops at and
+    end-of-text is not trained (the originals' way): such a captioner never learns to stop,
+    and every caption it writes runs to ``max_new_tokens`` (a corpus without final periods,
+    as the world's, decodes to CIDEr near 0)."""
+    if generation.stop_at_eos or not texts:
+        return
+    stop = generation.stop
+    ending = sum(bool(stop) and t.rstrip().endswith(stop) for t in texts)
+    if ending < len(texts) / 2:
+        logger.warning(
+            "%d of %d training captions end with the stop text %r and generation.stop_at_eos "
+            "is false (the original code's way): the captioner will not learn to stop, so its "
+            "captions run to max_new_tokens=%d; set generation.stop_at_eos=true to train and "
+            "stop at end-of-text",
+            ending,
+            len(texts),
+            stop,
+            generation.max_new_tokens,
+        )
+
+
 def pad_collate(pad_id: int | None) -> Callable:
     """Stack conditions, right-pad token ids; the mask (not the pad id) marks real tokens."""
     pad_id = pad_id if pad_id is not None else 0
@@ -207,17 +233,18 @@ def text_only_setup(
     corpus: CorpusConfig,
     *,
     seed: int,
-    end_of_text: bool,
+    generation: GenerationConfig,
 ) -> CaptionerSetup:
-    """Tokenize ``texts`` (``end_of_text``: as :func:`tokenize_captions`), hold out
-    ``corpus.val_fraction`` of them, and build a captioner for ``embeddings``' dimension (its
-    mapper initialized from ``seed``)."""
+    """Tokenize ``texts`` (ending with end-of-text where ``generation`` stops there, as
+    :func:`tokenize_captions`), hold out ``corpus.val_fraction`` of them, and build a captioner
+    for ``embeddings``' dimension (its mapper initialized from ``seed``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    warn_if_captions_never_stop(texts, generation)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.lm)
         tokens = tokenize_captions(
-            tokenizer, texts, max_tokens=corpus.max_tokens, end_of_text=end_of_text
+            tokenizer, texts, max_tokens=corpus.max_tokens, end_of_text=generation.stop_at_eos
         )
         train_idx, val_idx = split_train_val(len(tokens), corpus.val_fraction, seed)
         model.embed_dim = embeddings.shape[1]
