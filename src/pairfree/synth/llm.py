@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pairfree.backends import resolve_backend
+from pairfree.backends import BackendRegistry, Factory
 from pairfree.clip.batching import fingerprint
 from pairfree.errors import PairfreeError, load_failure
 
@@ -314,15 +314,23 @@ def load_openai(model: str, *, api_base: str = "", **options: object) -> OpenAIC
     return OpenAIChat(model, api_base=api_base, **chosen)
 
 
-# prefix -> "module:function"; the world's stand-in is named here, imported only when asked for
-_BACKENDS: dict[str, str] = {
-    "hf": "pairfree.synth.llm:load_hf_llm",
-    "openai": "pairfree.synth.llm:load_openai",
-    "world": "pairfree.world.synth:load_world_llm",
-}
+# each factory takes (model, **options) and returns an LLM; the world's stand-in (world:) is an
+# entry point of the package (group pairfree.llm)
+LLM_BACKENDS = BackendRegistry(
+    "LLM",
+    "pairfree.llm",
+    {"hf": "pairfree.synth.llm:load_hf_llm", "openai": "pairfree.synth.llm:load_openai"},
+)
+
+
+def register_llm_backend(prefix: str, factory: Factory, *, replace: bool = False) -> None:
+    """Make ``--llm <prefix>:<model>`` call ``factory(model, **options)``, which returns an
+    :class:`LLM` (options: the sampling and connection settings the commands pass)."""
+    LLM_BACKENDS.register(prefix, factory, replace=replace)
 
 
 def load_llm(spec: str, **options: object) -> LLM:
-    """The LLM named by ``spec`` (``hf:...``, ``openai:...``, ``world:<preset>``)."""
-    factory, model = resolve_backend(spec, _BACKENDS, "LLM")
+    """The LLM named by ``spec`` (``hf:...``, ``openai:...``, ``world:<preset>``, or a
+    registered or installed backend's)."""
+    factory, model = LLM_BACKENDS.resolve(spec)
     return factory(model, **options)

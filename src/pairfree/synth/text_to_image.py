@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pairfree.backends import resolve_backend
+from pairfree.backends import BackendRegistry, Factory
 from pairfree.clip.batching import fingerprint
 from pairfree.errors import PairfreeError, first_line, load_failure
 
@@ -169,12 +169,19 @@ def load_diffusers(
     return DiffusersTextToImage(pipeline.to(device), settings, name=f"diffusers:{model}")
 
 
-# prefix -> "module:function"; each takes (model, settings, *, device). The world's renderer is
-# a testbed backend: named here, imported only when asked for.
-_BACKENDS: dict[str, str] = {
-    "diffusers": "pairfree.synth.text_to_image:load_diffusers",
-    "world": "pairfree.world.synth:load_world_text_to_image",
-}
+# each factory takes (model, settings, *, device) and returns a TextToImage; the world's
+# renderer (world:) is an entry point of the package (group pairfree.text_to_image)
+TEXT_TO_IMAGE_BACKENDS = BackendRegistry(
+    "text-to-image",
+    "pairfree.text_to_image",
+    {"diffusers": "pairfree.synth.text_to_image:load_diffusers"},
+)
+
+
+def register_text_to_image_backend(prefix: str, factory: Factory, *, replace: bool = False) -> None:
+    """Make ``--backend <prefix>:<model>`` call ``factory(model, settings, device=...)``,
+    which returns a :class:`TextToImage`."""
+    TEXT_TO_IMAGE_BACKENDS.register(prefix, factory, replace=replace)
 
 
 def load_text_to_image(
@@ -183,6 +190,7 @@ def load_text_to_image(
     *,
     device: str | torch.device = "cpu",
 ) -> TextToImage:
-    """The backend named by ``spec`` (``diffusers:<model>`` or ``world:<preset>``)."""
-    factory, model = resolve_backend(spec, _BACKENDS, "text-to-image")
+    """The backend named by ``spec`` (``diffusers:<model>``, ``world:<preset>``, or a
+    registered or installed backend's)."""
+    factory, model = TEXT_TO_IMAGE_BACKENDS.resolve(spec)
     return factory(model, settings or DiffusionSettings(), device=device)
