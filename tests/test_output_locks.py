@@ -198,6 +198,33 @@ with open(log, "a") as f:
 """
 
 
+def test_a_lock_held_while_its_owner_writes_its_record_is_refused_naming_the_owner(tmp_path):
+    """A run taking over a stale lock holds it before its record is written; a run that looks
+    in between waits for the record and names that owner (it used to say "no owner yet")."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "captions.json"
+    lock = lock_path(out)
+    lock.write_text("")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, with no record yet
+    record = json.dumps({"pid": os.getpid(), "host": HOST}).encode()
+    writer = threading.Timer(0.3, lambda: os.write(fd, record))
+    writer.start()
+    try:
+        with (
+            pytest.raises(
+                PairfreeError, match=f"{out} is being written by another run, pid {os.getpid()}"
+            ),
+            output_lock(out),
+        ):
+            pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_racing_processes_never_hold_one_lock_at_once(tmp_path):
     """Six processes race for an output whose lock a dead run left: the stale lock is taken
     over by one of them; each other one is refused (or comes after it has finished)."""

@@ -196,8 +196,10 @@ def _take_over_if_stale(
         here = socket.gethostname()
         age = time.time() - os.fstat(fd).st_mtime
         if owner is None:
-            if held is False or age < _STARTING:  # held, or one being written just now
-                if final or held is False:
+            # held (its owner is writing its record as it takes it over), or just created:
+            # look again until the record is there, and refuse without it at the deadline
+            if held is False or age < _STARTING:
+                if final:
                     raise _refusal(output, lock, owner)
                 return None
             reason = "holds no owner (a crash while it was written)"
