@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from pairfree.cli import main
+from pairfree.errors import PairfreeError
 from pairfree.recipes.icsd import pre_caption
 
 
@@ -370,6 +372,28 @@ def test_bad_inputs_fail_early_or_are_skipped_and_reported(tiny, trained, tmp_pa
     assert broken.name in capsys.readouterr().err
     pairs = read_jsonl(out / "pairs.jsonl")
     assert pairs and str(broken) not in {p["image"] for p in pairs}
+
+
+def test_settings_are_checked_when_the_config_is_made():
+    """A bad setting fails where the config is built (Python or YAML), naming the key, before
+    a recipe runs; the defaults pass."""
+    from pairfree.config import build_config
+    from pairfree.recipes.icsd import ICSDConfig, LLMConfig, SynthesisConfig
+
+    ICSDConfig()
+    for make, message in (
+        (lambda: ICSDConfig(min_scale=0), "min_scale is the crop's smallest share"),
+        (lambda: ICSDConfig(label_smoothing=1.0), "label_smoothing must be in [0, 1)"),
+        (lambda: SynthesisConfig(multi_context=False), "no training pairs"),
+        (lambda: SynthesisConfig(single_context=1.5), "single_context is a share"),
+        (lambda: LLMConfig(top_p=0), "top_p must be in (0, 1]"),
+    ):
+        with pytest.raises(PairfreeError, match=re.escape(message)):
+            make()
+    with pytest.raises(
+        PairfreeError, match=re.escape("config synthesis.llm: sampling needs a temperature")
+    ):
+        build_config(ICSDConfig, {"synthesis": {"llm": {"temperature": 0}}})
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,10 @@ class CapDecConfig:
         )
     )
 
+    def __post_init__(self) -> None:
+        if self.condition not in ("text", "image"):
+            raise PairfreeError(f"condition must be text or image, not {self.condition!r}")
+
     @property
     def conditioning(self) -> Conditioning:
         return Conditioning(
@@ -135,10 +139,8 @@ def train_capdec(cfg: CapDecConfig, *, resume: bool = True, progress: bool = Tru
     if cfg.condition == "text":
         store = encode_corpus(clip, cfg.corpus, features, job)
         texts, embeddings = store.texts, store.tensor()
-    elif cfg.condition == "image":
-        texts, embeddings = paired_image_condition(cfg, clip, features, job)
     else:
-        raise PairfreeError(f"condition must be text or image, not {cfg.condition!r}")
+        texts, embeddings = paired_image_condition(cfg, clip, features, job)
     job.log_skips()
 
     # the objective: caption cross-entropy given condition(t), i.e. normalize(normalize(t) + eps)

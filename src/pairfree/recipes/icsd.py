@@ -126,6 +126,18 @@ class LLMConfig:
     dtype: str = "float32"
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        self.sampling()  # bad sampling settings are refused now, not after the grouping
+
+    def sampling(self) -> Sampling:
+        """The summarizing LLM's sampling settings (checked when made)."""
+        return Sampling(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
+
 
 @dataclass
 class ImageSynthesisConfig:
@@ -152,6 +164,12 @@ class SynthesisConfig:
     images: ImageSynthesisConfig = field(default_factory=ImageSynthesisConfig)
     multi_context: bool = True  # pair the selected captions with their group's image
     single_context: float = 0.0  # share of the corpus captions also paired with their own image
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.single_context <= 1:
+            raise PairfreeError(f"single_context is a share, 0 to 1, not {self.single_context}")
+        if not self.multi_context and not self.single_context > 0:
+            raise PairfreeError("no training pairs: set multi_context or single_context")
 
 
 @dataclass
@@ -189,6 +207,19 @@ class ICSDConfig:
             num_beams=3, max_new_tokens=26, stop="[SEP]", score_length="with_prompt"
         )
     )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_scale <= 1:
+            raise PairfreeError(f"min_scale is the crop's smallest share of the image, in "
+                                f"(0, 1], not {self.min_scale}")  # fmt: skip
+        if self.image_encoder_lr is not None and not self.image_encoder_lr > 0:
+            raise PairfreeError(
+                f"image_encoder_lr must be > 0 (or null), not {self.image_encoder_lr}"
+            )
+        if self.max_words < 1:
+            raise PairfreeError(f"max_words must be at least 1, not {self.max_words}")
+        if not 0 <= self.label_smoothing < 1:
+            raise PairfreeError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
 
 
 # --------------------------------------------------------------------------- data
@@ -230,16 +261,6 @@ def group_stage(
     return read_groups(out / "groups.jsonl")
 
 
-def sampling(llm_cfg: LLMConfig) -> Sampling:
-    """The summarizing LLM's sampling settings (checked when made)."""
-    return Sampling(
-        max_new_tokens=llm_cfg.max_new_tokens,
-        temperature=llm_cfg.temperature,
-        top_p=llm_cfg.top_p,
-        seed=llm_cfg.seed,
-    )
-
-
 def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     """Stage 2: the LLM's selection and summary of every group (resumable, sharded)."""
     llm_cfg = cfg.synthesis.llm
@@ -247,7 +268,7 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     llm = OnFirstUse(llm_cfg.spec, lambda: load_llm(
         llm_cfg.spec, api_base=llm_cfg.api_base, api_key_env=llm_cfg.api_key_env,
         concurrency=llm_cfg.concurrency, dtype=llm_cfg.dtype, device=job.state.device))  # fmt: skip
-    result = summarize_groups(llm, groups, out, template=template, sampling=sampling(llm_cfg),
+    result = summarize_groups(llm, groups, out, template=template, sampling=llm_cfg.sampling(),
                               batch_size=llm_cfg.batch_size, strict=llm_cfg.strict_answers,
                               job=job)  # fmt: skip
     if result is not None:
@@ -294,26 +315,9 @@ def readable(path: Path, job: Job) -> bool:
 @register_recipe("icsd", ICSDConfig)
 def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
     """ICSD: synthesize multi-context images of the corpus, then train an image captioner."""
-    check_corpus(cfg.corpus)
-    s = cfg.synthesis
-    if not s.multi_context and not s.single_context > 0:
-        raise PairfreeError("no training pairs: set synthesis.multi_context or single_context")
-    if not 0 <= s.single_context <= 1:
-        raise PairfreeError(f"synthesis.single_context is a share, 0 to 1, not {s.single_context}")
-    if not 0 < cfg.min_scale <= 1:
-        raise PairfreeError(f"min_scale is the crop's smallest share of the image, in (0, 1], "
-                            f"not {cfg.min_scale}")  # fmt: skip
-    if cfg.image_encoder_lr is not None and not cfg.image_encoder_lr > 0:
-        raise PairfreeError(f"image_encoder_lr must be > 0 (or null), not {cfg.image_encoder_lr}")
-    if cfg.max_words < 1:
-        raise PairfreeError(f"max_words must be at least 1, not {cfg.max_words}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise PairfreeError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
+    check_corpus(cfg.corpus)  # the files named; the settings were checked when cfg was made
     check_validation(cfg.validation)
-    try:  # bad LLM settings are refused now, not after the grouping
-        sampling(s.llm)
-    except PairfreeError as err:
-        raise PairfreeError(f"synthesis.llm: {err}") from None
+    s = cfg.synthesis
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     out = Path(s.out) if s.out else Path(cfg.train.output_dir) / "synthetic"
     features = Path(cfg.features) if cfg.features else out / "features"
