@@ -374,3 +374,48 @@ def test_push_to_hub_never_shows_the_token(run, monkeypatch, caplog, where, erro
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert TOKEN not in logged, logged
     assert all(TOKEN.encode() not in data for data in uploaded.values())
+
+
+def test_caption_files_resumes_an_interrupted_run_and_skips_bad_images(run, tmp_path):
+    """The library's resumable captioning (what `pairfree caption` calls): a run stopped after
+    its first batch is finished by a rerun that captions only the rest, giving what one
+    uninterrupted run gives; a bad image is skipped and named; other settings are refused."""
+    from pairfree.captioning import caption_files, partial_files, remove_partial_files
+    from pairfree.job import Job
+
+    out_dir, images, _ = run
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    pairs = (
+        [(p.stem, p) for p in images[:2]] + [("broken", broken)] + [(p.stem, p) for p in images[2:]]
+    )
+    captioner = Captioner.from_pretrained(out_dir)
+    quiet = Job(progress=False)
+    whole = caption_files(captioner, pairs, tmp_path / "whole.json", batch_size=2, job=quiet)
+    assert list(whole.captions) == [p.stem for p in images]  # input order, the bad one left out
+    assert whole.captions == {p.stem: captioner(p) for p in images} and whole.resumed == 0
+    assert len(whole.skipped) == 1 and whole.skipped[0]["source"].endswith("broken.png")
+
+    calls = []
+    real = captioner.caption
+
+    def stop_after_one_batch(pictures, **kwargs):
+        calls.append(len(pictures))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(pictures, **kwargs)
+
+    out = tmp_path / "captions.json"
+    captioner.caption = stop_after_one_batch
+    with pytest.raises(KeyboardInterrupt):
+        caption_files(captioner, pairs, out, batch_size=2, job=Job(progress=False))
+    captioner.caption = real
+    assert [p.name for p in partial_files(out)] == ["captions.json.partial.jsonl"]
+    resumed = caption_files(captioner, pairs, out, batch_size=2, job=Job(progress=False))
+    assert resumed.resumed == 2 and resumed.captions == whole.captions
+
+    other = Captioner.from_pretrained(out_dir, num_beams=2)
+    with pytest.raises(PairfreeError, match="other settings \\(generation\\)"):
+        caption_files(other, pairs, out, job=Job(progress=False))
+    remove_partial_files(out)
+    assert partial_files(out) == []

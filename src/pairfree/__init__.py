@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Captioner": "pairfree.pipeline",
+    "caption_files": "pairfree.captioning",
     "CheckpointCard": "pairfree.captioner",
     "Conditioning": "pairfree.captioner",
     "GenerationConfig": "pairfree.captioner",

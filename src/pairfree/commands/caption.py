@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pairfree.commands.common import (
@@ -66,11 +65,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from tqdm.auto import tqdm
-
-    from pairfree.data import image_sources, load_images
+    from pairfree.captioning import caption_files, remove_partial_files
+    from pairfree.data import image_sources
     from pairfree.errors import PairfreeError, SkipLog
     from pairfree.io import atomic_write_json, check_output
     from pairfree.job import Job
@@ -107,108 +103,29 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             **overrides,
         )
-        settings = {
-            "checkpoint": str(captioner.source.resolve()),
-            "clip": captioner.clip.name,
-            "conditioning": asdict(captioner.conditioning),
-            "generation": asdict(captioner.generation),
-        }
-
-        # every process skips what any earlier run captioned, then takes its slice of the rest
-        suffix = (
-            f".partial.rank{job.process_index}.jsonl" if job.num_processes > 1 else ".partial.jsonl"
+        run = caption_files(
+            captioner, pairs, args.out, batch_size=args.batch_size, job=job, skip_log=skip_log
         )
-        partial = args.out.with_name(args.out.name + suffix)
-        done: dict[str, str] = {}
-        for earlier in partial_files(args.out):
-            done.update(read_partial(earlier, settings)[0])
-        if done and job.is_main_process:
-            print(f"resuming: {len(done)} images already captioned ({args.out}.partial*.jsonl)")
-        todo = [(i, p) for i, p in pairs if i not in done][job.process_index :: job.num_processes]
-        fresh = not partial.exists() or partial.stat().st_size == 0
-        job.wait_for_everyone()  # every process has read the resume files before any grows
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with (
-            open(partial, "a", encoding="utf-8") as log,
-            tqdm(total=len(todo), desc="caption", unit="img", disable=not job.show_progress) as bar,
-        ):
-            for start in range(0, len(todo), args.batch_size):
-                skipped = len(skip_log.items)
-                ids, images = load_images(todo[start : start + args.batch_size], skip_log)
-                texts = captioner.caption(images, batch_size=args.batch_size)
-                if fresh:  # only now: settings that fail at once leave nothing to resume under
-                    log.write(json.dumps({"settings": settings}) + "\n")
-                    fresh = False
-                for image_id, text in zip(ids, texts, strict=True):
-                    log.write(json.dumps({"image_id": image_id, "caption": text}) + "\n")
-                for error in skip_log.items[skipped:]:
-                    log.write(json.dumps({"skipped": error.to_record()}) + "\n")
-                log.flush()
-                bar.update(len(todo[start : start + args.batch_size]))
-        job.wait_for_everyone()
-        if not job.is_main_process:
+        if run is None:  # not the first process: it merged nothing
             return 0
-
-        # the first process merges every process's captions (and what they skipped)
-        skipped = [e.to_record() for e in skip_log.items]
-        files = partial_files(args.out)
-        for path in files:
-            captions, their_skips = read_partial(path, settings)
-            done.update(captions)
-            skipped += [r for r in their_skips if r not in skipped]
-        order = [i for i, _ in pairs if i in done]
-        report_skips(skipped, args.out)
-        if not order:
-            for path in files:
-                path.unlink()
+        if run.resumed:
+            print(f"resuming: {run.resumed} images already captioned by an earlier run")
+        report_skips(run.skipped, args.out)
+        if not run.captions:
+            remove_partial_files(args.out)
             raise PairfreeError(
-                f"nothing could be captioned: every one of {len(skipped)} inputs was skipped"
+                f"nothing could be captioned: every one of {len(run.skipped)} inputs was skipped"
             )
-        results = [{"image_id": int(i) if i.isdigit() else i, "caption": done[i]} for i in order]
+        results = [
+            {"image_id": int(i) if i.isdigit() else i, "caption": text}
+            for i, text in run.captions.items()
+        ]
         atomic_write_json(args.out, results)
-        for path in files:
-            path.unlink()
+        remove_partial_files(args.out)
         if not args.quiet:
-            width = max([len(str(i)) for i in order] + [8])
+            width = max([len(str(i)) for i in run.captions] + [8])
             print(f"{'image_id':<{width}}  caption")
-            for i in order:
-                print(f"{i:<{width}}  {done[i]}")
+            for i, text in run.captions.items():
+                print(f"{i:<{width}}  {text}")
         print(f"captioned {len(results)} images -> {args.out}")
         return 0
-
-
-def partial_files(out: Path) -> list[Path]:
-    """The resume files of ``out``: one per process of earlier or current runs."""
-    return sorted(out.parent.glob(out.name + ".partial*.jsonl"))
-
-
-def read_partial(partial: Path, settings: dict) -> tuple[dict[str, str], list[dict]]:
-    """The captions an interrupted run left (and the images it skipped), if it ran with the
-    same ``settings``."""
-    from pairfree.errors import PairfreeError
-
-    lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
-    if not lines:
-        return {}, []
-    try:
-        saved = json.loads(lines[0])["settings"] if lines else None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        saved = None
-    if saved != settings:
-        changed = sorted(k for k in settings if not saved or saved.get(k) != settings[k])
-        raise PairfreeError(
-            f"{partial} holds captions made with other settings ({', '.join(changed) or 'unknown'}"
-            "); rerun with the same ones to resume, or delete it to start over"
-        )
-    done: dict[str, str] = {}
-    skipped: list[dict] = []
-    for line in lines[1:]:
-        try:
-            rec = json.loads(line)
-            if "skipped" in rec:
-                skipped.append(rec["skipped"])
-            else:
-                done[str(rec["image_id"])] = rec["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by the interruption; that image is captioned again
-    return done, skipped
