@@ -58,6 +58,11 @@ def test_the_library_never_imports_the_cli_the_demo_or_the_world():
             assert not bad, f"{name} imports {bad}"
 
 
+def test_loading_a_checkpoint_imports_no_evaluation_code():
+    """hub.py (from_pretrained, the model card) reads run folders through pairfree.runs."""
+    assert not {d for d in GRAPH["pairfree.hub"] if d.startswith("pairfree.evaluate")}
+
+
 def test_no_import_cycles():
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 

@@ -21,7 +21,7 @@ from typing import Any
 from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.checkpoint import CONFIG_NAME, TRAINING_NAME, WEIGHTS_NAME
 from pairfree.errors import PairfreeError, first_line
-from pairfree.evaluate.runs import RunRecord
+from pairfree.runs import RunRecord
 
 logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
