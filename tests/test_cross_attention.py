@@ -311,3 +311,24 @@ def test_hard_prompt_is_the_top_k_phrases_by_cosine():
     assert hard_prompt(chosen[0]) == "a dog,a tree,a cat"
     tied = top_phrases(torch.tensor([[1.0, 0.0]]), torch.ones(4, 2), phrases, 2)
     assert tied == [["a dog.", "a cat"]]  # ties keep the vocabulary order
+
+
+def test_build_cross_attention_leaves_its_config_alone_and_is_seeded(tiny_gpt2_dir):
+    from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
+
+    config = CrossAttentionConfig(lm=str(tiny_gpt2_dir), prefix_length=2, soft_prompt_hidden=8)
+    before = CrossAttentionConfig(**vars(config))
+    a, tokenizer = build_cross_attention(config, embed_dim=6, grid_width=5, seed=3)
+    b, _ = build_cross_attention(config, embed_dim=6, grid_width=5, seed=3, tokenizer=tokenizer)
+    c, _ = build_cross_attention(config, embed_dim=6, grid_width=5, seed=4, tokenizer=tokenizer)
+    assert config == before  # nothing written into the caller's config
+    assert (a.config.embed_dim, a.config.grid_width, a.config.image_encoder) == (6, 5, False)
+    same = [
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    ]
+    other = [
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True)
+    ]
+    assert all(same) and not all(other)  # the new layers come from the seed

@@ -28,17 +28,24 @@ BERT becomes a decoder (``is_decoder``) with cross-attention, as BLIP's text dec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from pairfree.captioner import generation
 from pairfree.captioner.model import CaptionerOutput, caption_log_probs
 from pairfree.clip.vision import VisionTower
+from pairfree.errors import load_failure
 
 
 @dataclass
@@ -99,6 +106,34 @@ def load_cross_attention_lm(lm: str, *, fresh_head: bool = False) -> PreTrainedM
     if fresh_head:
         reset_output_head(model)
     return model
+
+
+def build_cross_attention(
+    config: CrossAttentionConfig,
+    *,
+    embed_dim: int,
+    grid_width: int,
+    seed: int,
+    vision: VisionTower | None = None,
+    fresh_head: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[CrossAttentionCaptioner, PreTrainedTokenizerBase]:
+    """A new captioner and its tokenizer: ``config.lm`` with new cross-attention layers
+    (initialized from ``seed``) over grid features ``grid_width`` wide, a soft prompt made from
+    ``embed_dim``-dim embeddings (``config.prefix_length`` 0: none) and, with ``vision``, its own
+    image tower. ``config`` is left as it is; the model holds the filled-in copy."""
+    sizes: dict[str, Any] = {"embed_dim": embed_dim, "grid_width": grid_width}
+    if vision is not None:
+        sizes |= {"image_encoder": True, "image_size": vision.pixels.image_size}
+    built = replace(config, **sizes)
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.lm)
+        torch.manual_seed(seed)  # the new layers' initialization is part of the run
+        lm = load_cross_attention_lm(config.lm, fresh_head=fresh_head)
+    except OSError as err:  # not on disk, and the hub unreachable or the id unknown
+        raise load_failure(f"model.lm={config.lm!r}", config.lm, err) from err
+    separator = tokenizer(built.separator, add_special_tokens=False)["input_ids"]
+    return CrossAttentionCaptioner(built, lm, separator_ids=separator, vision=vision), tokenizer
 
 
 def reset_output_head(lm: PreTrainedModel) -> list[str]:

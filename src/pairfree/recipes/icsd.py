@@ -60,19 +60,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from pairfree.backends import OnFirstUse
 from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig
-from pairfree.captioner.cross_attention import (
-    CrossAttentionCaptioner,
-    CrossAttentionConfig,
-    load_cross_attention_lm,
-)
+from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
 from pairfree.clip import load_clip
 from pairfree.data import Caption, dataset_images
 from pairfree.encoding import encode_captions
-from pairfree.errors import BadInputError, PairfreeError, first_line, load_failure
+from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.features import FeatureStore
 from pairfree.io import atomic_write_json
 from pairfree.job import Job
@@ -360,20 +355,16 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
                     [{"image": str(i), "caption": c, "group": g} for i, c, g in pairs])  # fmt: skip
 
     # the captioner: its own copy of the CLIP image tower, and a cross-attending decoder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
-        torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
-        lm = load_cross_attention_lm(cfg.model.lm, fresh_head=not cfg.pretrained_head)
-    except OSError as err:
-        raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
     if cfg.freeze_image_encoder:
         vision.requires_grad_(False)
-    cfg.model.image_encoder = True
-    cfg.model.image_size = vision.pixels.image_size
-    cfg.model.embed_dim = clip.embed_dim
-    cfg.model.grid_width = vision.grid_shape[1]
-    separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
-    model = CrossAttentionCaptioner(cfg.model, lm, separator_ids=separator, vision=vision)
+    model, tokenizer = build_cross_attention(
+        cfg.model,
+        embed_dim=clip.embed_dim,
+        grid_width=vision.grid_shape[1],
+        seed=cfg.train.seed,
+        vision=vision,
+        fresh_head=not cfg.pretrained_head,
+    )
     stop = cfg.generation.stop_token_ids(tokenizer)
     if not stop:
         raise PairfreeError("generation.stop must name the token that ends a caption")
@@ -404,7 +395,11 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
             model, tokenizer, data.subset(train_idx, train=True), data.subset(val_idx, train=False)
         ),  # fmt: skip
         CheckpointCard("icsd", cfg.clip, Conditioning(), cfg.generation),
-        run_config={"recipe": "icsd", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
+        run_config={
+            "recipe": "icsd",
+            **{k: v for k, v in asdict(cfg).items() if k != "train"},
+            "model": asdict(model.config),
+        },  # fmt: skip
         resume=resume,
         progress=progress,
         evaluate=evaluate,

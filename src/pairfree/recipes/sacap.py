@@ -60,8 +60,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,11 +68,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, condition
-from pairfree.captioner.cross_attention import (
-    CrossAttentionCaptioner,
-    CrossAttentionConfig,
-    load_cross_attention_lm,
-)
+from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import load_clip
 from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
@@ -356,24 +351,19 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
     check_sacap(cfg)
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     clip = load_clip(cfg.clip, device=job.state.device)
-    lm_failure = partial(load_failure, f"model.lm={cfg.model.lm!r}", cfg.model.lm)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.lm)
     except OSError as err:
-        raise lm_failure(err) from err
+        raise load_failure(f"model.lm={cfg.model.lm!r}", cfg.model.lm, err) from err
     made = sacap_data(cfg, clip, tokenizer, job)
     job.log_skips()
-    try:
-        torch.manual_seed(cfg.train.seed)  # the new layers' initialization is part of the run
-        lm = load_cross_attention_lm(cfg.model.lm)
-    except OSError as err:
-        raise lm_failure(err) from err
-    cfg.model.embed_dim = made.embed_dim
-    cfg.model.grid_width = made.grid_width
-    if not cfg.soft_prompt:
-        cfg.model.prefix_length = 0
-    separator = tokenizer(cfg.model.separator, add_special_tokens=False)["input_ids"]
-    model = CrossAttentionCaptioner(cfg.model, lm, separator_ids=separator)
+    model, _ = build_cross_attention(
+        cfg.model if cfg.soft_prompt else replace(cfg.model, prefix_length=0),
+        embed_dim=made.embed_dim,
+        grid_width=made.grid_width,
+        seed=cfg.train.seed,
+        tokenizer=tokenizer,
+    )
     train_idx, val_idx = split_train_val(len(made.data), cfg.corpus.val_fraction, cfg.train.seed)
     logger.info("sacap: %d captions, %d re-paired to a supporting image", len(made.texts),
                 sum(p != c[0] for p, c in zip(made.paired, made.candidates, strict=True)))  # fmt: skip
@@ -397,7 +387,11 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
         cfg.train,
         CaptionerSetup(model, tokenizer, made.data.subset(train_idx), made.data.subset(val_idx)),
         CheckpointCard("sacap", cfg.clip, made.conditioning, cfg.generation),
-        run_config={"recipe": "sacap", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
+        run_config={
+            "recipe": "sacap",
+            **{k: v for k, v in asdict(cfg).items() if k != "train"},
+            "model": asdict(model.config),
+        },  # fmt: skip
         resume=resume,
         progress=progress,
         evaluate=evaluate,
