@@ -303,10 +303,10 @@ def test_corpus_sentences_are_written_and_clip_encoded_as_cgtgan_preprocesses_th
     tiny_clip_dir, tmp_path
 ):
     from pairfree.clip import load_clip
+    from pairfree.data.training_corpus import CorpusConfig
     from pairfree.job import Job
     from pairfree.recipes.cgtgan import CgtGanConfig
     from pairfree.training.adversarial import corpus_sentence, encode_unpaired_corpus
-    from pairfree.training.text_only import CorpusConfig
 
     for raw, sentence, clip_reads in CORPUS_SENTENCES:
         assert corpus_sentence(" ".join(raw.split())) == sentence

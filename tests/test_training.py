@@ -212,7 +212,7 @@ def test_training_warns_when_captions_never_end_where_decoding_stops(
     captioner never learns to stop, so training says so, naming the fix; with periods, or
     with generation.stop_at_eos, it is quiet."""
     from pairfree.captioner import GenerationConfig
-    from pairfree.training.text_only import warn_if_captions_never_stop
+    from pairfree.training.fitting import warn_if_captions_never_stop
 
     bare = tmp_path / "bare.txt"
     bare.write_text("\n".join(f"a {c} {s} on the left" for c in COLORS for s in SHAPES) + "\n")
@@ -260,8 +260,9 @@ def test_paired_upper_bound_conditions_each_caption_on_its_own_image(
 def test_clip_reads_the_edited_text_while_the_store_keeps_the_caption(tiny_clip_dir, tmp_path):
     """CgT-GAN encodes captions without their final period; CapDec's gender rebalancing edits
     only what CLIP reads. Either way the store's texts (the targets) are the captions."""
+    from pairfree.data.training_corpus import CorpusConfig
+    from pairfree.encoding import encode_corpus
     from pairfree.training.rewards import without_final_period
-    from pairfree.training.text_only import CorpusConfig, encode_corpus
 
     captions = ["A man rides a horse.", "A dog sits ."]
     path = tmp_path / "corpus.txt"

@@ -1,13 +1,16 @@
-"""Encode captions or images with a CLIP backend into a feature store (``pairfree encode``)."""
+"""Encode captions or images with a CLIP backend into a feature store (``pairfree encode``),
+and a recipe's training corpus once for every run that reads it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from pairfree.clip.base import ClipEncoder
-from pairfree.data import Caption, load_image
-from pairfree.errors import BadInputError
+from pairfree.data import Caption, load_image, randomize_gender
+from pairfree.data.training_corpus import CorpusConfig, prepare_corpus
+from pairfree.errors import BadInputError, PairfreeError
 from pairfree.features import FeatureStore, Item, StoreInfo, write_store
 from pairfree.job import Job
 
@@ -114,3 +117,33 @@ def encode_images(
         batch_size=batch_size,
         job=job,
     )
+
+
+def encode_corpus(
+    clip: ClipEncoder,
+    corpus: CorpusConfig,
+    out_dir: Path,
+    job: Job,
+    *,
+    edit: Callable[[str], str] | None = None,
+    clip_text: Callable[[str], str] | None = None,
+) -> FeatureStore:
+    """The prepared corpus' CLIP text embeddings, encoded once (sharded over the processes)
+    and reused by every later run that asks for the same captions and encoder.
+
+    ``edit`` (if given) rewrites each caption as a recipe's own preprocessing does; CLIP reads
+    each caption through ``clip_text`` (if given) and with its gendered words randomized
+    (``corpus.gender``); the store keeps the (edited) captions, the targets.
+    """
+    captions = prepare_corpus(corpus, job.skip_log)
+    if edit is not None:
+        captions = [replace(c, text=edit(c.text)) for c in captions]
+    if not captions:
+        raise PairfreeError(
+            f"{corpus.path}: the corpus has no usable sentences ({job.skip_log.summary()})"
+        )
+    texts = [clip_text(c.text) if clip_text else c.text for c in captions]
+    texts = randomize_gender(texts, corpus.gender, corpus.gender_p, seed=corpus.seed)
+    encode_captions(clip, captions, out_dir, clip_texts=texts, job=job)
+    job.wait_for_everyone()  # the main process marks the store complete after the others return
+    return FeatureStore(out_dir)

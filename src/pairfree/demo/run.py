@@ -28,6 +28,7 @@ from pairfree.demo.methods import (
     method_config,
 )
 from pairfree.demo.report import html_report, results_table
+from pairfree.encoding import encode_corpus
 from pairfree.errors import PairfreeError
 from pairfree.experiment import TestSet, caption_test_set, score_captions, train_recipe
 from pairfree.io import atomic_write_json, atomic_write_text
@@ -39,7 +40,6 @@ from pairfree.synth.llm import Sampling, load_llm
 from pairfree.synth.tasks import REPHRASE_PROMPT
 from pairfree.synth.text import rephrase_captions
 from pairfree.synth.text_to_image import load_text_to_image
-from pairfree.training.text_only import encode_corpus
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 

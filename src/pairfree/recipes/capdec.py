@@ -36,20 +36,14 @@ from pairfree.captioner import (
 )
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import clean_captions, dataset_images
-from pairfree.encoding import encode_images
+from pairfree.data.training_corpus import CorpusConfig, check_corpus
+from pairfree.encoding import encode_corpus, encode_images
 from pairfree.errors import PairfreeError
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
-from pairfree.training.text_only import (
-    CorpusConfig,
-    caption_step,
-    caption_val_step,
-    check_corpus,
-    encode_corpus,
-    fit_captioner,
-    text_only_setup,
-)
+from pairfree.training.fitting import fit_captioner
+from pairfree.training.text_only import caption_step, caption_val_step, text_only_setup
 from pairfree.training.trainer import TrainConfig, TrainResult
 
 

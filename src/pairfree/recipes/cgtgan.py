@@ -44,12 +44,8 @@ from pairfree.training.adversarial import (
     init_output_dir,
     train_gan,
 )
-from pairfree.training.text_only import (
-    caption_step,
-    caption_val_step,
-    fit_captioner,
-    text_only_setup,
-)
+from pairfree.training.fitting import fit_captioner
+from pairfree.training.text_only import caption_step, caption_val_step, text_only_setup
 from pairfree.training.trainer import TrainResult
 
 

@@ -66,6 +66,7 @@ from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig
 from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
 from pairfree.clip import load_clip
 from pairfree.data import Caption, dataset_images
+from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import encode_captions
 from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.features import FeatureStore
@@ -93,13 +94,7 @@ from pairfree.training.cross_attention import (
     fit_cross_attention,
     validation_images,
 )
-from pairfree.training.text_only import (
-    CaptionerSetup,
-    CorpusConfig,
-    check_corpus,
-    prepare_corpus,
-    split_train_val,
-)
+from pairfree.training.fitting import CaptionerSetup, split_train_val
 from pairfree.training.trainer import TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -322,7 +317,9 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
     except PairfreeError as err:
         raise PairfreeError(f"image_size={cfg.image_size}: {err} (image_size: null reads the "
                             "tower's own size)") from None  # fmt: skip
-    texts = [c.text for c in prepare_corpus(cfg.corpus, job)]  # repeats too, as ICSD groups
+    texts = [
+        c.text for c in prepare_corpus(cfg.corpus, job.skip_log)
+    ]  # repeats too, as ICSD groups
     if len(texts) < 2:
         raise PairfreeError(f"{cfg.corpus.path}: ICSD groups captions; it needs at least 2")
 

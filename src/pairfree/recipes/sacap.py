@@ -73,6 +73,7 @@ from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import load_clip
 from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
 from pairfree.data.phrases import corpus_phrases, read_phrases
+from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import encode_captions, encode_images
 from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore
@@ -89,13 +90,7 @@ from pairfree.training.cross_attention import (
     fit_cross_attention,
     validation_images,
 )
-from pairfree.training.text_only import (
-    CaptionerSetup,
-    CorpusConfig,
-    check_corpus,
-    prepare_corpus,
-    split_train_val,
-)
+from pairfree.training.fitting import CaptionerSetup, split_train_val
 from pairfree.training.trainer import TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -231,7 +226,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     support = {} if cfg.synthetic.supporting is None else synthetic_images(
         cfg.synthetic.supporting, "supporting", cleaning, job)  # fmt: skip
     rephrased = rephrasings(cfg.synthetic.rephrasings, cleaning, job)
-    corpus = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job)))
+    corpus = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job.skip_log)))
     texts = [t for t in corpus if t in own and (rephrased is None or t in rephrased)]
     if not texts:
         raise PairfreeError(f"no corpus caption of {cfg.corpus.path} has a synthetic image in "

@@ -55,8 +55,9 @@ from pairfree.training.adversarial import (
     prepare_unpaired,
     train_gan,
 )
+from pairfree.training.fitting import fit_captioner
 from pairfree.training.rewards import gaussian_mmd
-from pairfree.training.text_only import caption_val_step, fit_captioner, text_only_setup
+from pairfree.training.text_only import caption_val_step, text_only_setup
 from pairfree.training.trainer import TrainConfig, TrainResult
 
 

@@ -49,12 +49,14 @@ from pairfree.captioner import (
 )
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import dataset_images, image_sources, is_dataset_file
-from pairfree.encoding import encode_images
+from pairfree.data.training_corpus import CorpusConfig, check_corpus
+from pairfree.encoding import encode_corpus, encode_images
 from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.pipeline import Captioner
+from pairfree.training.fitting import pad_collate, save_with_card
 from pairfree.training.rewards import (
     BASELINES,
     TextDiscriminator,
@@ -65,13 +67,6 @@ from pairfree.training.rewards import (
     self_critical_loss,
     without_final_period,
     write_aggregated_store,
-)
-from pairfree.training.text_only import (
-    CorpusConfig,
-    check_corpus,
-    encode_corpus,
-    pad_collate,
-    save_with_card,
 )
 from pairfree.training.trainer import (
     OptimizerSpec,

@@ -27,7 +27,7 @@ from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.pipeline import Captioner
-from pairfree.training.text_only import CaptionerSetup, fit_captioner, token_weighted
+from pairfree.training.fitting import CaptionerSetup, fit_captioner, token_weighted
 from pairfree.training.trainer import (
     EvalFn,
     StepFn,
@@ -245,7 +245,7 @@ def fit_cross_attention(
 ) -> TrainResult:
     """Train a cross-attention captioner (module "captioner", one AdamW) on grid or image
     examples; artifacts carry ``card``; ``evaluate`` adds validation metrics; ``lr_by_prefix``
-    as :func:`~pairfree.training.text_only.fit_captioner`'s; ``label_smoothing`` smooths the
+    as :func:`~pairfree.training.fitting.fit_captioner`'s; ``label_smoothing`` smooths the
     training loss (ICSD's 0.1; SaCap's code has none), never the validation loss."""
     tokenizer = setup.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
