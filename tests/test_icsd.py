@@ -378,7 +378,8 @@ def test_settings_are_checked_when_the_config_is_made():
     """A bad setting fails where the config is built (Python or YAML), naming the key, before
     a recipe runs; the defaults pass."""
     from pairfree.config import build_config
-    from pairfree.recipes.icsd import ICSDConfig, LLMConfig, SynthesisConfig
+    from pairfree.recipes.icsd import ICSDConfig, SynthesisConfig
+    from pairfree.synth.llm import LLMConfig
 
     ICSDConfig()
     for make, message in (
@@ -394,6 +395,25 @@ def test_settings_are_checked_when_the_config_is_made():
         PairfreeError, match=re.escape("config synthesis.llm: sampling needs a temperature")
     ):
         build_config(ICSDConfig, {"synthesis": {"llm": {"temperature": 0}}})
+
+
+def test_icsd_reads_its_synthesis_through_the_shared_settings():
+    """One LLM config (the synthesize commands' and ICSD's) and the diffusion settings declared
+    once: ICSD's image config is DiffusionSettings with ICSD's defaults, checked the same way."""
+    from pairfree.config import build_config
+    from pairfree.recipes.icsd import ICSDConfig, ImageSynthesisConfig
+    from pairfree.synth.llm import LLMConfig, Sampling
+    from pairfree.synth.text_to_image import DiffusionSettings
+
+    cfg = build_config(ICSDConfig, None, ["synthesis.images.negative_prompt=blurry"])
+    assert isinstance(cfg.synthesis.llm, LLMConfig)
+    assert cfg.synthesis.llm.sampling() == Sampling(max_new_tokens=500, temperature=1.0, top_p=1.0)
+    assert cfg.synthesis.images.settings() == DiffusionSettings(
+        steps=20, guidance_scale=7.5, negative_prompt="blurry",
+        scheduler="DPMSolverMultistepScheduler", height=512, width=512, dtype="float16",
+    )  # fmt: skip
+    with pytest.raises(PairfreeError, match="steps must be at least 1"):
+        ImageSynthesisConfig(steps=0)
 
 
 @pytest.mark.parametrize(

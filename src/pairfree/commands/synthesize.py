@@ -225,20 +225,12 @@ def _llm_job(args: argparse.Namespace, inputs: list) -> Iterator[tuple]:
     from pairfree.io import check_output
     from pairfree.job import Job
     from pairfree.locks import output_lock
-    from pairfree.synth.llm import Sampling, load_llm
+    from pairfree.synth.llm import LLMConfig
 
     check_output(args.out, inputs=inputs, folder=True)
     with output_lock(args.out):
-        sampling = Sampling(  # checked before the LLM is loaded
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            do_sample=not args.greedy,
-            seed=args.seed,
-        )
-        job = Job.create(progress=not args.no_progress)
-        llm = load_llm(
-            args.llm,
+        config = LLMConfig(  # sampling checked here, before the LLM is loaded
+            spec=args.llm,
             api_base=args.api_base,
             api_key_env=args.api_key_env,
             concurrency=args.concurrency,
@@ -246,10 +238,16 @@ def _llm_job(args: argparse.Namespace, inputs: list) -> Iterator[tuple]:
             max_retries=args.max_retries,
             response_prefix=args.response_prefix,
             chat_template=args.chat_template,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            greedy=args.greedy,
+            seed=args.seed,
             dtype=args.dtype,
-            device=args.device if job.num_processes == 1 else job.state.device,
         )
-        yield job, llm, sampling
+        job = Job.create(progress=not args.no_progress)
+        llm = config.load(args.device if job.num_processes == 1 else job.state.device)
+        yield job, llm, config.sampling()
 
 
 def run_rephrase(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -74,7 +74,7 @@ from pairfree.io import atomic_write_json
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import plan_prompts, synthesize_images
-from pairfree.synth.llm import Sampling, load_llm
+from pairfree.synth.llm import LLMConfig
 from pairfree.synth.shards import write_jsonl
 from pairfree.synth.tasks import SUMMARIZE_PROMPT, load_prompt
 from pairfree.synth.text import (
@@ -102,44 +102,28 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- config
 @dataclass
-class LLMConfig:
-    spec: str = "openai:gpt-3.5-turbo"  # ICSD asked ChatGPT; hf:<model or .gguf>, world:<preset>
-    api_base: str = ""  # an OpenAI-compatible server (openai:)
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    prompt: str | None = None  # a file replacing ICSD's prompt ({captions} marks the group)
-    strict_answers: bool = False  # pairfree's checked reading of answers, not ICSD's (tasks.py)
-    temperature: float = 1.0  # ChatGPT's defaults, which ICSD kept
-    top_p: float = 1.0
-    max_new_tokens: int = 500
-    seed: int = 0
-    dtype: str = "float32"
-    batch_size: int = 8
+class ImageSynthesisConfig(DiffusionSettings):
+    """The diffusion settings (ICSD's: SD 1.4 with DPM-Solver, 20 steps, 512 px, fp16), the
+    backend that draws them, the run seed and the batch."""
 
-    def __post_init__(self) -> None:
-        self.sampling()  # bad sampling settings are refused now, not after the grouping
-
-    def sampling(self) -> Sampling:
-        """The summarizing LLM's sampling settings (checked when made)."""
-        return Sampling(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
-
-
-@dataclass
-class ImageSynthesisConfig:
-    backend: str = "diffusers:CompVis/stable-diffusion-v1-4"
     scheduler: str | None = "DPMSolverMultistepScheduler"
-    steps: int = 20
-    guidance_scale: float = 7.5
     height: int | None = 512
     width: int | None = 512
     dtype: str = "float16"
+    backend: str = "diffusers:CompVis/stable-diffusion-v1-4"
     seed: int = 0
     batch_size: int = 8
+
+    def settings(self) -> DiffusionSettings:
+        return DiffusionSettings(
+            **{f.name: getattr(self, f.name) for f in fields(DiffusionSettings)}
+        )
+
+
+def icsd_llm() -> LLMConfig:
+    """ICSD asked ChatGPT with its defaults (temperature 1, top-p 1), 500 new tokens."""
+    return LLMConfig(spec="openai:gpt-3.5-turbo", temperature=1.0, top_p=1.0, max_new_tokens=500,
+                     batch_size=8)  # fmt: skip
 
 
 @dataclass
@@ -150,7 +134,7 @@ class SynthesisConfig:
     group_clip: str | None = "hf:openai/clip-vit-base-patch16"
     index: str = "exact"  # "exact" | "faiss" (large corpora)
     dedup: bool = False  # leave out groups identical to an earlier one (ICSD keeps them)
-    llm: LLMConfig = field(default_factory=LLMConfig)
+    llm: LLMConfig = field(default_factory=icsd_llm)
     images: ImageSynthesisConfig = field(default_factory=ImageSynthesisConfig)
     multi_context: bool = True  # pair the selected captions with their group's image
     single_context: float = 0.0  # share of the corpus captions also paired with their own image
@@ -255,9 +239,7 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     """Stage 2: the LLM's selection and summary of every group (resumable, sharded)."""
     llm_cfg = cfg.synthesis.llm
     template = load_prompt(llm_cfg.prompt, SUMMARIZE_PROMPT, "captions")
-    llm = OnFirstUse(llm_cfg.spec, lambda: load_llm(
-        llm_cfg.spec, api_base=llm_cfg.api_base, api_key_env=llm_cfg.api_key_env,
-        concurrency=llm_cfg.concurrency, dtype=llm_cfg.dtype, device=job.state.device))  # fmt: skip
+    llm = OnFirstUse(llm_cfg.spec, lambda: llm_cfg.load(job.state.device))
     result = summarize_groups(llm, groups, out, template=template, sampling=llm_cfg.sampling(),
                               batch_size=llm_cfg.batch_size, strict=llm_cfg.strict_answers,
                               job=job)  # fmt: skip
@@ -273,9 +255,7 @@ def image_stage(cfg: ICSDConfig, prompts: list[Caption], out: Path, job: Job) ->
     """Stages 3 and 4: one image per prompt (resumable, sharded); None where no usable image
     was made (skipped, or flagged NSFW)."""
     c = cfg.synthesis.images
-    settings = DiffusionSettings(steps=c.steps, guidance_scale=c.guidance_scale,
-                                 scheduler=c.scheduler, height=c.height, width=c.width,
-                                 dtype=c.dtype)  # fmt: skip
+    settings = c.settings()
     backend = OnFirstUse(c.backend, lambda: load_text_to_image(
         c.backend, settings, device=job.state.device))  # fmt: skip
     planned = plan_prompts(prompts, variants=1, seed=c.seed)

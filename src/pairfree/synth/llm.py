@@ -334,3 +334,53 @@ def load_llm(spec: str, **options: object) -> LLM:
     registered or installed backend's)."""
     factory, model = LLM_BACKENDS.resolve(spec)
     return factory(model, **options)
+
+
+@dataclass
+class LLMConfig:
+    """An LLM and how it is asked: what the ``synthesize rephrase|summarize`` flags say, and
+    ICSD's ``synthesis.llm``. Sampling settings are checked when it is made."""
+
+    spec: str = ""  # hf:<model or .gguf>, openai:<model>, world:<preset>, or a registered one
+    api_base: str = ""  # an OpenAI-compatible server (openai:)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8  # requests at once (openai:)
+    timeout: float | None = None  # seconds to wait for an answer (openai:; None: its default)
+    max_retries: int | None = None  # tries after the first on 429, 5xx, timeouts (openai:)
+    response_prefix: str = ""  # text the answer starts with (hf:)
+    chat_template: str = "auto"  # hf: never | auto | always
+    prompt: str | None = None  # a file replacing the task's prompt
+    strict_answers: bool = False  # pairfree's checked reading of answers (synth/tasks.py)
+    temperature: float = 0.6  # SaCap's
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    greedy: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        self.sampling()  # bad sampling settings are refused now, before any model loads
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            do_sample=not self.greedy,
+            seed=self.seed,
+        )
+
+    def load(self, device: str | torch.device = "cpu") -> LLM:
+        return load_llm(
+            self.spec,
+            api_base=self.api_base,
+            api_key_env=self.api_key_env,
+            concurrency=self.concurrency,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            response_prefix=self.response_prefix,
+            chat_template=self.chat_template,
+            dtype=self.dtype,
+            device=device,
+        )
