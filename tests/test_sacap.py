@@ -13,6 +13,7 @@ from PIL import Image
 
 from pairfree import Captioner, experiment
 from pairfree.cli import main
+from pairfree.errors import PairfreeError
 from pairfree.recipes.sacap import repair
 
 
@@ -124,6 +125,38 @@ def test_each_example_is_made_from_its_paired_image_and_the_memory_holds_the_cor
         assert prompt_ids == tokenizer(prompts[k], add_special_tokens=False)["input_ids"]
         target = tokenizer(caption_target(made.texts[k]), add_special_tokens=False)["input_ids"]
         assert caption_ids == target[: cfg.corpus.max_tokens]
+
+
+def test_online_grids_give_the_stored_grids_without_writing_a_store(synthesized, tmp_path):
+    """grids=online computes each paired image's grid features as training reads them: the
+    examples equal the stored ones (up to the store's float16) and no grid store is written;
+    a run trains with them."""
+    from pairfree.recipes.sacap import sacap_data
+
+    root, world, lm = synthesized
+    stored_cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "a",
+                                                   f"features={tmp_path / 'stored'}")  # fmt: skip
+    online_cfg, *_ = sacap_setup(root, world, lm, tmp_path / "b", f"features={tmp_path / 'online'}",
+                                 "grids=online")  # fmt: skip
+    stored, online = (
+        sacap_data(stored_cfg, clip, tokenizer, job),
+        sacap_data(online_cfg, clip, tokenizer, job),
+    )
+    assert online.paired == stored.paired and len(online.data) == len(stored.data)
+    for k in range(len(stored.data)):
+        torch.testing.assert_close(
+            online.data[k][1], stored.data[k][1].float(), rtol=2e-3, atol=2e-3
+        )
+    assert list((tmp_path / "stored").glob("grid-*")) and not list(
+        (tmp_path / "online").glob("grid-*")
+    )
+    assert (
+        main(sacap_args(root, world, lm, tmp_path / "run", "grids=online", "train.max_steps=2"))
+        == 0
+    )
+    assert (tmp_path / "run" / "last" / "model.safetensors").exists()
+    with pytest.raises(PairfreeError, match="grids must be store or online"):
+        sacap_setup(root, world, lm, tmp_path / "c", "grids=disk")
 
 
 def test_repairing_moves_a_caption_off_an_own_image_that_shows_another_caption(

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from pairfree.clip.base import ClipEncoder
 from pairfree.data import Caption, load_image, randomize_gender
 from pairfree.data.training_corpus import CorpusConfig, prepare_corpus
@@ -147,3 +149,29 @@ def encode_corpus(
     encode_captions(clip, captions, out_dir, clip_texts=texts, job=job)
     job.wait_for_everyone()  # the main process marks the store complete after the others return
     return FeatureStore(out_dir)
+
+
+class OnlineGrids:
+    """Grid features computed when a row is read instead of stored: a grid store's rows
+    (``row(id)``, ``grids[row]``) for users without its disk (SaCap's COCO grids are ~43 GB
+    in float16), at one image-tower pass per row read, every epoch."""
+
+    def __init__(self, clip: ClipEncoder, images: Sequence[tuple[str, Path]]) -> None:
+        self.clip = clip
+        self.ids = [image_id for image_id, _ in images]
+        self._files = [Path(path) for _, path in images]
+        self._rows = {image_id: row for row, image_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, image_id: str) -> int:
+        try:
+            return self._rows[image_id]
+        except KeyError:
+            raise PairfreeError(
+                f"no image with id {image_id!r} to compute grid features of"
+            ) from None
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.clip.encode_image_grid([load_image(self._files[row])])[0].numpy()

@@ -74,7 +74,7 @@ from pairfree.clip import load_clip
 from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
 from pairfree.data.phrases import corpus_phrases, read_phrases
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
-from pairfree.encoding import encode_captions, encode_images
+from pairfree.encoding import OnlineGrids, encode_captions, encode_images
 from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore
 from pairfree.job import Job
@@ -126,6 +126,9 @@ class SaCapConfig:
     soft_prompt: bool = True
     tau: float = 0.01  # projection temperature of the soft prompt
     seed: int = 42  # breaks re-pairing ties
+    # the paired images' grid features: "store" encodes them once into a float16 feature
+    # store (the original's way); "online" computes them as training reads them (no disk)
+    grids: str = "store"
     model: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     # picks the best epoch by CIDEr (the original scores every epoch on the test split)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -142,6 +145,10 @@ class SaCapConfig:
             num_beams=5, max_new_tokens=30, stop=".", stop_at_eos=False, score_length="with_prompt"
         )
     )
+
+    def __post_init__(self) -> None:
+        if self.grids not in ("store", "online"):
+            raise PairfreeError(f"grids must be store or online, not {self.grids!r}")
 
 
 # --------------------------------------------------------------------------- data
@@ -270,10 +277,13 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
         paired = [rows[0] for rows in usable]  # the caption's own image
     paired_embeds = image_embeds[paired]
     to_grid = [(image_store.ids[r], files[int(image_store.ids[r])]) for r in sorted(set(paired))]
-    grid_dir = features / f"grid-{_digest(i for i, _ in to_grid)}"  # one store per pairing
-    encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
-    job.wait_for_everyone()
-    grids = FeatureStore(grid_dir)
+    if cfg.grids == "online":
+        grids: FeatureStore | OnlineGrids = OnlineGrids(clip, to_grid)
+    else:
+        grid_dir = features / f"grid-{_digest(i for i, _ in to_grid)}"  # one store per pairing
+        encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
+        job.wait_for_everyone()
+        grids = FeatureStore(grid_dir)
 
     # 2. hard prompts: the paired image's top phrases
     phrase_dir = None

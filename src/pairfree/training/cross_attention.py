@@ -22,6 +22,7 @@ from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prom
 from pairfree.clip import ClipEncoder
 from pairfree.clip.vision import PixelSpec, augment, eval_transform, train_transform
 from pairfree.data import dataset_images, load_image
+from pairfree.encoding import OnlineGrids
 from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
@@ -52,9 +53,9 @@ class GridExample:
 
 
 class GridCaptionDataset(Dataset):
-    """Examples over one grid feature store."""
+    """Examples over one grid feature store (or grids computed as rows are read)."""
 
-    def __init__(self, examples: Sequence[GridExample], grids: FeatureStore) -> None:
+    def __init__(self, examples: Sequence[GridExample], grids: FeatureStore | OnlineGrids) -> None:
         self.examples, self.grids = list(examples), grids
 
     def __len__(self) -> int:
