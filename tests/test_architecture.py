@@ -63,6 +63,14 @@ def test_loading_a_checkpoint_imports_no_evaluation_code():
     assert not {d for d in GRAPH["pairfree.hub"] if d.startswith("pairfree.evaluate")}
 
 
+def test_training_validates_without_the_inference_facade():
+    """Training decodes through captioner.decoding, not pipeline.Captioner (load, save, share)
+    and the hub code beneath it."""
+    for name, deps in GRAPH.items():
+        if name.startswith(("pairfree.training", "pairfree.recipes")):
+            assert not deps & {"pairfree.pipeline", "pairfree.hub"}, f"{name} imports {deps}"
+
+
 def test_no_import_cycles():
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 

@@ -12,24 +12,17 @@ conditioning reads included, and a model card); ``push_to_hub`` uploads one.
 
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Union
 
-import numpy as np
 import torch
-from PIL import Image
 
 from pairfree.captioner import (
     Conditioning,
     GenerationConfig,
     PrefixCaptioner,
-    condition,
     load_captioner,
 )
 from pairfree.captioner.card import CheckpointCard
@@ -41,25 +34,22 @@ from pairfree.captioner.checkpoint import (
     read_card,
     save_captioner,
 )
-from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
-from pairfree.captioner.prompts import hard_prompt, top_phrases
+from pairfree.captioner.cross_attention import CrossAttentionCaptioner
+from pairfree.captioner.decoding import CaptionDecoder
 from pairfree.clip import ClipEncoder, load_clip
-from pairfree.clip.vision import tower_pixels
-from pairfree.data import load_image
-from pairfree.errors import BadInputError, PairfreeError, first_line
-from pairfree.features import FeatureStore
+from pairfree.errors import PairfreeError
 from pairfree.hub import TRAINING_NAME, model_card, push_folder, resolve_checkpoint, training_record
 from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import resolve_device
 
-ImageInput = Union[Image.Image, str, Path, np.ndarray]  # noqa: UP007 (a runtime alias)
 # conditioning fields that name feature stores, and their folder in a saved checkpoint
 STORES = dict(zip(("project_to", "prompt_phrases"), STORE_FOLDERS, strict=True))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class Captioner:
-    """A trained captioner with everything needed to caption raw images."""
+class Captioner(CaptionDecoder):
+    """A trained captioner with everything needed to caption raw images, and to load, save and
+    share it."""
 
     def __init__(
         self,
@@ -72,23 +62,9 @@ class Captioner:
         card: CheckpointCard | None = None,
         source: Path | None = None,
     ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.clip = clip
-        self.conditioning = conditioning or Conditioning()
-        self.generation = generation or GenerationConfig()
+        super().__init__(model, tokenizer, clip, conditioning=conditioning, generation=generation)
         self.card = card  # what it was loaded with (recipe, CLIP spec): needed to save it
         self.source = source  # the checkpoint directory it was loaded from
-        spec = self.conditioning
-        self.memory = (
-            None if spec.project_to is None else _text_store(spec.project_to, clip).tensor()
-        )
-        self.phrases: tuple[list[str], torch.Tensor] | None = None
-        if spec.prompt_phrases is not None:
-            store = _text_store(spec.prompt_phrases, clip)
-            self.phrases = (store.texts or [], store.tensor())
-        if self.phrases is not None and not isinstance(model, CrossAttentionCaptioner):
-            raise PairfreeError("hard-prompt phrases go with cross-attention captioners only")
 
     @classmethod
     def from_pretrained(
@@ -187,164 +163,3 @@ class Captioner:
             folder = self.save_pretrained(Path(tmp) / "captioner", repo_id=repo_id)
             return push_folder(folder, repo_id, private=private, token=token,
                                commit_message=commit_message)  # fmt: skip
-
-    def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Turn CLIP image embeddings into what the decoder was trained to read."""
-        return condition(
-            image_embeds.float(), self.conditioning, training=False, memory=self.memory
-        )
-
-    @property
-    def needs_embeddings(self) -> bool:
-        """Whether captioning reads the images' CLIP embeddings: a prefix captioner always, a
-        cross-attention one only for a soft prompt or hard prompts (ICSD's reads neither)."""
-        if not self.needs_grid:
-            return True
-        return self.model.soft_prompt is not None or self.phrases is not None
-
-    @property
-    def needs_grid(self) -> bool:
-        """Whether captioning reads grid features besides the image embeddings."""
-        return isinstance(self.model, CrossAttentionCaptioner)
-
-    def grids(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> torch.Tensor:
-        """What the decoder cross-attends to: the CLIP grid features, or, for a captioner with
-        its own (fine-tuned) image tower, its pixels (the tower runs inside the decoder)."""
-        vision = getattr(self.model, "vision", None)
-        if vision is None:
-            return self.clip.encode_image_grid(images, batch_size=batch_size)
-        return tower_pixels(vision.pixels, images)
-
-    def hard_prompts(self, image_embeds: torch.Tensor) -> list[str]:
-        """Each image's hard prompt (empty without a phrase vocabulary)."""
-        if self.phrases is None:
-            return [""] * len(image_embeds)
-        texts, embeds = self.phrases
-        chosen = top_phrases(image_embeds, embeds, texts, self.conditioning.prompt_topk)
-        return [hard_prompt(p) for p in chosen]
-
-    @torch.no_grad()
-    def caption_embeddings(
-        self,
-        image_embeds: torch.Tensor,
-        *,
-        grid: torch.Tensor | None = None,
-        batch_size: int = 64,
-    ) -> list[str]:
-        """Captions for precomputed CLIP image embeddings (e.g. from a feature store), and
-        for a cross-attention captioner what :meth:`grids` gives for the images. Where
-        :attr:`needs_embeddings` is false, ``image_embeds`` only counts the images (``[N, 0]``
-        will do)."""
-        if self.needs_grid and (grid is None or len(grid) != len(image_embeds)):
-            raise PairfreeError("a cross-attention captioner needs each image's grid features")
-        device = next(self.model.parameters()).device
-        settings = self.generation.generate_kwargs(self.tokenizer)
-        texts: list[str] = []
-        for start in range(0, len(image_embeds), batch_size):
-            chunk = image_embeds[start : start + batch_size]
-            cond = self.conditions(chunk).to(device) if self.needs_embeddings else None
-            if self.needs_grid:
-                ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
-                                                     settings)  # fmt: skip
-            else:
-                ids = self.model.generate(cond, **settings)
-            texts += [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-        return texts
-
-    def _generate_cross_attention(
-        self,
-        cond: torch.Tensor | None,
-        image_embeds: torch.Tensor,
-        grid: torch.Tensor,
-        settings: dict,
-    ) -> list[list[int]]:
-        texts = self.hard_prompts(image_embeds)
-        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
-        ids, mask = pad_prompts(tokens, pad_id=pad, max_tokens=self.model.config.max_prompt_tokens)
-        soft = cond if self.model.soft_prompt is not None else None
-        counted = self.model.original_prompt_length(hard_prompt=self.phrases is not None)
-        return self.model.generate(soft, grid, ids, mask, prompt_lengths=[counted] * len(ids),
-                                   **settings)  # fmt: skip
-
-    def __call__(
-        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 32
-    ) -> str | list[str]:
-        return self.caption(images, batch_size=batch_size)
-
-    def caption(
-        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 32
-    ) -> str | list[str]:
-        """The caption of one image (a path, a URL, a PIL image, an ``[H, W, 3]`` array), or
-        the captions of a list of them (or of an ``[N, H, W, 3]`` array); a bad image raises
-        BadInputError naming it."""
-        single = not isinstance(images, list | tuple) and not (
-            isinstance(images, np.ndarray) and images.ndim == 4
-        )
-        pil = [as_image(im) for im in ([images] if single else images)]
-        texts = self._caption(pil, batch_size=batch_size)
-        return texts[0] if single else texts
-
-    def _caption(self, pil: list[Image.Image], *, batch_size: int) -> list[str]:
-        embeds, grid = self.image_inputs(pil, batch_size=batch_size)
-        return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
-
-    def image_inputs(
-        self, images: Sequence[Image.Image], *, batch_size: int = 64
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What :meth:`caption_embeddings` reads of the images: their CLIP embeddings
-        (``[N, 0]`` where :attr:`needs_embeddings` is false) and :meth:`grids` (None where
-        :attr:`needs_grid` is), both from one pass through CLIP's image tower when both
-        come from it."""
-        from_clip = getattr(self.model, "vision", None) is None
-        if self.needs_embeddings and self.needs_grid and from_clip:
-            return self.clip.encode_images_and_grid(images, batch_size=batch_size)
-        if images and self.needs_embeddings:
-            embeds = self.clip.encode_images(images, batch_size=batch_size)
-        else:
-            embeds = torch.empty(len(images), 0)
-        grid = self.grids(images, batch_size=batch_size) if self.needs_grid else None
-        return embeds, grid
-
-
-def _text_store(path: str, clip: ClipEncoder) -> FeatureStore:
-    """A text feature store the conditioning reads (projection memory, prompt phrases),
-    checked to match the CLIP in use."""
-    store = FeatureStore(path)
-    if store.kind != "text":
-        raise PairfreeError(f"{path} holds {store.kind} features; the conditioning needs text")
-    if store.encoder != clip.name:
-        raise PairfreeError(
-            f"{path} was encoded with {store.encoder}, the captioner uses {clip.name}"
-        )
-    return store
-
-
-def as_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a PIL image, an image file, an http(s) URL or a numpy array
-    (``[H, W]`` or ``[H, W, 3|4]``; uint8, or floats in 0-1)."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.dtype != np.uint8:
-            if not np.issubdtype(array.dtype, np.floating):
-                raise PairfreeError(f"an image array must be uint8 or float, not {array.dtype}")
-            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-            raise PairfreeError(f"an image array must be [H, W] or [H, W, 3], got {array.shape}")
-        return Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1
-                               else array).convert("RGB")  # fmt: skip
-    if isinstance(image, str) and image.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(image, timeout=30) as response:
-                data = response.read()
-            with Image.open(io.BytesIO(data)) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise BadInputError(
-                image, f"cannot fetch or decode the image: {first_line(err)}"
-            ) from err
-    if isinstance(image, str | Path):
-        return load_image(image)
-    raise PairfreeError(f"not an image: {type(image).__name__} (a path, URL, PIL image or array)")

@@ -47,6 +47,7 @@ from pairfree.captioner import (
     condition,
     load_captioner,
 )
+from pairfree.captioner.decoding import CaptionDecoder
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import dataset_images, image_sources, is_dataset_file
 from pairfree.data.training_corpus import CorpusConfig, check_corpus
@@ -55,7 +56,6 @@ from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
 from pairfree.job import Job
-from pairfree.pipeline import Captioner
 from pairfree.training.fitting import pad_collate, save_with_card
 from pairfree.training.rewards import (
     BASELINES,
@@ -449,7 +449,7 @@ def train_adversarial(
     def evaluate(ctx) -> dict[str, float]:
         """Greedy captions of the validation images (sharded over processes), CIDEr x100."""
         generator = ctx.unwrap("generator")
-        captioner = Captioner(
+        captioner = CaptionDecoder(
             generator, tokenizer, clip, conditioning=conditioning, generation=cfg.generation
         )
         predictions = captions_across_processes(

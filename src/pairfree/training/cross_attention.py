@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, caption_log_probs
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
+from pairfree.captioner.decoding import CaptionDecoder
 from pairfree.clip import ClipEncoder
 from pairfree.clip.vision import PixelSpec, augment, eval_transform, train_transform
 from pairfree.data import dataset_images, load_image
@@ -27,7 +28,6 @@ from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
 from pairfree.job import Job
-from pairfree.pipeline import Captioner
 from pairfree.training.fitting import CaptionerSetup, fit_captioner, token_weighted
 from pairfree.training.trainer import (
     EvalFn,
@@ -219,7 +219,7 @@ def caption_score_eval(
 
     def evaluate(ctx) -> dict[str, float]:
         model = ctx.unwrap("captioner")
-        captioner = Captioner(model, tokenizer, clip, conditioning=conditioning,
+        captioner = CaptionDecoder(model, tokenizer, clip, conditioning=conditioning,
                               generation=generation)  # fmt: skip
         predictions = captions_across_processes(
             ctx.accelerator, ids, lambda mine: captioner(list(images[mine]), batch_size=batch_size)
