@@ -460,3 +460,38 @@ def test_a_changed_world_renderer_behind_the_same_name_refuses_to_resume(tmp_pat
     monkeypatch.setattr(WorldTextToImage, "draw", inverted)
     assert main(synthesize(corpus, "world:default", out)) == 2
     assert "other fingerprint" in capsys.readouterr().err
+
+
+def test_grouping_a_corpus_is_reused_without_loading_its_clip_and_redone_when_asked_otherwise(
+    tmp_path,
+):
+    """group_corpus (ICSD's stage 1, `pairfree synthesize group`): the captions encoded and
+    grouped once; the same captions, CLIP and settings give the saved groups without loading
+    the CLIP; other settings group again. A repeated caption is grouped with one embedding."""
+    from pairfree.clip import load_clip
+    from pairfree.data import Caption
+    from pairfree.job import Job
+    from pairfree.synth.text import group_corpus
+
+    texts = ["a red circle", "a blue square", "a red circle", "two green stars", "a blue circle"]
+    captions = [Caption(t, None, "corpus.txt", None) for t in texts]
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_clip("world:builtin")
+
+    job = Job(progress=False)
+    first = group_corpus(
+        "world:builtin", load, captions, tmp_path / "g", tmp_path / "f", k=3, job=job
+    )
+    assert len(loads) == 1 and [g.id for g in first] == ["0", "1", "2", "3", "4"]
+    assert first[0].captions == first[2].captions  # the repeated caption, one embedding
+    again = group_corpus(
+        "world:builtin", load, captions, tmp_path / "g", tmp_path / "f", k=3, job=job
+    )
+    assert again == first and len(loads) == 1
+    other = group_corpus(
+        "world:builtin", load, captions, tmp_path / "g", tmp_path / "f", k=2, job=job
+    )
+    assert len(loads) == 2 and all(len(g.members) == 2 for g in other)

@@ -289,28 +289,25 @@ def run_summarize(args: argparse.Namespace) -> int:
 def run_group(args: argparse.Namespace) -> int:
     from pairfree.clip import load_clip
     from pairfree.data import read_captions
-    from pairfree.encoding import encode_captions
     from pairfree.features import FeatureStore
     from pairfree.io import check_output
     from pairfree.job import Job
     from pairfree.locks import output_lock
-    from pairfree.synth.text import group_captions
+    from pairfree.synth.text import group_corpus
 
     check_output(args.out, inputs=[args.corpus], folder=True)
     with output_lock(args.out):
         job = Job.create(strict=args.strict, progress=not args.no_progress)
         captions = read_captions(args.corpus, split=args.split, skip_log=job.skip_log)
-        clip = load_clip(args.clip, device=args.device)
-        encode_captions(clip, captions, args.out / "features", job=job)
-        job.wait_for_everyone()
+        groups = group_corpus(args.clip, lambda: load_clip(args.clip, device=args.device), captions,
+                              args.out, args.out / "features", k=args.k, backend=args.index,
+                              dedup=args.dedup, job=job)  # fmt: skip
         if not job.is_main_process:
             return 0
-        store = FeatureStore(args.out / "features")
-        groups = group_captions(store.ids, store.texts, store.tensor(), args.out, k=args.k,
-                                backend=args.index, dedup=args.dedup)  # fmt: skip
+        grouped = len(FeatureStore(args.out / "features"))
         report_skips([e.to_record() for e in job.skip_log.items], args.out)
-        dropped = f" ({len(store) - len(groups)} identical groups left out)" if args.dedup else ""
-        size = min(args.k, len(store))
+        dropped = f" ({grouped - len(groups)} identical groups left out)" if args.dedup else ""
+        size = min(args.k, grouped)
         print(f"{len(groups)} groups of {size} captions{dropped} -> {args.out / 'groups.jsonl'}")
         return 0
 

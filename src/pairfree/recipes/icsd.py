@@ -51,8 +51,6 @@ Where pairfree differs from the original code, on purpose:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -67,23 +65,14 @@ from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross
 from pairfree.clip import load_clip
 from pairfree.data import Caption, dataset_images
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
-from pairfree.encoding import encode_captions
 from pairfree.errors import BadInputError, PairfreeError, first_line
-from pairfree.features import FeatureStore
-from pairfree.io import atomic_write_json
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import plan_prompts, synthesize_images
 from pairfree.synth.llm import LLMConfig
 from pairfree.synth.shards import write_jsonl
 from pairfree.synth.tasks import SUMMARIZE_PROMPT, load_prompt
-from pairfree.synth.text import (
-    Group,
-    group_captions,
-    read_groups,
-    read_summaries,
-    summarize_groups,
-)
+from pairfree.synth.text import Group, group_corpus, read_summaries, summarize_groups
 from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
 from pairfree.training.cross_attention import (
     ImageCaptionDataset,
@@ -207,32 +196,18 @@ def pre_caption(text: str, max_words: int) -> str:
 def group_stage(
     cfg: ICSDConfig, clip, texts: list[str], out: Path, features: Path, job: Job
 ) -> list[Group]:
-    """Stage 1, reused when the same captions were grouped by the same CLIP before; the
-    grouping CLIP (``synthesis.group_clip``, else the run's ``clip``) loads only if needed."""
+    """Stage 1 (:func:`~pairfree.synth.text.group_corpus`): the grouping CLIP
+    (``synthesis.group_clip``, else the run's ``clip``) loads only if the groups are not there."""
     s = cfg.synthesis
-    request = {"clip": s.group_clip or clip.name, "k": s.group_size, "index": s.index,
-               "dedup": s.dedup,
-               "captions": hashlib.sha256("\n".join(texts).encode()).hexdigest()}  # fmt: skip
-    done = out / "request.json"
-    if (
-        (out / "groups.jsonl").is_file()
-        and done.is_file()
-        and json.loads(done.read_text()) == request
-    ):
-        return read_groups(out / "groups.jsonl")
-    if s.group_clip is not None:
-        clip = load_clip(s.group_clip, device=job.state.device)
+    spec = s.group_clip or clip.name
+    load = (
+        (lambda: load_clip(s.group_clip, device=job.state.device))
+        if s.group_clip
+        else (lambda: clip)
+    )
     captions = [Caption(t, None, cfg.corpus.path, None) for t in texts]
-    encode_captions(clip, captions, features, job=job)
-    job.wait_for_everyone()
-    if job.is_main_process:
-        store = FeatureStore(features)
-        embeds = store.tensor()[[store.text_row(t) for t in texts]]
-        group_captions([str(i) for i in range(len(texts))], texts, embeds, out,
-                       k=s.group_size, backend=s.index, dedup=s.dedup)  # fmt: skip
-        atomic_write_json(done, request)
-    job.wait_for_everyone()
-    return read_groups(out / "groups.jsonl")
+    return group_corpus(spec, load, captions, out, features, k=s.group_size, backend=s.index,
+                             dedup=s.dedup, job=job)  # fmt: skip
 
 
 def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):

@@ -35,8 +35,12 @@ from typing import TypeVar
 
 import torch
 
+from pairfree.clip.base import ClipEncoder
+from pairfree.data import Caption
+from pairfree.encoding import encode_captions
 from pairfree.errors import BadInputError, PairfreeError, SkipLog
-from pairfree.io import read_user_text
+from pairfree.features import FeatureStore
+from pairfree.io import atomic_write_json, read_user_text
 from pairfree.job import Job
 from pairfree.synth.grouping import nearest_captions
 from pairfree.synth.llm import LLM, NoAnswer, Sampling
@@ -150,6 +154,47 @@ def group_captions(
         groups.append(Group(ids[row[0]], [ids[j] for j in row], [texts[j] for j in row]))
     write_jsonl(Path(out_dir) / "groups.jsonl", [asdict(g) for g in groups])
     return groups
+
+
+def group_corpus(
+    clip_spec: str,
+    load_clip: Callable[[], ClipEncoder],
+    captions: Sequence[Caption],
+    out_dir: str | Path,
+    features: str | Path,
+    *,
+    k: int = 30,
+    backend: str = "exact",
+    dedup: bool = False,
+    job: Job,
+) -> list[Group]:
+    """ICSD's stage 1 and ``pairfree synthesize group``: the captions' CLIP text embeddings,
+    encoded once into ``features`` (resumable, sharded over the processes), grouped by
+    :func:`group_captions` over the store's ids (a caption written twice with one embedding).
+    A grouping of the same captions with the same CLIP (``clip_spec``) and settings is reused
+    as it is (``request.json`` beside ``groups.jsonl``), and then ``load_clip`` is never
+    called."""
+    out = Path(out_dir)
+    texts = [c.text for c in captions]
+    request = {"clip": clip_spec, "k": k, "index": backend, "dedup": dedup,
+               "captions": hashlib.sha256("\n".join(texts).encode()).hexdigest()}  # fmt: skip
+    done = out / "request.json"
+    if (
+        (out / "groups.jsonl").is_file()
+        and done.is_file()
+        and json.loads(done.read_text()) == request
+    ):
+        return read_groups(out / "groups.jsonl")
+    encode_captions(load_clip(), captions, features, job=job)
+    job.wait_for_everyone()
+    if job.is_main_process:
+        store = FeatureStore(features)
+        texts = store.texts or []
+        embeds = store.tensor()[[store.text_row(t) for t in texts]]
+        group_captions(store.ids, texts, embeds, out, k=k, backend=backend, dedup=dedup)
+        atomic_write_json(done, request)
+    job.wait_for_everyone()
+    return read_groups(out / "groups.jsonl")
 
 
 def read_rephrasings(path: str | Path, skip_log: SkipLog) -> dict[str, list[str]]:
