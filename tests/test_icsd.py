@@ -137,6 +137,7 @@ def test_nsfw_flagged_images_never_reach_a_batch(tiny, tmp_path, monkeypatch):
     from dataclasses import replace
 
     import pairfree.recipes.icsd as icsd
+    import pairfree.synth.stages as stages
     import pairfree.training.cross_attention as training
     from pairfree.config import build_config
     from pairfree.synth.text_to_image import load_text_to_image
@@ -159,7 +160,7 @@ def test_nsfw_flagged_images_never_reach_a_batch(tiny, tmp_path, monkeypatch):
         read.append(str(path))
         return Image.open(path).convert("RGB")
 
-    monkeypatch.setattr(icsd, "load_text_to_image", lambda s, st, device: Flagging(s, st, device))
+    monkeypatch.setattr(stages, "load_text_to_image", lambda s, st, device: Flagging(s, st, device))
     monkeypatch.setattr(training, "load_image", spy)
     args = [a for a in icsd_args(world, bert, tmp_path / "run", "train.max_steps=4") if "=" in a]
     cfg = build_config(icsd.ICSDConfig, overrides=args)
@@ -401,8 +402,9 @@ def test_icsd_reads_its_synthesis_through_the_shared_settings():
     """One LLM config (the synthesize commands' and ICSD's) and the diffusion settings declared
     once: ICSD's image config is DiffusionSettings with ICSD's defaults, checked the same way."""
     from pairfree.config import build_config
-    from pairfree.recipes.icsd import ICSDConfig, ImageSynthesisConfig
+    from pairfree.recipes.icsd import ICSDConfig
     from pairfree.synth.llm import LLMConfig, Sampling
+    from pairfree.synth.stages import ImageSynthesisConfig
     from pairfree.synth.text_to_image import DiffusionSettings
 
     cfg = build_config(ICSDConfig, None, ["synthesis.images.negative_prompt=blurry"])
@@ -414,6 +416,8 @@ def test_icsd_reads_its_synthesis_through_the_shared_settings():
     )  # fmt: skip
     with pytest.raises(PairfreeError, match="steps must be at least 1"):
         ImageSynthesisConfig(steps=0)
+    with pytest.raises(PairfreeError, match="images.variants must be 1"):
+        build_config(ICSDConfig, None, ["synthesis.images.variants=2"])
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,40 @@ def test_synthesize_world_images_into_a_dataset_encode_reads(tmp_path, capsys):
     assert "holds a synthesis with other" in capsys.readouterr().err
 
 
+def test_the_commands_run_the_library_stages_so_each_resumes_the_others_work(tmp_path, capsys):
+    """`synthesize images` and `synthesize rephrase` call the stages ICSD and the demo run:
+    the stage given the command's settings finds the command's folder done and makes nothing;
+    other settings are refused by name."""
+    from pairfree.cli import main
+    from pairfree.data import read_captions
+    from pairfree.job import Job
+    from pairfree.synth.llm import LLMConfig
+    from pairfree.synth.stages import ImageSynthesisConfig, draw_images, rephrase
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS) + "\n")
+    images, rephrased = tmp_path / "images", tmp_path / "rephrased"
+    assert main(synthesize(corpus, "world:default", images, "--seed", "3", "--steps", "5",
+                           "--variants", "2")) == 0  # fmt: skip
+    assert main(["synthesize", "rephrase", str(corpus), "--llm", "world:default", "--out",
+                 str(rephrased), "--seed", "4", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    before = folder_bytes(images), folder_bytes(rephrased)
+    job = Job(progress=False)
+    config = ImageSynthesisConfig(backend="world:default", seed=3, steps=5, variants=2,
+                                  keep_nsfw=True)  # fmt: skip
+    prompts, summary = draw_images(config, read_captions(corpus), images, job=job)
+    assert [p.text for p in prompts] == [p for p in PROMPTS for _ in range(2)]
+    assert summary.made == 6
+    llm = LLMConfig(spec="world:default", chat_template="never", seed=4)
+    assert rephrase(llm, PROMPTS, rephrased, job=job, shard_size=512) is not None
+    assert (folder_bytes(images), folder_bytes(rephrased)) == before
+    with pytest.raises(PairfreeError, match="holds a synthesis with other settings"):
+        draw_images(replace(config, steps=6), read_captions(corpus), images, job=job)
+    with pytest.raises(PairfreeError, match="variants must be at least 1"):
+        ImageSynthesisConfig(variants=0)
+
+
 def test_flagged_images_stay_pairs_as_sacap_keeps_them_unless_dropped(
     tmp_path, capsys, monkeypatch
 ):
@@ -172,6 +206,7 @@ def test_flagged_images_stay_pairs_as_sacap_keeps_them_unless_dropped(
 
     from PIL import Image
 
+    import pairfree.synth.stages as stages
     import pairfree.synth.text_to_image as text_to_image
     from pairfree.cli import main
     from pairfree.data import read_images
@@ -187,7 +222,7 @@ def test_flagged_images_stay_pairs_as_sacap_keeps_them_unless_dropped(
             return [replace(g, image=Image.new("RGB", g.image.size), nsfw=True)
                     if "circle" in p else g for p, g in zip(prompts, made, strict=True)]  # fmt: skip
 
-    monkeypatch.setattr(text_to_image, "load_text_to_image",
+    monkeypatch.setattr(stages, "load_text_to_image",
                         lambda *args, **kwargs: SafetyChecked(load(*args, **kwargs)))  # fmt: skip
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(PROMPTS) + "\n")

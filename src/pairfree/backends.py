@@ -71,19 +71,3 @@ class BackendRegistry:
                 f"{self.group}) failed to load: {err}"
             ) from err
         return factory, model
-
-
-class OnFirstUse:
-    """A backend that is loaded when first asked for anything but its name: a resumed job
-    whose work is all done never pays for loading a large model."""
-
-    def __init__(self, name: str, load: Callable[[], Any]) -> None:
-        self.name = name
-        self._load, self._backend = load, None
-
-    def __getattr__(self, attribute: str) -> Any:
-        if attribute.startswith("_"):
-            raise AttributeError(attribute)
-        if self._backend is None:
-            self._backend = self._load()
-        return getattr(self._backend, attribute)

@@ -220,51 +220,48 @@ def finish(summary, max_reject_share: float) -> int:
 
 @contextmanager
 def _llm_job(args: argparse.Namespace, inputs: list) -> Iterator[tuple]:
-    """(job, llm, sampling) of an LLM subcommand, after checking where it writes, holding the
-    lock of its output folder."""
+    """(job, LLM config, device) of an LLM subcommand, after checking where it writes, holding
+    the lock of its output folder."""
     from pairfree.io import check_output
     from pairfree.job import Job
     from pairfree.locks import output_lock
     from pairfree.synth.llm import LLMConfig
 
+    config = LLMConfig(  # sampling checked here, before anything is written or loaded
+        spec=args.llm,
+        api_base=args.api_base,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        response_prefix=args.response_prefix,
+        chat_template=args.chat_template,
+        prompt=args.prompt,
+        strict_answers=args.strict_answers,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        seed=args.seed,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+    )
     check_output(args.out, inputs=inputs, folder=True)
     with output_lock(args.out):
-        config = LLMConfig(  # sampling checked here, before the LLM is loaded
-            spec=args.llm,
-            api_base=args.api_base,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            response_prefix=args.response_prefix,
-            chat_template=args.chat_template,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            greedy=args.greedy,
-            seed=args.seed,
-            dtype=args.dtype,
-        )
         job = Job.create(progress=not args.no_progress)
-        llm = config.load(args.device if job.num_processes == 1 else job.state.device)
-        yield job, llm, config.sampling()
+        yield job, config, args.device if job.num_processes == 1 else job.state.device
 
 
 def run_rephrase(args: argparse.Namespace) -> int:
     from pairfree.data import read_captions
     from pairfree.errors import SkipLog
-    from pairfree.synth.tasks import REPHRASE_PROMPT, load_prompt
-    from pairfree.synth.text import rephrase_captions
+    from pairfree.synth.stages import rephrase
 
-    template = load_prompt(args.prompt, REPHRASE_PROMPT, "caption")
     skip_log = SkipLog()
     captions = read_captions(args.corpus, skip_log=skip_log)
-    with _llm_job(args, [args.corpus]) as (job, llm, sampling):
-        summary = rephrase_captions(
-            llm, [c.text for c in captions], args.out, template=template, sampling=sampling,
-            batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
-            job=job,
-        )  # fmt: skip
+    with _llm_job(args, [args.corpus]) as (job, config, device):
+        summary = rephrase(config, [c.text for c in captions], args.out, job=job,
+                           shard_size=args.shard_size, device=device)  # fmt: skip
         if summary is None:
             return 0
         report_skips([e.to_record() for e in skip_log.items], args.out)
@@ -272,17 +269,13 @@ def run_rephrase(args: argparse.Namespace) -> int:
 
 
 def run_summarize(args: argparse.Namespace) -> int:
-    from pairfree.synth.tasks import SUMMARIZE_PROMPT, load_prompt
-    from pairfree.synth.text import read_groups, summarize_groups
+    from pairfree.synth.stages import summarize
+    from pairfree.synth.text import read_groups
 
-    template = load_prompt(args.prompt, SUMMARIZE_PROMPT, "captions")
     groups = read_groups(args.groups)
-    with _llm_job(args, [args.groups]) as (job, llm, sampling):
-        summary = summarize_groups(
-            llm, groups, args.out, template=template, sampling=sampling,
-            batch_size=args.batch_size, shard_size=args.shard_size, strict=args.strict_answers,
-            job=job,
-        )  # fmt: skip
+    with _llm_job(args, [args.groups]) as (job, config, device):
+        summary = summarize(config, groups, args.out, job=job, shard_size=args.shard_size,
+                            device=device)  # fmt: skip
         return 0 if summary is None else finish(summary, args.max_reject_share)
 
 
@@ -313,43 +306,35 @@ def run_group(args: argparse.Namespace) -> int:
 
 
 def run_images(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from pairfree.data import read_captions
     from pairfree.io import check_output
     from pairfree.job import Job
     from pairfree.locks import output_lock
-    from pairfree.synth.images import plan_prompts, synthesize_images
-    from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
+    from pairfree.synth.stages import ImageSynthesisConfig, draw_images
 
+    config = ImageSynthesisConfig(  # settings checked here, before anything is written
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        dtype=args.dtype,
+        backend=args.backend,
+        seed=args.seed,
+        variants=args.variants,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        keep_nsfw=args.nsfw == "keep",
+    )
     check_output(args.out, inputs=[args.corpus], folder=True)
     with output_lock(args.out):
         job = Job.create(strict=args.strict, progress=not args.no_progress)
         captions = read_captions(
             args.corpus, format=args.format, split=args.split, skip_log=job.skip_log
         )
-        prompts = plan_prompts(captions, variants=args.variants, seed=args.seed)
-        settings = DiffusionSettings(
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            negative_prompt=args.negative_prompt,
-            scheduler=args.scheduler,
-            height=args.height,
-            width=args.width,
-            dtype=args.dtype,
-        )
         device = args.device if job.num_processes == 1 else job.state.device
-        backend = load_text_to_image(args.backend, settings, device=device)
-        summary = synthesize_images(
-            backend,
-            prompts,
-            args.out,
-            settings={**asdict(settings), "seed": args.seed, "variants": args.variants},
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            keep_nsfw=args.nsfw == "keep",
-            job=job,
-        )
+        _, summary = draw_images(config, captions, args.out, job=job, device=device)
         job.wait_for_everyone()  # the main process wrote dataset.jsonl
         if args.clip:
             from pairfree.clip import load_clip

@@ -35,11 +35,8 @@ from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import Job
 from pairfree.logs import library_log_level, show_library_logs
 from pairfree.pipeline import Captioner
-from pairfree.synth.images import plan_prompts, synthesize_images
-from pairfree.synth.llm import Sampling, load_llm
-from pairfree.synth.tasks import REPHRASE_PROMPT
-from pairfree.synth.text import rephrase_captions
-from pairfree.synth.text_to_image import load_text_to_image
+from pairfree.synth.llm import LLMConfig
+from pairfree.synth.stages import ImageSynthesisConfig, draw_images, rephrase
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
 
@@ -118,19 +115,13 @@ def synthesize_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
     out, job = cfg.synthetic_dir, Job(progress=progress)
     logger.info("demo: SaCap's synthetic data (an image per caption, 3 rephrasings and their "
                 "images) -> %s", out)  # fmt: skip
-    t2i = load_text_to_image(f"world:{cfg.preset}")
-    settings = {"seed": cfg.seed, "variants": 1}
-
-    def draw(captions: list, folder: str) -> None:
-        prompts = plan_prompts(captions, variants=1, seed=cfg.seed)
-        synthesize_images(t2i, prompts, out / folder, settings=settings, job=job)
-
+    images = ImageSynthesisConfig(backend=f"world:{cfg.preset}", seed=cfg.seed)
     captions = read_captions(cfg.world().corpus)
-    draw(captions, "own")
-    rephrase_captions(load_llm(f"world:{cfg.preset}"), [c.text for c in captions],
-                      out / "rephrased", template=REPHRASE_PROMPT, sampling=Sampling(seed=cfg.seed),
-                      job=job)  # fmt: skip
-    draw(read_captions(out / "rephrased" / "prompts.jsonl"), "supporting")
+    draw_images(images, captions, out / "own", job=job)
+    rephrase(LLMConfig(spec=f"world:{cfg.preset}", seed=cfg.seed), [c.text for c in captions],
+             out / "rephrased", job=job)  # fmt: skip
+    draw_images(images, read_captions(out / "rephrased" / "prompts.jsonl"), out / "supporting",
+                job=job)  # fmt: skip
 
 
 def score_world_captions(

@@ -53,13 +53,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pairfree.backends import OnFirstUse
 from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig
 from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
 from pairfree.clip import load_clip
@@ -68,12 +67,10 @@ from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_co
 from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
-from pairfree.synth.images import plan_prompts, synthesize_images
 from pairfree.synth.llm import LLMConfig
 from pairfree.synth.shards import write_jsonl
-from pairfree.synth.tasks import SUMMARIZE_PROMPT, load_prompt
-from pairfree.synth.text import Group, group_corpus, read_summaries, summarize_groups
-from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
+from pairfree.synth.stages import ImageSynthesisConfig, draw_images, summarize
+from pairfree.synth.text import Group, group_corpus, read_summaries
 from pairfree.training.cross_attention import (
     ImageCaptionDataset,
     ImageExample,
@@ -90,23 +87,11 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- config
-@dataclass
-class ImageSynthesisConfig(DiffusionSettings):
-    """The diffusion settings (ICSD's: SD 1.4 with DPM-Solver, 20 steps, 512 px, fp16), the
-    backend that draws them, the run seed and the batch."""
-
-    scheduler: str | None = "DPMSolverMultistepScheduler"
-    height: int | None = 512
-    width: int | None = 512
-    dtype: str = "float16"
-    backend: str = "diffusers:CompVis/stable-diffusion-v1-4"
-    seed: int = 0
-    batch_size: int = 8
-
-    def settings(self) -> DiffusionSettings:
-        return DiffusionSettings(
-            **{f.name: getattr(self, f.name) for f in fields(DiffusionSettings)}
-        )
+def icsd_images() -> ImageSynthesisConfig:
+    """ICSD's diffusion: SD 1.4 with DPM-Solver, 20 steps, 512 px, fp16; one image per
+    prompt, and the images the safety checker flagged left out, as its training skips them."""
+    return ImageSynthesisConfig(scheduler="DPMSolverMultistepScheduler", height=512, width=512,
+                                dtype="float16", backend="diffusers:CompVis/stable-diffusion-v1-4")  # fmt: skip
 
 
 def icsd_llm() -> LLMConfig:
@@ -124,7 +109,7 @@ class SynthesisConfig:
     index: str = "exact"  # "exact" | "faiss" (large corpora)
     dedup: bool = False  # leave out groups identical to an earlier one (ICSD keeps them)
     llm: LLMConfig = field(default_factory=icsd_llm)
-    images: ImageSynthesisConfig = field(default_factory=ImageSynthesisConfig)
+    images: ImageSynthesisConfig = field(default_factory=icsd_images)
     multi_context: bool = True  # pair the selected captions with their group's image
     single_context: float = 0.0  # share of the corpus captions also paired with their own image
 
@@ -133,6 +118,9 @@ class SynthesisConfig:
             raise PairfreeError(f"single_context is a share, 0 to 1, not {self.single_context}")
         if not self.multi_context and not self.single_context > 0:
             raise PairfreeError("no training pairs: set multi_context or single_context")
+        if self.images.variants != 1:
+            raise PairfreeError(f"ICSD draws one image per prompt; images.variants must be 1, "
+                                f"not {self.images.variants}")  # fmt: skip
 
 
 @dataclass
@@ -212,12 +200,7 @@ def group_stage(
 
 def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
     """Stage 2: the LLM's selection and summary of every group (resumable, sharded)."""
-    llm_cfg = cfg.synthesis.llm
-    template = load_prompt(llm_cfg.prompt, SUMMARIZE_PROMPT, "captions")
-    llm = OnFirstUse(llm_cfg.spec, lambda: llm_cfg.load(job.state.device))
-    result = summarize_groups(llm, groups, out, template=template, sampling=llm_cfg.sampling(),
-                              batch_size=llm_cfg.batch_size, strict=llm_cfg.strict_answers,
-                              job=job)  # fmt: skip
+    result = summarize(cfg.synthesis.llm, groups, out, job=job)
     if result is not None:
         logger.info("icsd: %s", result)
         if result.warning():
@@ -228,14 +211,8 @@ def summarize_stage(cfg: ICSDConfig, groups: list[Group], out: Path, job: Job):
 
 def image_stage(cfg: ICSDConfig, prompts: list[Caption], out: Path, job: Job) -> list[Path | None]:
     """Stages 3 and 4: one image per prompt (resumable, sharded); None where no usable image
-    was made (skipped, or flagged NSFW)."""
-    c = cfg.synthesis.images
-    settings = c.settings()
-    backend = OnFirstUse(c.backend, lambda: load_text_to_image(
-        c.backend, settings, device=job.state.device))  # fmt: skip
-    planned = plan_prompts(prompts, variants=1, seed=c.seed)
-    result = synthesize_images(backend, planned, out, settings={**asdict(settings), "seed": c.seed},
-                               batch_size=c.batch_size, job=job)  # fmt: skip
+    was made (skipped, or left out as flagged NSFW)."""
+    planned, result = draw_images(cfg.synthesis.images, prompts, out, job=job)
     if result is not None:
         logger.info("icsd: %s", result)
     job.wait_for_everyone()
