@@ -415,7 +415,7 @@ def test_world_chair_counts_shapes_the_scene_lacks():
 # --- export ----------------------------------------------------------------------------------
 
 
-def test_make_world_writes_karpathy_json_and_resumes(tmp_path):
+def test_make_world_writes_karpathy_json_and_resumes(tmp_path, monkeypatch):
     root = small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=30)
     with open(root / "dataset_world.json", encoding="utf-8") as f:
         images = json.load(f)["images"]
@@ -432,7 +432,15 @@ def test_make_world_writes_karpathy_json_and_resumes(tmp_path):
 
     before = read_tree(root)
     (root / "images" / "val_000001.png").unlink()
+    (root / "corpus.txt").unlink()
     small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=30)
+    assert read_tree(root) == before
+    # a whole world is returned as it is, without sampling it again
+    import pairfree.world.export as export
+
+    monkeypatch.setattr(export, "render_scene", None)
+    monkeypatch.setattr(WorldConfig, "sample_scene", None)
+    assert small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=30) == root
     assert read_tree(root) == before
     with pytest.raises(PairfreeError, match="other parameters"):
         small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=31)

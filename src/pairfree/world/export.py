@@ -103,6 +103,14 @@ def make_world(
                 f"{root} already holds a world made with other parameters ({params_path}); "
                 "choose another directory"
             )
+        stems = (
+            f"{split}_{i:06d}" for split in ("train", "val", "test") for i in range(counts[split])
+        )
+        files = [paths.dataset, paths.corpus, paths.scenes, paths.phrases]
+        if all(f.exists() for f in files) and all(
+            (paths.images / f"{s}.png").exists() for s in stems
+        ):
+            return paths  # whole: sampling it again would write the same files
     else:
         atomic_write_json(params_path, params)
 
