@@ -213,12 +213,10 @@ def test_attribute_swaps_make_false_captions():
     assert negatives > 10
 
 
-@pytest.mark.skipif(
-    not (builtin_checkpoint() / "config.json").is_file(), reason="no shipped world CLIP"
-)
-def test_builtin_checkpoint_reproduces_its_recorded_retrieval():
-    clip = load_clip("world:builtin")
-    model, recorded = load_world_clip_model(builtin_checkpoint())
+@pytest.mark.parametrize("name", ["builtin", "v2"])
+def test_shipped_checkpoints_reproduce_their_recorded_retrieval(name):
+    clip = load_clip(f"world:{name}")
+    model, recorded = load_world_clip_model(builtin_checkpoint(name))
     assert clip.embed_dim == model.config.embed_dim
     data = held_out_set(
         recorded["eval_worlds"],

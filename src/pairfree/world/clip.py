@@ -330,9 +330,18 @@ def load_world_clip_model(path: str | Path) -> tuple[WorldClip, dict]:
     return model.eval(), meta.get("metrics", {})
 
 
-def builtin_checkpoint() -> Path:
-    """The world CLIP shipped with pairfree."""
-    return Path(str(resources.files("pairfree") / "assets" / "world_clip"))
+# the world CLIPs shipped with pairfree: name -> folder under pairfree/assets
+PACKAGED = {
+    # 700 steps of batch 128 on the default, shifted and novel worlds (the tests' CLIP)
+    "builtin": "world_clip",
+    # 700 steps of batch 256 on those and the cluttered coco world (world v2's tables)
+    "v2": "world_clip_v2",
+}
+
+
+def builtin_checkpoint(name: str = "builtin") -> Path:
+    """A world CLIP shipped with pairfree (see ``PACKAGED``)."""
+    return Path(str(resources.files("pairfree") / "assets" / PACKAGED[name]))
 
 
 class WorldClipEncoder(BatchedClipEncoder):
@@ -387,12 +396,13 @@ class WorldVisionTower(VisionTower):
 def load_world_clip(
     model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> WorldClipEncoder:
-    """Load a world CLIP checkpoint directory, or ``"builtin"`` for the shipped one."""
-    path = builtin_checkpoint() if model == "builtin" else Path(model)
+    """Load a world CLIP checkpoint directory, or a shipped one by name (``"builtin"``,
+    ``"v2"``)."""
+    path = builtin_checkpoint(model) if model in PACKAGED else Path(model)
     if not path.is_dir():
         raise PairfreeError(
-            f"world CLIP {model!r}: neither 'builtin' (the shipped one) nor a folder made by "
-            "`pairfree world train-clip`"
+            f"world CLIP {model!r}: neither a shipped one ({', '.join(PACKAGED)}) nor a folder "
+            "made by `pairfree world train-clip`"
         )
     clip, _ = load_world_clip_model(path)
     # The name keys cached feature stores: a retrained checkpoint at the same path must not
