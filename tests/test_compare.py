@@ -219,7 +219,8 @@ def test_the_world_table_compares_each_ablation_with_its_own_recipe(capsys):
                  ("SaCap without soft prompt", "s"): full.tolist(),
                  ("CgT-GAN: its text-only init", "s"): full.tolist(),
                  ("CgT-GAN", "s"): (full + 3).tolist(),
-                 ("ICSD, single-context images", "s"): full.tolist()}  # fmt: skip
+                 ("ICSD, single-context images", "s"): full.tolist(),
+                 ("paired upper bound (ClipCap)", "s"): (full + 2).tolist()}  # fmt: skip
     print_within_recipes(per_image)
     lines = capsys.readouterr().out.splitlines()
     row = {line.split(" | ")[0].lstrip("| "): line for line in lines}
@@ -227,6 +228,10 @@ def test_the_world_table_compares_each_ablation_with_its_own_recipe(capsys):
     assert "+0.0 [+0.0, +0.0] |" in row["SaCap without soft prompt − SaCap"]  # a tie, no *
     assert "+3.0 [+3.0, +3.0]*" in row["CgT-GAN − CgT-GAN: its text-only init"]
     assert not any("ICSD" in line for line in lines)  # its full recipe is not in the table
+    # the full recipes against the paired upper bound too, ablations and inits not
+    assert "-2.0 [-2.0, -2.0]*" in row["SaCap − paired upper bound (ClipCap)"]
+    assert "+1.0 [+1.0, +1.0]*" in row["CgT-GAN − paired upper bound (ClipCap)"]
+    assert sum("− paired upper bound" in line for line in lines) == 2
 
 
 def test_variance_parts_recover_known_image_seed_and_noise_parts():
