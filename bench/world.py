@@ -100,12 +100,12 @@ FULL_RECIPES = (
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-world")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes")
     parser.add_argument("--steps", type=int, default=DemoConfig.steps)
     parser.add_argument("--gan-steps", type=int, default=DemoConfig.gan_steps)
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
-    parser.add_argument("--test-images", type=int, default=DemoConfig.n_test)
+    parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--recipes", default=None, help="comma-separated: only these recipes")
     parser.add_argument("--presets", default="coco",
                         help="comma-separated training worlds: coco (the cluttered world, the "
