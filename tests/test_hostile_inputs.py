@@ -360,7 +360,7 @@ def test_missing_data_and_models_are_one_line(world, tiny_clip_dir, tmp_path, ca
     fails_with(capsys, ["encode", "--captions", str(world.corpus), "--clip", "hf:./no-clip",
                         "--out", str(tmp_path / "store")], "./no-clip does not exist")  # fmt: skip
     fails_with(capsys, ["encode", "--captions", str(world.corpus), "--clip", "world:biultin",
-                        "--out", str(tmp_path / "store")], "neither 'builtin'")  # fmt: skip
+                        "--out", str(tmp_path / "store")], "neither a shipped one (builtin, v2)")  # fmt: skip
     config = tmp_path / "exp.yaml"
     config.write_text(
         f"recipe: capdec\ncorpus: {{path: {world.corpus}}}\n"
