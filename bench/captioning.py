@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from encoding import WORDS, build_clip  # bench/encoding.py: the same random CLIP
+from image_pass import best_time  # bench/image_pass.py
 from PIL import Image
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
@@ -65,15 +65,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="tiny models and few images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args()
-
-
-def best_time(fn, repeats: int) -> tuple[float, list[str]]:
-    times, out = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def sacap_decoder(clip, small: bool, tmp: Path) -> tuple[torch.nn.Module, dict]:

@@ -9,7 +9,7 @@ commands and the demo ask for the same work the same way and share each other's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from pairfree.data import Caption
 from pairfree.errors import PairfreeError
 from pairfree.job import Job
 from pairfree.synth.images import Prompt, SynthesisSummary, plan_prompts, synthesize_images
-from pairfree.synth.llm import LLM, LLMConfig
+from pairfree.synth.llm import LLMConfig
 from pairfree.synth.tasks import REPHRASE_PROMPT, SUMMARIZE_PROMPT, load_prompt
 from pairfree.synth.text import Group, TextJobSummary, rephrase_captions, summarize_groups
 from pairfree.synth.text_to_image import DiffusionSettings, load_text_to_image
@@ -90,9 +90,8 @@ def summarize(
     """ICSD's select-and-summarize of every group (:func:`~pairfree.synth.text.summarize_groups`)
     with ``config``'s LLM, prompt (ICSD's unless ``config.prompt`` names a file) and reading."""
     template = load_prompt(config.prompt, SUMMARIZE_PROMPT, "captions")
-    return summarize_groups(_llm(config, job, device), groups, out, template=template,
-                            sampling=config.sampling(), batch_size=config.batch_size,
-                            shard_size=shard_size, strict=config.strict_answers, job=job)  # fmt: skip
+    return _ask(summarize_groups, config, template, groups, out, job=job, shard_size=shard_size,
+                device=device)  # fmt: skip
 
 
 def rephrase(
@@ -107,10 +106,24 @@ def rephrase(
     """SaCap's three rephrasings of every distinct caption
     (:func:`~pairfree.synth.text.rephrase_captions`) with ``config``'s LLM, prompt and reading."""
     template = load_prompt(config.prompt, REPHRASE_PROMPT, "caption")
-    return rephrase_captions(_llm(config, job, device), captions, out, template=template,
-                             sampling=config.sampling(), batch_size=config.batch_size,
-                             shard_size=shard_size, strict=config.strict_answers, job=job)  # fmt: skip
+    return _ask(rephrase_captions, config, template, captions, out, job=job,
+                shard_size=shard_size, device=device)  # fmt: skip
 
 
-def _llm(config: LLMConfig, job: Job, device: str | torch.device | None) -> LLM:
-    return config.load(job.state.device if device is None else device)
+def _ask(
+    task: Callable[..., TextJobSummary | None],
+    config: LLMConfig,
+    template: str,
+    inputs: Sequence,
+    out: str | Path,
+    *,
+    job: Job,
+    shard_size: int,
+    device: str | torch.device | None,
+) -> TextJobSummary | None:
+    """Run an LLM ``task`` over ``inputs``, asked as ``config`` says (the template loaded
+    first, so a bad prompt file fails before the model loads)."""
+    llm = config.load(job.state.device if device is None else device)
+    return task(llm, inputs, out, template=template, sampling=config.sampling(),
+                batch_size=config.batch_size, shard_size=shard_size,
+                strict=config.strict_answers, job=job)  # fmt: skip
