@@ -1,14 +1,17 @@
 """Recipes x settings in the shapes world, mean +- std over seeds (the README's world table).
 
-Settings: the cluttered COCO-like world (``--presets coco``, the default and main table: train
-and test there; its captions name a salient few of each image's objects), and, with
+Settings: the cluttered COCO-like world (``--presets coco``, the default and main table): train
+there (its captions name a salient few of each image's objects) and test on its images
+(cluttered), on its cross-domain partner's (``coco-shifted``: other object, setting and
+caption frequencies, as COCO -> Flickr30k) and on its NoCaps-like partner's (``coco-novel``:
+objects of two shapes and two colors the corpus and the training images never hold). With
 ``--presets default,novel``, the sparse worlds of the first table: in-domain (train on the
 default world, test on its images), cross-domain (same models, test on the shifted world, as
 COCO -> Flickr30k) and novel objects (train on the novel world's corpus, whose held-out shape
 and color words never occur in it; test on its images, which contain them). Every model is
 trained from scratch: the text-only ones on the corpus, the GANs on the corpus plus the
 world's unpaired training images, each beside its own text-only initialization, the paired
-upper bound on captioned training images (not in the novel-object setting), SaCap with its
+upper bound on captioned training images (not in the sparse novel-object setting), SaCap with its
 three ablations on synthetic images of the corpus, and ICSD with its single-context ablation
 on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
 LLM). Every world is read by the shipped world CLIP v2, trained on all four.
@@ -74,7 +77,11 @@ SETTINGS = {
     "novel": ((*TEXT_METHODS, *SACAP_METHODS, *ICSD_METHODS), (("novel objects", "novel"),)),
     "coco": (
         (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS, *ICSD_METHODS),
-        (("cluttered", "coco"),),
+        (
+            ("cluttered", "coco"),
+            ("cluttered cross-domain", "coco-shifted"),
+            ("cluttered novel objects", "coco-novel"),
+        ),
     ),
 }
 TRUTH = ("object_precision", "object_recall", "salient_recall", "chair_i")

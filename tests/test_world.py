@@ -320,9 +320,10 @@ def test_summarizer_selects_consistent_captions():
 # --- novel split -----------------------------------------------------------------------------
 
 
-def test_novel_split_holds_words_out_of_training_text(tmp_path):
+@pytest.mark.parametrize("preset", ["novel", "coco-novel"])
+def test_novel_split_holds_words_out_of_training_text(tmp_path, preset):
     paths = make_world(
-        tmp_path, preset="novel", n_train_images=60, n_val=10, n_test=80, n_corpus=400, seed=2
+        tmp_path, preset=preset, n_train_images=60, n_val=10, n_test=80, n_corpus=400, seed=2
     )
     forms = [form for word in NOVEL_WORDS for form in surface_forms(word)]
     corpus = paths.corpus.read_text().splitlines()

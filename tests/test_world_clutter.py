@@ -214,3 +214,22 @@ def test_world_make_writes_the_cluttered_world(tmp_path, capsys):
     assert dataset["world"] == "coco"
     assert all(set(image["scene"]) == {"objects", "context", "salience"}
                for image in dataset["images"])  # fmt: skip
+
+
+def test_the_cross_domain_partner_shifts_what_scenes_hold_and_how_captions_read():
+    """``coco-shifted`` is to ``coco`` what Flickr30k is to COCO: the same words, fewer
+    objects per image, other settings, longer captions in another style."""
+    coco = world_statistics(world_preset("coco"), scenes=1000, seed=3)
+    shifted = world_statistics(world_preset("coco-shifted"), scenes=1000, seed=3)
+    assert shifted.instances_per_image < coco.instances_per_image - 0.7
+    assert shifted.words_per_caption > coco.words_per_caption + 1.0
+    world, rng = world_preset("coco-shifted"), np.random.default_rng(3)
+    scenes = [world.sample_scene(rng) for _ in range(600)]
+    contexts = Counter(s.context for s in scenes)
+    assert contexts["night"] + contexts["street"] > 2.5 * (
+        contexts["garden"] + contexts["workshop"]
+    )
+    for scene in scenes[:100]:
+        for caption in reference_captions(scene, rng, world.phrasing, 2):
+            assert caption[0].isupper() and caption.endswith("."), caption
+            assert is_true(parse_caption(caption), scene, complete=False), caption

@@ -8,6 +8,11 @@
   when its shape or its color is held out; a test image is ``in`` domain when it has no novel
   object, ``out`` when every object is novel and ``near`` otherwise (NoCaps: in = only COCO
   classes, near = COCO and novel classes, out = only novel classes).
+- ``coco``: cluttered COCO-like scenes whose captions name a salient few objects (world v2).
+- ``coco-shifted``: its cross-domain partner, as ``shifted`` is the default world's: other
+  shape, color, size and context frequencies, fewer objects, and the shifted phrasing.
+- ``coco-novel``: ``coco`` with the novel words held out, NoCaps-like: models trained on the
+  ``coco`` corpus meet them in its test images only.
 """
 
 from __future__ import annotations
@@ -180,12 +185,10 @@ def _default() -> WorldConfig:
 
 
 def _shifted() -> WorldConfig:
-    shape_weights = (3.0, 1.0, 1.0, 3.0, 0.5, 0.5, 0.5, 2.0)
-    color_weights = (0.5, 2.0, 0.5, 2.0, 1.0, 0.5, 2.0, 1.0)
     return WorldConfig(
         name="shifted",
-        shapes=dict(zip(BASE_SHAPES, shape_weights, strict=True)),
-        colors=dict(zip(BASE_COLORS, color_weights, strict=True)),
+        shapes=SHIFTED_SHAPES,
+        colors=SHIFTED_COLORS,
         sizes={"small": 2.0, "medium": 1.0, "large": 1.0},
         object_counts={1: 0.1, 2: 0.3, 3: 0.4, 4: 0.2},
         phrasing=Phrasing(
@@ -196,7 +199,7 @@ def _shifted() -> WorldConfig:
             p_clauses=0.5,
             p_synonym=0.6,
             reading_order=True,
-            intros=("an image containing ", "this picture has ", "a drawing of ", "a view of "),
+            intros=SHIFTED_INTROS,
             count_intros=("a scene with {n} {noun}: ", "{n} {noun} are visible: "),
             sentence_case=True,
         ),
@@ -212,6 +215,11 @@ def _novel() -> WorldConfig:
         colors={**dict.fromkeys(BASE_COLORS, 1.0), "cyan": 2.0, "brown": 2.0},
         held_out=NOVEL_WORDS,
     )
+
+
+SHIFTED_SHAPES = dict(zip(BASE_SHAPES, (3.0, 1.0, 1.0, 3.0, 0.5, 0.5, 0.5, 2.0), strict=True))
+SHIFTED_COLORS = dict(zip(BASE_COLORS, (0.5, 2.0, 0.5, 2.0, 1.0, 0.5, 2.0, 1.0), strict=True))
+SHIFTED_INTROS = ("an image containing ", "this picture has ", "a drawing of ", "a view of ")
 
 
 def _coco() -> WorldConfig:
@@ -256,11 +264,62 @@ def _coco() -> WorldConfig:
     )
 
 
+def _coco_shifted() -> WorldConfig:
+    # As Flickr30k is to COCO: the same vocabulary and kind of scene, other frequencies of
+    # objects and settings, a little fewer objects, other caption habits (intros, synonyms,
+    # sentence case, sizes stated more often, one more object named now and then).
+    coco = _coco()
+    return replace(
+        coco,
+        name="coco-shifted",
+        shapes=SHIFTED_SHAPES,
+        colors=SHIFTED_COLORS,
+        sizes={"small": 1.0, "medium": 1.0, "large": 1.2},
+        object_counts={
+            1: 0.1,
+            2: 0.14,
+            3: 0.16,
+            4: 0.15,
+            5: 0.13,
+            6: 0.11,
+            7: 0.09,
+            8: 0.07,
+            9: 0.05,
+        },
+        phrasing=replace(
+            coco.phrasing,
+            p_size=0.5,
+            p_synonym=0.6,
+            intros=SHIFTED_INTROS,
+            sentence_case=True,
+            mentions=(0.2, 0.4, 0.3, 0.1),
+        ),
+        clutter=replace(
+            coco.clutter, contexts={"night": 2.0, "garden": 0.5, "street": 2.0, "workshop": 0.5}
+        ),
+    )
+
+
+def _coco_novel() -> WorldConfig:
+    # As in ``novel``, the held-out words are drawn twice as often so that test images with
+    # novel objects are common; the corpus and the training images never hold them.
+    coco = _coco()
+    return replace(
+        coco,
+        name="coco-novel",
+        shapes={**coco.shapes, "pentagon": 2.0, "crescent": 2.0},
+        colors={**coco.colors, "cyan": 2.0, "brown": 2.0},
+        held_out=NOVEL_WORDS,
+    )
+
+
 PRESETS: dict[str, Callable[[], WorldConfig]] = {
     "default": _default,
     "shifted": _shifted,
     "novel": _novel,
     "coco": _coco,
+    "coco-shifted": _coco_shifted,
+    "coco-novel": _coco_novel,
 }
 
 
