@@ -430,6 +430,10 @@ def test_make_world_writes_karpathy_json_and_resumes(tmp_path, monkeypatch):
     assert set(scenes) == {Path(e["filename"]).stem for e in images}
     assert all(scenes[Path(e["filename"]).stem] == Scene.from_dict(e["scene"]) for e in images)
     assert len((root / "corpus.txt").read_text().splitlines()) == 30
+    # ViECap's vocabulary: every single-word shape noun, synonyms and held-out words included
+    entities = (root / "entities.txt").read_text().split()
+    assert {"circle", "disc", "box", "moon", "pentagon"} <= set(entities)
+    assert "plus sign" not in entities and len(entities) == len(set(entities))
 
     before = read_tree(root)
     (root / "images" / "val_000001.png").unlink()
@@ -442,6 +446,9 @@ def test_make_world_writes_karpathy_json_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "render_scene", None)
     monkeypatch.setattr(WorldConfig, "sample_scene", None)
     assert small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=30) == root
+    assert read_tree(root) == before
+    (root / "entities.txt").unlink()  # a world made before the file existed gets it
+    small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=30)
     assert read_tree(root) == before
     with pytest.raises(PairfreeError, match="other parameters"):
         small_world(tmp_path / "w", n_train_images=5, n_val=2, n_test=3, n_corpus=31)

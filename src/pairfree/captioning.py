@@ -35,13 +35,15 @@ class CaptionedImages:
 
 
 def caption_settings(captioner: Captioner) -> dict[str, Any]:
-    """What must match for a rerun to resume: checkpoint, CLIP, conditioning, decoding."""
-    return {
+    """What must match for a rerun to resume: checkpoint, CLIP, conditioning, decoding (as
+    JSON reads them back: a tuple setting compares equal to the list the partial file holds)."""
+    settings = {
         "checkpoint": str(captioner.source.resolve()),
         "clip": captioner.clip.name,
         "conditioning": asdict(captioner.conditioning),
         "generation": asdict(captioner.generation),
     }
+    return json.loads(json.dumps(settings))
 
 
 def caption_files(

@@ -8,7 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from pairfree.captioner.entities import class_texts, ensemble_mean
 from pairfree.clip.base import ClipEncoder
 from pairfree.data import Caption, load_image, randomize_gender
 from pairfree.data.training_corpus import CorpusConfig, prepare_corpus
@@ -79,6 +81,29 @@ def encode_captions(
         batch_size=batch_size,
         job=job,
     )
+
+
+def encode_entity_classes(
+    clip: ClipEncoder,
+    classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    ensemble: bool,
+    job: Job | None = None,
+) -> FeatureStore | None:
+    """The zero-shot entity classifier's store: each class name as its text, embedded as
+    "A photo of a/an {class}." or, with ``ensemble``, as the renormalized mean of its prompt
+    ensemble (see :mod:`pairfree.captioner.entities`)."""
+
+    def encode(names: list[str]) -> torch.Tensor:
+        return torch.stack([
+            ensemble_mean(clip.encode_texts(class_texts(name, ensemble), normalize=True))
+            for name in names
+        ])  # fmt: skip
+
+    items = [Item(str(i), name) for i, name in enumerate(classes)]
+    info = StoreInfo(encoder=clip.name, kind="text", normalized=True)
+    return write_store(out_dir, items, encode, info, shard_size=len(classes) or 1, job=job)
 
 
 def encode_images(

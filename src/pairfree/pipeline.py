@@ -3,10 +3,10 @@
 ``Captioner.from_pretrained(ref)`` loads a captioner checkpoint (a directory, a training run's
 folder, or a Hugging Face Hub repo id), the CLIP encoder named on its card, and the
 conditioning it was trained for (normalized or not, a modality offset, DeCap projection onto
-a text memory, a hard-prompt vocabulary); ``captioner(images)`` then decodes with its
-generation settings: one image (a path, a URL, a PIL image, a numpy array) gives one caption,
-a list gives a list. Prefix (ClipCap) and cross-attention (SaCap, ICSD) captioners load and
-caption alike. ``save_pretrained`` writes a self-contained copy (the feature stores its
+a text memory, a hard-prompt vocabulary, an entity classifier); ``captioner(images)`` then
+decodes with its generation settings: one image (a path, a URL, a PIL image, a numpy array)
+gives one caption, a list gives a list. Prefix (ClipCap, CapDec, ViECap) and cross-attention
+(SaCap, ICSD) captioners load and caption alike. ``save_pretrained`` writes a self-contained copy (the feature stores its
 conditioning reads included, and a model card); ``push_to_hub`` uploads one.
 """
 
@@ -43,7 +43,7 @@ from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import resolve_device
 
 # conditioning fields that name feature stores, and their folder in a saved checkpoint
-STORES = dict(zip(("project_to", "prompt_phrases"), STORE_FOLDERS, strict=True))
+STORES = dict(zip(("project_to", "prompt_phrases", "entity_classes"), STORE_FOLDERS, strict=True))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,9 +124,9 @@ class Captioner(CaptionDecoder):
 
     def save_pretrained(self, out_dir: str | Path, *, repo_id: str | None = None) -> Path:
         """Write a self-contained copy to ``out_dir`` (atomically): the checkpoint, the feature
-        stores its conditioning reads (as ``memory/`` and ``phrases/``), what its training run
-        recorded (``training.json``) and a model card (``README.md``; ``repo_id`` goes into
-        its loading example)."""
+        stores its conditioning reads (as ``memory/``, ``phrases/``, ``entities/``), what its
+        training run recorded (``training.json``) and a model card (``README.md``; ``repo_id``
+        goes into its loading example)."""
         if self.card is None:
             raise PairfreeError("only a captioner loaded with from_pretrained can be saved (its "
                                 "card names the recipe and the CLIP to load it with)")  # fmt: skip

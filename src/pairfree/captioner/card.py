@@ -36,5 +36,13 @@ class CheckpointCard:
 
 # Keys added after cards were first written, with the value that reproduces what a card
 # without them meant; any other missing key is still an error.
-ADDED_CONDITIONING = {"project_in_training": False, "prompt_phrases": None, "prompt_topk": 3}
-ADDED_GENERATION = {"score_length": "new_tokens"}
+ADDED_CONDITIONING = {
+    "project_in_training": False,
+    "prompt_phrases": None,
+    "prompt_topk": 3,
+    "entity_classes": None,
+    "entity_topk": 3,
+    "entity_threshold": 0.4,
+    "entity_temperature": 0.01,
+}
+ADDED_GENERATION = {"score_length": "new_tokens", "also_stop": ()}

@@ -49,7 +49,8 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
-STORE_FOLDERS = ("memory", "phrases")  # feature stores a saved copy carries (its conditioning's)
+# feature stores a saved copy carries (its conditioning's)
+STORE_FOLDERS = ("memory", "phrases", "entities")
 _META_KEYS = {"format", "format_version", "family", "captioner", "lm_config", "card"}
 # files a checkpoint holds: pairfree's own, a model card, git's attributes (every Hub repo has
 # them) and a tokenizer's (sentencepiece ``.model`` files are protobuf, not pickles)
@@ -164,8 +165,8 @@ def check_files(path: str | Path) -> None:
                                     "with pairfree import-checkpoint)")  # fmt: skip
             if not _known(entry.relative_to(path)):
                 raise BadInputError(entry, "not a file a pairfree checkpoint holds (config.json, "
-                                    "model.safetensors, tokenizer files, README.md, "
-                                    "training.json, memory/, phrases/); remove it")  # fmt: skip
+                                    "model.safetensors, tokenizer files, README.md, training."
+                                    "json, memory/, phrases/, entities/); remove it")  # fmt: skip
 
 
 def card_path(checkpoint: str | Path, value: str, what: str) -> str:

@@ -24,7 +24,10 @@ bug. Apart from that, zero noise and no offset leave the (normalized) embedding 
   as it projects test images);
 - a hard prompt (cross-attention captioners): the ``prompt_topk`` phrases of a phrase
   vocabulary (``prompt_phrases``, a text feature store) closest to the image, see
-  :mod:`pairfree.captioner.prompts`.
+  :mod:`pairfree.captioner.prompts`;
+- an entity-aware hard prompt (prefix captioners, ViECap): the classes of an entity
+  classifier (``entity_classes``, a text feature store of class embeddings whose texts are
+  the class names) found in the image, see :mod:`pairfree.captioner.entities`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class Conditioning:
     project_in_training: bool = False  # project training embeddings too (SaCap)
     prompt_phrases: str | None = None  # text feature store of the hard-prompt vocabulary
     prompt_topk: int = 3  # phrases per hard prompt
+    entity_classes: str | None = None  # text feature store of the entity classifier (ViECap)
+    entity_topk: int = 3  # at most this many entities per hard prompt
+    entity_threshold: float = 0.4  # each with at least this class probability
+    entity_temperature: float = 0.01  # softmax(cosine / temperature) over the classes
 
     def __post_init__(self) -> None:
         if self.noise_kind not in NOISE_KINDS:
@@ -74,8 +81,15 @@ class Conditioning:
             raise PairfreeError(f"noise variance must be >= 0, not {self.noise_variance}")
         if self.project_in_training and self.project_to is None:
             raise PairfreeError("project_in_training needs project_to (the projection memory)")
-        if self.prompt_topk < 1:
-            raise PairfreeError(f"prompt_topk must be >= 1, not {self.prompt_topk}")
+        if self.prompt_topk < 1 or self.entity_topk < 1:
+            raise PairfreeError(f"prompt_topk and entity_topk must be >= 1, not "
+                                f"{self.prompt_topk}, {self.entity_topk}")  # fmt: skip
+        if not self.entity_temperature > 0:
+            raise PairfreeError(f"entity_temperature must be > 0, not {self.entity_temperature}")
+        if self.prompt_phrases is not None and self.entity_classes is not None:
+            raise PairfreeError(
+                "a hard prompt comes from prompt_phrases or entity_classes, not both"
+            )
 
 
 def uniform_ball(shape: torch.Size, radius: float, generator: torch.Generator | None = None):

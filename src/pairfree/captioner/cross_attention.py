@@ -331,7 +331,7 @@ class CrossAttentionCaptioner(nn.Module):
 
 
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], *, max_tokens: int, pad_id: int
+    prompts: Sequence[Sequence[int]], *, max_tokens: int | None = None, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id prompts (each cut to its first ``max_tokens``) into ids and mask."""
     cut = [list(p)[:max_tokens] for p in prompts]

@@ -1,6 +1,7 @@
 """Captioning with a captioner in memory: CLIP reads the images, the conditioning turns their
 embeddings into what the decoder was trained on (normalized, offset, projected onto a text
-memory, hard prompts from a phrase vocabulary), and the generation settings decode.
+memory, hard prompts from a phrase vocabulary or an entity classifier), and the generation
+settings decode.
 
 :class:`CaptionDecoder` is what training validates with; :class:`pairfree.pipeline.Captioner`
 adds loading, saving and sharing a checkpoint around it.
@@ -20,6 +21,7 @@ from PIL import Image
 
 from pairfree.captioner.conditioning import Conditioning, condition
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
+from pairfree.captioner.entities import classify_entities, entity_prompt
 from pairfree.captioner.generation import GenerationConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.captioner.prompts import hard_prompt, top_phrases
@@ -60,6 +62,12 @@ class CaptionDecoder:
             self.phrases = (store.texts or [], store.tensor())
         if self.phrases is not None and not isinstance(model, CrossAttentionCaptioner):
             raise PairfreeError("hard-prompt phrases go with cross-attention captioners only")
+        self.entity_classes: tuple[list[str], torch.Tensor] | None = None
+        if spec.entity_classes is not None:
+            if not isinstance(model, PrefixCaptioner):
+                raise PairfreeError("entity hard prompts go with prefix captioners only")
+            store = _text_store(spec.entity_classes, clip)
+            self.entity_classes = (store.texts or [], store.tensor())
 
     def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Turn CLIP image embeddings into what the decoder was trained to read."""
@@ -96,6 +104,16 @@ class CaptionDecoder:
         chosen = top_phrases(image_embeds, embeds, texts, self.conditioning.prompt_topk)
         return [hard_prompt(p) for p in chosen]
 
+    def entities(self, image_embeds: torch.Tensor) -> list[list[str]]:
+        """Each image's entities by the zero-shot classifier (none without one)."""
+        if self.entity_classes is None:
+            return [[] for _ in image_embeds]
+        classes, embeds = self.entity_classes
+        spec = self.conditioning
+        return classify_entities(image_embeds, embeds, classes, top_k=spec.entity_topk,
+                                 threshold=spec.entity_threshold,
+                                 temperature=spec.entity_temperature)  # fmt: skip
+
     @torch.no_grad()
     def caption_embeddings(
         self,
@@ -119,6 +137,11 @@ class CaptionDecoder:
             if self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip
+            elif self.entity_classes is not None:
+                prompts = [entity_prompt(e) for e in self.entities(chunk)]
+                tokens = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+                ids, mask = pad_prompts(tokens, pad_id=0)
+                ids = self.model.generate(cond, ids, mask, **settings)
             else:
                 ids = self.model.generate(cond, **settings)
             texts += [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]

@@ -54,6 +54,7 @@ class GenerationConfig:
     num_beams: int = 5
     max_new_tokens: int = 67
     stop: str | None = "."  # decoding stops after this text (CapDec stops at ".")
+    also_stop: tuple[str, ...] = ()  # and after these (ViECap: " .", GPT-2's other period)
     length_penalty: float = 1.0  # "hf" beam search only
     search: str = "hf"  # "hf" | "clipcap" (see the module docstring)
     # end-of-text ends a caption, and the text-only recipes (CapDec, the GANs' initialization)
@@ -76,6 +77,7 @@ class GenerationConfig:
         """The tokens that end a caption: ``stop``'s last token, and in ClipCap's greedy
         decoding (``generate2``) also the last token of " ." (GPT-2's 764)."""
         stops = [self.stop] if self.stop else []
+        stops += list(self.also_stop)
         if self.search == "clipcap" and self.num_beams == 1:
             stops.append(" .")
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"][-1:] for text in stops]

@@ -25,7 +25,8 @@ class CaptionerOutput:
 
 
 class PrefixCaptioner(nn.Module):
-    """LM input ``[mapper(condition) ; embed(caption)]``; trained on the caption tokens only.
+    """LM input ``[mapper(condition) ; embed(caption)]``; trained on the caption tokens only
+    (a hard prompt may open the token sequence: see ``target_mask``).
 
     Captions are right-padded batches of token ids with an attention mask; padding may hold any
     valid token id, since it is excluded through the mask.
@@ -57,10 +58,17 @@ class PrefixCaptioner(nn.Module):
         return self.mapper(condition)
 
     def forward(
-        self, condition: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        condition: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_mask: torch.Tensor | None = None,
     ) -> CaptionerOutput:
+        """``target_mask`` marks the tokens the loss is over (default: every real token); the
+        others are read but not predicted, as a hard prompt between prefix and caption."""
         logits = self._caption_logits(condition, input_ids, attention_mask)
-        mask = attention_mask.to(torch.float32)
+        targets = attention_mask if target_mask is None else target_mask * attention_mask
+        mask = targets.to(torch.float32)
         log_probs = _token_log_probs(logits, input_ids)
         loss = -(log_probs * mask).sum() / mask.sum().clamp(min=1.0)
         return CaptionerOutput(loss=loss, logits=logits)
@@ -78,8 +86,16 @@ class PrefixCaptioner(nn.Module):
         return caption_log_probs(logits, input_ids, attention_mask, length_normalize)
 
     @torch.no_grad()
-    def generate(self, condition: torch.Tensor, **options: Any) -> list[list[int]]:
-        """Caption token ids for each condition; ``options`` are those of
+    def generate(
+        self,
+        condition: torch.Tensor,
+        prompt_ids: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        **options: Any,
+    ) -> list[list[int]]:
+        """Caption token ids for each condition, continuing each row's hard prompt (left-padded
+        ``prompt_ids`` with their ``prompt_mask``, as ``pad_prompts`` makes them) after the
+        prefix where one is given; ``options`` are those of
         :func:`pairfree.captioner.generation.generate` (beams, length, stop tokens, sampling).
 
         Decoding runs in whatever mode the model is in: call ``.eval()`` first unless dropout
@@ -87,7 +103,11 @@ class PrefixCaptioner(nn.Module):
         """
         embedding = self.lm.get_input_embeddings().weight
         prefix = self.prefix_embeds(condition.to(embedding.device, embedding.dtype))
-        return generation.generate(self.lm, prefix, **options)
+        if prompt_ids is None:
+            return generation.generate(self.lm, prefix, **options)
+        prompt_ids, prompt_mask = prompt_ids.to(embedding.device), prompt_mask.to(embedding.device)
+        embeds, mask = left_aligned(prefix, self.lm.get_input_embeddings()(prompt_ids), prompt_mask)
+        return generation.generate(self.lm, embeds, prefix_mask=mask, **options)
 
     def _caption_logits(
         self, condition: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -107,6 +127,24 @@ class PrefixCaptioner(nn.Module):
         mask = torch.cat((attention_mask.new_ones(prefix.shape[:2]), attention_mask), dim=1)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
         return logits[:, prefix.shape[1] - 1 : -1]
+
+
+def left_aligned(
+    prefix: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, k, h] prefix and [B, L, h] left-padded prompt embeddings -> each row's
+    ``prefix ; real prompt``, left-padded to ``k + L``, with its mask (what decoding from
+    prefixes of different lengths takes)."""
+    batch, k, hidden = prefix.shape
+    width = prompt.shape[1]
+    embeds = prefix.new_zeros(batch, k + width, hidden)
+    mask = prompt_mask.new_zeros(batch, k + width)
+    for row, n in enumerate(prompt_mask.sum(dim=1).tolist()):
+        start = width - n
+        embeds[row, start : start + k] = prefix[row]
+        embeds[row, start + k :] = prompt[row, start:]
+        mask[row, start:] = 1
+    return embeds, mask
 
 
 def _token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ class CleaningConfig:
     strip_punctuation: bool = False
     first_sentence: bool = False
     lowercase: bool = False
+    sentence_case: bool = False  # capital first letter, "." added where no ".!?" ends it (ViECap)
 
     def __post_init__(self) -> None:
         if self.min_words < 0:
@@ -71,7 +72,10 @@ def clean_caption(text: str, config: CleaningConfig) -> str:
         text = _PUNCTUATION.sub(" ", text)
     if config.lowercase:
         text = text.lower()
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    if config.sentence_case and text:
+        text = text[0].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+    return text
 
 
 def clean_captions(texts: Iterable[str], config: CleaningConfig) -> list[str]:

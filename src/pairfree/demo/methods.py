@@ -78,6 +78,11 @@ ICSD_METHODS = (
         artifact="best",
     ),
 )
+VIECAP_METHODS = (
+    Method("ViECap", recipe="viecap"),
+    Method("ViECap without hard prompt", {"hard_prompt": False}, recipe="viecap"),
+    Method("ViECap without entity masking", {"entities.mask_rate": 0.0}, recipe="viecap"),
+)
 PAIRED_UPPER_BOUND = Method(
     "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
 )
@@ -212,6 +217,20 @@ def capdec_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     }
 
 
+def viecap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """ViECap at world scale: CapDec's world decoder (mapper, schedule, decoding) with the
+    hard prompt; the entities are the world's shape nouns (its ``entities.txt``), the world
+    CLIP classifies images over the same nouns. World captions keep their style (no
+    sentence case) and end at end-of-text, as CapDec's world runs."""
+    settings = capdec_settings(cfg, method)
+    return {
+        **{k: settings[k] for k in ("clip", "features", "model", "train")},
+        "corpus": {**settings["corpus"], "cleaning": {"sentence_case": False}},
+        "entities": {"vocabulary": str(cfg.world().entities), "ensemble": False},
+        "generation": {**settings["generation"], "also_stop": []},
+    }
+
+
 def gan_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
     an untrained 2-layer world RoBERTa as the discriminator (trained at 1e-3), the paper's
@@ -326,7 +345,8 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
 
 def method_config(cfg: DemoConfig, method: Method) -> Any:
     """The recipe config of ``method``'s run on ``cfg``'s world."""
-    known = {"capdec": capdec_settings, "sacap": sacap_settings, "icsd": icsd_settings}
+    known = {"capdec": capdec_settings, "sacap": sacap_settings, "icsd": icsd_settings,
+             "viecap": viecap_settings}  # fmt: skip
     settings = known.get(method.recipe, gan_settings)
     overrides = [f"{k}={v}" for k, v in method.overrides.items()]
     return get_recipe(method.recipe).build_config(settings(cfg, method), overrides)

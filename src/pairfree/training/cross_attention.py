@@ -28,7 +28,7 @@ from pairfree.errors import PairfreeError
 from pairfree.evaluate import caption_metrics
 from pairfree.features import FeatureStore
 from pairfree.job import Job
-from pairfree.training.fitting import CaptionerSetup, fit_captioner, token_weighted
+from pairfree.training.fitting import CaptionerSetup, fit_captioner, pad_ids, token_weighted
 from pairfree.training.trainer import (
     EvalFn,
     StepFn,
@@ -131,12 +131,7 @@ def grid_collate(pad_id: int, max_prompt_tokens: int):
     def collate(batch):
         conditions, grids, prompts, captions = zip(*batch, strict=True)
         prompt_ids, prompt_mask = pad_prompts(prompts, max_tokens=max_prompt_tokens, pad_id=pad_id)
-        width = max(len(c) for c in captions)
-        ids = torch.full((len(captions), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(captions), width), dtype=torch.long)
-        for row, c in enumerate(captions):
-            ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[row, : len(c)] = 1
+        ids, mask = pad_ids(captions, pad_id)
         return torch.stack(conditions), torch.stack(grids), prompt_ids, prompt_mask, ids, mask
 
     return collate

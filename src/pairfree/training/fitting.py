@@ -83,36 +83,52 @@ def warn_if_captions_never_stop(texts: Sequence[str], generation: GenerationConf
         )
 
 
+def pad_ids(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids into ids and a mask that marks the real tokens."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
 def pad_collate(pad_id: int | None) -> Callable:
-    """Stack conditions, right-pad token ids; the mask (not the pad id) marks real tokens."""
+    """Stack conditions, right-pad token ids; the mask (not the pad id) marks real tokens.
+    Examples with an extra item (:class:`CaptionEmbeddingDataset`'s ``extras``) add their
+    list as the batch's last element."""
     pad_id = pad_id if pad_id is not None else 0
 
     def collate(batch):
-        conditions, ids = zip(*batch, strict=True)
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-        return torch.stack([torch.as_tensor(c) for c in conditions]), input_ids, mask
+        conditions, ids, *extras = zip(*batch, strict=True)
+        input_ids, mask = pad_ids(ids, pad_id)
+        stacked = torch.stack([torch.as_tensor(c) for c in conditions])
+        return (stacked, input_ids, mask, *(list(e) for e in extras))
 
     return collate
 
 
 class CaptionEmbeddingDataset(Dataset):
-    """(CLIP embedding, caption tokens) pairs."""
+    """(CLIP embedding, caption tokens) pairs, or triples with each caption's extra item
+    (ViECap: its entities)."""
 
-    def __init__(self, embeddings: torch.Tensor, tokens: CaptionTokens) -> None:
+    def __init__(
+        self, embeddings: torch.Tensor, tokens: CaptionTokens, extras: Sequence | None = None
+    ) -> None:
         if len(embeddings) != len(tokens):
             raise PairfreeError(f"{len(embeddings)} embeddings but {len(tokens)} captions")
-        self.embeddings, self.tokens = embeddings, tokens
+        if extras is not None and len(extras) != len(tokens):
+            raise PairfreeError(f"{len(extras)} extra items for {len(tokens)} captions")
+        self.embeddings, self.tokens, self.extras = embeddings, tokens, extras
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int]]:
-        return self.embeddings[i], self.tokens[i]
+    def __getitem__(self, i: int) -> tuple:
+        if self.extras is None:
+            return self.embeddings[i], self.tokens[i]
+        return self.embeddings[i], self.tokens[i], self.extras[i]
 
 
 def split_train_val(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ from pairfree.errors import load_failure
 from pairfree.training.fitting import (
     CaptionEmbeddingDataset,
     CaptionerSetup,
+    pad_ids,
     split_train_val,
     token_weighted,
     tokenize_captions,
@@ -42,10 +43,12 @@ def text_only_setup(
     *,
     seed: int,
     generation: GenerationConfig,
+    extras: Sequence | None = None,
 ) -> CaptionerSetup:
     """Tokenize ``texts`` (ending with end-of-text where ``generation`` stops there, as
     :func:`tokenize_captions`), hold out ``corpus.val_fraction`` of them, and build a captioner
-    for ``embeddings``' dimension (its mapper initialized from ``seed``)."""
+    for ``embeddings``' dimension (its mapper initialized from ``seed``). ``extras`` (one item
+    per text) ride along with their captions into the batches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     warn_if_captions_never_stop(texts, generation)
@@ -60,12 +63,27 @@ def text_only_setup(
         captioner = PrefixCaptioner(model, AutoModelForCausalLM.from_pretrained(model.lm))
     except OSError as err:  # not on disk, and the hub unreachable or the id unknown
         raise load_failure(f"the LM model.lm={model.lm!r}", model.lm, err) from err
-    return CaptionerSetup(
-        captioner,
-        tokenizer,
-        CaptionEmbeddingDataset(embeddings[train_idx], tokens.subset(train_idx)),
-        CaptionEmbeddingDataset(embeddings[val_idx], tokens.subset(val_idx)),
-    )
+
+    def part(indices: list[int]) -> CaptionEmbeddingDataset:
+        chosen = None if extras is None else [extras[i] for i in indices]
+        return CaptionEmbeddingDataset(embeddings[indices], tokens.subset(indices), chosen)
+
+    return CaptionerSetup(captioner, tokenizer, part(train_idx), part(val_idx))
+
+
+def prompted_batch(
+    prompt_ids: Sequence[Sequence[int]], ids: torch.Tensor, mask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's hard prompt, then its caption, right-padded: (ids, mask, target mask), the
+    target mask marking the caption tokens only (the prompt is read, not predicted)."""
+    rows, targets = [], []
+    for prompt, caption, real in zip(prompt_ids, ids.tolist(), mask.tolist(), strict=True):
+        caption = caption[: sum(real)]
+        rows.append([*prompt, *caption])
+        targets.append([0] * len(prompt) + [1] * len(caption))
+    joined, joined_mask = pad_ids(rows, pad_id)
+    target, _ = pad_ids(targets, 0)
+    return joined.to(ids.device), joined_mask.to(ids.device), target.to(ids.device)
 
 
 def caption_step(conditioning: Conditioning) -> StepFn:

@@ -11,6 +11,9 @@
 - ``scenes.json``: image id (the file name without ``.png``) -> scene;
 - ``phrases.txt``: the object phrases of the world's grammar ("red circle", "circle", ...),
   held-out words excluded: SaCap's hard-prompt vocabulary;
+- ``entities.txt``: every single-word object noun of the world's language, synonyms and
+  held-out words included (as Visual Genome's vocabulary holds objects a corpus never
+  names): ViECap's entity vocabulary and classes;
 - ``world.json``: the parameters. A rerun with the same parameters resumes, keeping the
   images already written; a rerun with others is refused.
 
@@ -30,7 +33,7 @@ from PIL import Image
 
 from pairfree.errors import BadInputError, PairfreeError, SkipLog
 from pairfree.io import atomic_path, atomic_write_json, atomic_write_text
-from pairfree.world.language import caption_scene, reference_captions
+from pairfree.world.language import SHAPE_WORDS, caption_scene, reference_captions
 from pairfree.world.render import render_scene
 from pairfree.world.scene import Scene
 from pairfree.world.variants import WorldConfig, world_preset
@@ -46,6 +49,7 @@ class WorldPaths:
     corpus: Path
     scenes: Path
     phrases: Path
+    entities: Path
 
 
 def _stream(seed: int, name: str, index: int) -> np.random.Generator:
@@ -58,6 +62,11 @@ def _write_png(image: Image.Image, path: Path) -> None:
     image, and syncing thousands of tiny files would cost more than drawing them."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", compress_level=1)
+
+
+def entity_words() -> list[str]:
+    """Every single-word shape noun of the world's language (ViECap's entity vocabulary)."""
+    return [w for forms in SHAPE_WORDS.values() for w in forms if " " not in w]
 
 
 def object_phrases(config: WorldConfig) -> list[str]:
@@ -94,6 +103,7 @@ def make_world(
         corpus=root / "corpus.txt",
         scenes=root / "scenes.json",
         phrases=root / "phrases.txt",
+        entities=root / "entities.txt",
     )
     params = json.loads(json.dumps({"seed": seed, "counts": counts, "config": asdict(config)}))
     params_path = root / "world.json"
@@ -110,6 +120,8 @@ def make_world(
         if all(f.exists() for f in files) and all(
             (paths.images / f"{s}.png").exists() for s in stems
         ):
+            if not paths.entities.exists():  # a world made before the file was
+                atomic_write_text(paths.entities, "".join(w + "\n" for w in entity_words()))
             return paths  # whole: sampling it again would write the same files
     else:
         atomic_write_json(params_path, params)
@@ -157,6 +169,7 @@ def make_world(
     atomic_write_json(paths.scenes, scenes, indent=None)
     atomic_write_text(paths.corpus, "".join(line + "\n" for line in corpus))
     atomic_write_text(paths.phrases, "".join(p + "\n" for p in object_phrases(config)))
+    atomic_write_text(paths.entities, "".join(w + "\n" for w in entity_words()))
     atomic_write_json(
         paths.dataset, {"dataset": "world", "world": config.name, "images": entries}, indent=None
     )
