@@ -12,9 +12,10 @@ and color words never occur in it; test on its images, which contain them). Ever
 trained from scratch: the text-only ones on the corpus, the GANs on the corpus plus the
 world's unpaired training images, each beside its own text-only initialization, the paired
 upper bound on captioned training images (not in the sparse novel-object setting), SaCap with its
-three ablations on synthetic images of the corpus, and ICSD with its single-context ablation
+three ablations on synthetic images of the corpus, ICSD with its single-context ablation
 on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
-LLM). Every world is read by the shipped world CLIP v2, trained on all four.
+LLM), and (cluttered world) ViECap with its two ablations on the corpus. Every world is read
+by the shipped world CLIP v2, trained on all four.
 
 CIDEr is given with its 95 % confidence interval (bootstrap over test images and seeds), and
 each method is compared with CapDec (noise 0.016) on the same images and seeds (a paired
@@ -53,6 +54,7 @@ from pairfree.demo import (
     PAIRED_UPPER_BOUND,
     SACAP_METHODS,
     TEXT_METHODS,
+    VIECAP_METHODS,
     DemoConfig,
     run_methods,
 )
@@ -76,7 +78,14 @@ SETTINGS = {
     ),
     "novel": ((*TEXT_METHODS, *SACAP_METHODS, *ICSD_METHODS), (("novel objects", "novel"),)),
     "coco": (
-        (*TEXT_METHODS, PAIRED_UPPER_BOUND, *GAN_METHODS, *SACAP_METHODS, *ICSD_METHODS),
+        (
+            *TEXT_METHODS,
+            PAIRED_UPPER_BOUND,
+            *GAN_METHODS,
+            *SACAP_METHODS,
+            *ICSD_METHODS,
+            *VIECAP_METHODS,
+        ),  # fmt: skip
         (
             ("cluttered", "coco"),
             ("cluttered cross-domain", "coco-shifted"),
@@ -92,6 +101,7 @@ BASELINE = TEXT_METHODS[0].name  # CapDec, noise 0.016: every other method is co
 VARIES = {
     **{m.name: SACAP_METHODS[0].name for m in SACAP_METHODS[1:]},
     **{m.name: ICSD_METHODS[0].name for m in ICSD_METHODS[1:]},
+    **{m.name: VIECAP_METHODS[0].name for m in VIECAP_METHODS[1:]},
     **{gan.name: init.name for init, gan in zip(GAN_METHODS[::2], GAN_METHODS[1::2], strict=True)},
 }
 # each recipe as published, compared with the paired upper bound as well
@@ -101,6 +111,7 @@ FULL_RECIPES = (
     SACAP_METHODS[0].name,
     ICSD_METHODS[0].name,
     *(g.name for g in GAN_METHODS[1::2]),
+    VIECAP_METHODS[0].name,
 )
 
 
@@ -134,9 +145,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
 
     torch.set_num_threads(1)  # one core per seed process
     scores, seconds, per_image = {}, {}, {}
-    for train_preset, (methods, settings) in SETTINGS.items():
+    for train_preset, (all_methods, settings) in SETTINGS.items():
         if train_preset not in args.presets.split(","):
             continue
+        methods = all_methods
         if args.recipes:
             methods = [m for m in methods if m.recipe in args.recipes.split(",")]
         if not methods:
@@ -144,7 +156,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
         cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
                          gan_steps=args.gan_steps, n_corpus=args.corpus,
                          n_test=args.test_images, clip=args.clip)  # fmt: skip
-        if any(m.needs_images for m in methods):
+        # the world of a full run, whichever recipes run: the same files, features and rows
+        if any(m.needs_images for m in all_methods):
             cfg = cfg.with_images()
         setting_of = {preset: setting for setting, preset in settings}
         references = {}
