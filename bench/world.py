@@ -14,7 +14,8 @@ world's unpaired training images, each beside its own text-only initialization, 
 upper bound on captioned training images (not in the sparse novel-object setting), SaCap with its
 three ablations on synthetic images of the corpus, ICSD with its single-context ablation
 on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
-LLM), and (cluttered world) ViECap with its two ablations on the corpus. Every world is read
+LLM), and (cluttered world) ViECap with its two ablations and IFCap with its three on the
+corpus. Every world is read
 by the shipped world CLIP v2, trained on all four.
 
 CIDEr is given with its 95 % confidence interval (bootstrap over test images and seeds), and
@@ -51,6 +52,7 @@ import numpy as np
 from pairfree.demo import (
     GAN_METHODS,
     ICSD_METHODS,
+    IFCAP_METHODS,
     PAIRED_UPPER_BOUND,
     SACAP_METHODS,
     TEXT_METHODS,
@@ -85,6 +87,7 @@ SETTINGS = {
             *SACAP_METHODS,
             *ICSD_METHODS,
             *VIECAP_METHODS,
+            *IFCAP_METHODS,
         ),  # fmt: skip
         (
             ("cluttered", "coco"),
@@ -102,6 +105,7 @@ VARIES = {
     **{m.name: SACAP_METHODS[0].name for m in SACAP_METHODS[1:]},
     **{m.name: ICSD_METHODS[0].name for m in ICSD_METHODS[1:]},
     **{m.name: VIECAP_METHODS[0].name for m in VIECAP_METHODS[1:]},
+    **{m.name: IFCAP_METHODS[0].name for m in IFCAP_METHODS[1:]},
     **{gan.name: init.name for init, gan in zip(GAN_METHODS[::2], GAN_METHODS[1::2], strict=True)},
 }
 # each recipe as published, compared with the paired upper bound as well
@@ -112,6 +116,7 @@ FULL_RECIPES = (
     ICSD_METHODS[0].name,
     *(g.name for g in GAN_METHODS[1::2]),
     VIECAP_METHODS[0].name,
+    IFCAP_METHODS[0].name,
 )
 
 

@@ -316,15 +316,17 @@ def test_two_processes_synthesize_what_one_does(tmp_path):
 
 
 # --------------------------------------------------------------------------- grouping
-def test_faiss_groups_equal_the_exact_chunked_search():
+def test_faiss_groups_equal_the_exact_blocked_search(monkeypatch):
+    from pairfree import retrieval
     from pairfree.synth.grouping import nearest_captions
 
     x = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
     dense = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).T
     expected = dense.topk(30, dim=1).indices  # without ties, each row is its own best match
     assert torch.equal(expected[:, 0], torch.arange(500))
-    for chunk in (7, 500):
-        assert torch.equal(nearest_captions(x, 30, chunk=chunk), expected)
+    for budget in (7 * 500, 500 * 500):  # blocks of 7 queries, and all 500 at once
+        monkeypatch.setattr(retrieval, "SCORE_BUDGET", budget)
+        assert torch.equal(nearest_captions(x, 30), expected)
     assert torch.equal(nearest_captions(x, 30, backend="faiss"), expected)
     # the IVF index (for millions of captions) is approximate: on clustered data, as caption
     # embeddings are, most neighbours agree

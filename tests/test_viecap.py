@@ -27,7 +27,8 @@ from pairfree.data.cleaning import CleaningConfig, clean_caption
 from pairfree.errors import BadInputError, PairfreeError
 from pairfree.pipeline import Captioner
 from pairfree.recipes import get_recipe
-from pairfree.recipes.viecap import ViECapConfig, masked_entities, train_viecap
+from pairfree.recipes.viecap import ViECapConfig, train_viecap
+from pairfree.training.entity_prompts import masked_entities
 from pairfree.training.text_only import prompted_batch
 
 VOCABULARY = ["dog", "frisbee", "park", "box", "bus", "leaf", "puppy", "traffic light"]

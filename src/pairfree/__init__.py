@@ -39,6 +39,10 @@ _EXPORTS = {
     "train_sacap": "pairfree.recipes.sacap",
     "ScstGanConfig": "pairfree.recipes.scst_gan",
     "train_scst_gan": "pairfree.recipes.scst_gan",
+    "ViECapConfig": "pairfree.recipes.viecap",
+    "train_viecap": "pairfree.recipes.viecap",
+    "IFCapConfig": "pairfree.recipes.ifcap",
+    "train_ifcap": "pairfree.recipes.ifcap",
 }
 __all__ = ["__version__", *_EXPORTS]
 

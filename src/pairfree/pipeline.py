@@ -5,7 +5,7 @@ folder, or a Hugging Face Hub repo id), the CLIP encoder named on its card, and 
 conditioning it was trained for (normalized or not, a modality offset, DeCap projection onto
 a text memory, a hard-prompt vocabulary, an entity classifier); ``captioner(images)`` then
 decodes with its generation settings: one image (a path, a URL, a PIL image, a numpy array)
-gives one caption, a list gives a list. Prefix (ClipCap, CapDec, ViECap) and cross-attention
+gives one caption, a list gives a list. Prefix (ClipCap, CapDec, ViECap, IFCap) and cross-attention
 (SaCap, ICSD) captioners load and caption alike. ``save_pretrained`` writes a self-contained copy (the feature stores its
 conditioning reads included, and a model card); ``push_to_hub`` uploads one.
 """
@@ -43,7 +43,8 @@ from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import resolve_device
 
 # conditioning fields that name feature stores, and their folder in a saved checkpoint
-STORES = dict(zip(("project_to", "prompt_phrases", "entity_classes"), STORE_FOLDERS, strict=True))
+STORES = dict(zip(("project_to", "prompt_phrases", "entity_classes", "retrieval_memory"),
+                  STORE_FOLDERS, strict=True))  # fmt: skip
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,7 +125,8 @@ class Captioner(CaptionDecoder):
 
     def save_pretrained(self, out_dir: str | Path, *, repo_id: str | None = None) -> Path:
         """Write a self-contained copy to ``out_dir`` (atomically): the checkpoint, the feature
-        stores its conditioning reads (as ``memory/``, ``phrases/``, ``entities/``), what its
+        stores its conditioning reads (as ``memory/``, ``phrases/``, ``entities/``,
+        ``retrieval/``), what its
         training run recorded (``training.json``) and a model card (``README.md``; ``repo_id``
         goes into its loading example)."""
         if self.card is None:

@@ -44,5 +44,10 @@ ADDED_CONDITIONING = {
     "entity_topk": 3,
     "entity_threshold": 0.4,
     "entity_temperature": 0.01,
+    "entity_min_count": 0,
+    "entity_words": None,
+    "retrieval_memory": None,
+    "retrieval_k": 5,
+    "retrieval_captions": 9,
 }
 ADDED_GENERATION = {"score_length": "new_tokens", "also_stop": ()}

@@ -27,7 +27,12 @@ bug. Apart from that, zero noise and no offset leave the (normalized) embedding 
   :mod:`pairfree.captioner.prompts`;
 - an entity-aware hard prompt (prefix captioners, ViECap): the classes of an entity
   classifier (``entity_classes``, a text feature store of class embeddings whose texts are
-  the class names) found in the image, see :mod:`pairfree.captioner.entities`.
+  the class names) found in the image, see :mod:`pairfree.captioner.entities`; or (IFCap's
+  entity filtering, ``entity_min_count`` > 0) the words of ``entity_words`` named at least
+  that many times in the image's ``retrieval_captions`` nearest captions;
+- retrieved captions (IFCap's fusion mapper): the raw text embeddings of the image's
+  ``retrieval_k`` nearest captions in ``retrieval_memory`` (a text feature store with its
+  texts) join the condition, see :class:`pairfree.captioner.mapper.FusionMapper`.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class Conditioning:
     entity_topk: int = 3  # at most this many entities per hard prompt
     entity_threshold: float = 0.4  # each with at least this class probability
     entity_temperature: float = 0.01  # softmax(cosine / temperature) over the classes
+    entity_min_count: int = 0  # > 0: entities by filtering retrieved captions (IFCap), not CLIP
+    entity_words: list[str] | None = None  # the words entity filtering counts
+    retrieval_memory: str | None = None  # text feature store of the captions retrieved (IFCap)
+    retrieval_k: int = 5  # retrieved captions the fusion mapper reads
+    retrieval_captions: int = 9  # retrieved captions entity filtering counts in
 
     def __post_init__(self) -> None:
         if self.noise_kind not in NOISE_KINDS:
@@ -86,6 +96,13 @@ class Conditioning:
                                 f"{self.prompt_topk}, {self.entity_topk}")  # fmt: skip
         if not self.entity_temperature > 0:
             raise PairfreeError(f"entity_temperature must be > 0, not {self.entity_temperature}")
+        if self.retrieval_k < 1 or self.retrieval_captions < 1 or self.entity_min_count < 0:
+            raise PairfreeError(f"retrieval_k and retrieval_captions must be >= 1 and "
+                                f"entity_min_count >= 0, not {self.retrieval_k}, "
+                                f"{self.retrieval_captions}, {self.entity_min_count}")  # fmt: skip
+        if self.entity_min_count > 0 and (not self.entity_words or not self.retrieval_memory):
+            raise PairfreeError("entity filtering (entity_min_count > 0) needs entity_words "
+                                "and the retrieval_memory it counts them in")  # fmt: skip
         if self.prompt_phrases is not None and self.entity_classes is not None:
             raise PairfreeError(
                 "a hard prompt comes from prompt_phrases or entity_classes, not both"

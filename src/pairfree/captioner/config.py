@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-MAPPERS = ("mlp", "transformer")
+MAPPERS = ("mlp", "transformer", "fusion")
 
 
 @dataclass
@@ -18,9 +18,10 @@ class CaptionerConfig:
     prefix_length: int = 10
     """Number k of prefix embeddings the mapper produces."""
     mapper: str = "mlp"
-    """``"mlp"`` or ``"transformer"``."""
+    """``"mlp"``, ``"transformer"`` or ``"fusion"`` (IFCap: the transformer reading retrieved
+    captions too; its condition is ``[batch, 1 + k, embed_dim]``)."""
     mapper_layers: int = 8
-    """Depth of the transformer mapper."""
+    """Depth of the transformer (and fusion) mapper."""
     clip_length: int = 10
     """Number of tokens the transformer mapper splits the condition into."""
     only_prefix: bool = False

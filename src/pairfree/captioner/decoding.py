@@ -1,7 +1,7 @@
 """Captioning with a captioner in memory: CLIP reads the images, the conditioning turns their
 embeddings into what the decoder was trained on (normalized, offset, projected onto a text
-memory, hard prompts from a phrase vocabulary or an entity classifier), and the generation
-settings decode.
+memory, hard prompts from a phrase vocabulary, an entity classifier or entity filtering,
+the embeddings of retrieved captions), and the generation settings decode.
 
 :class:`CaptionDecoder` is what training validates with; :class:`pairfree.pipeline.Captioner`
 adds loading, saving and sharing a checkpoint around it.
@@ -21,7 +21,12 @@ from PIL import Image
 
 from pairfree.captioner.conditioning import Conditioning, condition
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, pad_prompts
-from pairfree.captioner.entities import classify_entities, entity_prompt
+from pairfree.captioner.entities import (
+    EntityVocabulary,
+    classify_entities,
+    entity_prompt,
+    frequent_entities,
+)
 from pairfree.captioner.generation import GenerationConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.captioner.prompts import hard_prompt, top_phrases
@@ -30,6 +35,7 @@ from pairfree.clip.vision import tower_pixels
 from pairfree.data import load_image
 from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.features import FeatureStore
+from pairfree.retrieval import CaptionIndex
 
 ImageInput = Union[Image.Image, str, Path, np.ndarray]  # noqa: UP007 (a runtime alias)
 
@@ -68,12 +74,37 @@ class CaptionDecoder:
                 raise PairfreeError("entity hard prompts go with prefix captioners only")
             store = _text_store(spec.entity_classes, clip)
             self.entity_classes = (store.texts or [], store.tensor())
+        self.retrieval: tuple[list[str], torch.Tensor, CaptionIndex] | None = None
+        if spec.retrieval_memory is not None:
+            store = _text_store(spec.retrieval_memory, clip)
+            captions = store.tensor()
+            self.retrieval = (store.texts or [], captions, CaptionIndex(captions))
+        fusion = getattr(model.config, "mapper", None) == "fusion"
+        if fusion and self.retrieval is None:
+            raise PairfreeError("a fusion mapper reads retrieved captions: the conditioning "
+                                "names no retrieval_memory")  # fmt: skip
+        self.entity_words = (
+            EntityVocabulary(spec.entity_words) if spec.entity_min_count > 0 else None
+        )
+        if self.entity_words is not None and not isinstance(model, PrefixCaptioner):
+            raise PairfreeError("entity hard prompts go with prefix captioners only")
 
     def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Turn CLIP image embeddings into what the decoder was trained to read."""
-        return condition(
+        """Turn CLIP image embeddings into what the decoder was trained to read ([B, d]; for
+        a fusion mapper [B, 1 + k, d], the k nearest captions' embeddings after it)."""
+        cond = condition(
             image_embeds.float(), self.conditioning, training=False, memory=self.memory
         )
+        if getattr(self.model.config, "mapper", None) != "fusion":
+            return cond
+        _, captions, _ = self.retrieval
+        nearest = self.retrieve(image_embeds, self.conditioning.retrieval_k)
+        return torch.cat((cond[:, None], captions[nearest].to(cond.device, cond.dtype)), dim=1)
+
+    def retrieve(self, image_embeds: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, k] indices of each image's k nearest captions in the retrieval memory."""
+        _, captions, index = self.retrieval
+        return index.search(image_embeds.float().cpu(), min(k, len(captions)))
 
     @property
     def needs_embeddings(self) -> bool:
@@ -104,8 +135,20 @@ class CaptionDecoder:
         chosen = top_phrases(image_embeds, embeds, texts, self.conditioning.prompt_topk)
         return [hard_prompt(p) for p in chosen]
 
+    @property
+    def entity_prompted(self) -> bool:
+        """Whether a prefix captioner reads an entity hard prompt after its soft prompt."""
+        return self.entity_classes is not None or self.entity_words is not None
+
     def entities(self, image_embeds: torch.Tensor) -> list[list[str]]:
-        """Each image's entities by the zero-shot classifier (none without one)."""
+        """Each image's entities: by entity filtering of its retrieved captions, else by the
+        zero-shot classifier (none without either)."""
+        if self.entity_words is not None:
+            texts, _, _ = self.retrieval
+            nearest = self.retrieve(image_embeds, self.conditioning.retrieval_captions)
+            min_count = self.conditioning.entity_min_count
+            return [frequent_entities([texts[i] for i in row], self.entity_words, min_count)
+                    for row in nearest.tolist()]  # fmt: skip
         if self.entity_classes is None:
             return [[] for _ in image_embeds]
         classes, embeds = self.entity_classes
@@ -137,7 +180,7 @@ class CaptionDecoder:
             if self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip
-            elif self.entity_classes is not None:
+            elif self.entity_prompted:
                 prompts = [entity_prompt(e) for e in self.entities(chunk)]
                 tokens = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
                 ids, mask = pad_prompts(tokens, pad_id=0)

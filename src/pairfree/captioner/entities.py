@@ -1,9 +1,11 @@
-"""Entity-aware hard prompts (ViECap): "There are {e1}, {e2} in image." after the soft prompt.
+"""Entity-aware hard prompts (ViECap, IFCap): "There are {e1}, {e2} in image." after the soft
+prompt.
 
 In training the entities are the nouns of the caption itself that an object vocabulary knows,
 each dropped with the masking rate; at inference they are the classes a zero-shot CLIP
 classifier finds in the image (softmax of cosine / temperature over "A photo of a {class}.",
-the top k above a threshold).
+the top k above a threshold), or (IFCap's entity filtering) the vocabulary words the image's
+nearest corpus captions mention at least K times.
 
 Where pairfree differs from ViECap's code, on purpose:
 
@@ -12,6 +14,9 @@ Where pairfree differs from ViECap's code, on purpose:
   part-of-speech tagger and WordNet lemmatizer, whose data cannot be installed offline. The
   original keeps NN/NNS words that are in its (single-word) Visual Genome vocabulary, so the
   two differ only where a vocabulary word is used as another part of speech in a caption.
+- **Entity filtering** (IFCap) counts the mentions of the vocabulary's words (and person
+  words) in the retrieved captions; the original counts every NN/NNS noun its tagger finds,
+  so a frequent noun outside the vocabulary can enter its prompt and not this one.
 - **Entity order.** The original deduplicates entities with ``set()``, so their order in the
   prompt is arbitrary; here each training step shuffles them with the run's seeded RNG.
 """
@@ -112,6 +117,18 @@ class EntityVocabulary:
                     break
         return found
 
+    def mentions(self, caption: str) -> list[str]:
+        """Every mention of a vocabulary word (singular; a person word as its own singular,
+        not folded into "person"): what IFCap's entity filtering counts, as its tagger and
+        lemmatizer count nouns."""
+        found = []
+        for word in WORD.findall(caption.lower()):
+            forms = singular_forms(word)
+            known = [f for f in forms if f in self.words or f in PERSON_WORDS]
+            if known:
+                found.append(IRREGULAR_PLURALS.get(word, known[0]))
+        return found
+
     def _entity(self, word: str) -> str | None:
         for form in singular_forms(word):
             if form in PERSON_WORDS:
@@ -119,6 +136,20 @@ class EntityVocabulary:
             if form in self.words:
                 return form
         return None
+
+
+def frequent_entities(
+    captions: Sequence[str], vocabulary: EntityVocabulary, min_count: int
+) -> list[str]:
+    """IFCap's frequency-based entity filtering: the words mentioned at least ``min_count``
+    times in ``captions`` (an image's retrieved captions), most frequent first (ties: the
+    later word first, as the original sorts (count, word) pairs in reverse)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word in vocabulary.mentions(caption):
+            counts[word] = counts.get(word, 0) + 1
+    ranked = sorted(((n, w) for w, n in counts.items()), reverse=True)
+    return [w for n, w in ranked if n >= min_count]
 
 
 def read_entity_list(path: str | Path) -> list[str]:

@@ -33,7 +33,8 @@ class MLPMapper(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; queries and keys/values without bias, as in ClipCap."""
+    """Multi-head attention over ``context`` (default: self-attention); queries and
+    keys/values without bias, as in ClipCap."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -42,11 +43,14 @@ class Attention(nn.Module):
         self.to_keys_values = nn.Linear(dim, dim * 2, bias=False)
         self.project = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
         b, n, c = x.shape
+        m = context.shape[1]
         heads = self.num_heads
         q = self.to_queries(x).view(b, n, heads, c // heads).transpose(1, 2)
-        k, v = self.to_keys_values(x).view(b, n, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+        kv = self.to_keys_values(context).view(b, m, 2, heads, c // heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.project(out.transpose(1, 2).reshape(b, n, c))
 
@@ -62,7 +66,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm block: x + attn(norm1(x), context), then x + mlp(norm2(x)); the context of
+    a cross-attention layer is read as it is (no norm), as in IFCap."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -71,8 +76,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), context)
         return x + self.mlp(self.norm2(x))
 
 
@@ -83,9 +88,9 @@ class Transformer(nn.Module):
             TransformerLayer(dim, num_heads, mlp_ratio) for _ in range(num_layers)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, context)
         return x
 
 
@@ -124,11 +129,46 @@ class TransformerMapper(nn.Module):
         return self.transformer(torch.cat((x, const), dim=1))[:, self.clip_length :]
 
 
+class FusionMapper(TransformerMapper):
+    """IFCap's mapper: ClipCap's transformer mapper whose condition tokens first read the
+    retrieved captions' embeddings.
+
+    The condition is ``[B, 1 + k, d]``: the (noised) CLIP embedding, then the raw text
+    embeddings of its k retrieved captions. The embedding is projected to ``clip_length``
+    tokens, which cross-attend (one pre-norm layer, 8 heads) to a linear projection of the
+    retrieved embeddings; the result, with the learned constant tokens appended, goes through
+    the transformer, whose outputs at the constant positions are the prefix.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_size: int,
+        prefix_length: int,
+        clip_length: int,
+        num_layers: int,
+        num_heads: int = MAPPER_HEADS,
+        mlp_ratio: float = MAPPER_MLP_RATIO,
+    ) -> None:
+        super().__init__(embed_dim, hidden_size, prefix_length, clip_length, num_layers,
+                         num_heads, mlp_ratio)  # fmt: skip
+        self.rt_linear = nn.Linear(embed_dim, hidden_size)
+        self.crossatt = Transformer(hidden_size, num_heads, 1, mlp_ratio)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        b = condition.shape[0]
+        x = self.linear(condition[:, 0]).view(b, self.clip_length, -1)
+        x = self.crossatt(x, self.rt_linear(condition[:, 1:]))
+        const = self.prefix_const.unsqueeze(0).expand(b, -1, -1)
+        return self.transformer(torch.cat((x, const), dim=1))[:, self.clip_length :]
+
+
 def build_mapper(config: CaptionerConfig, hidden_size: int) -> nn.Module:
     """The mapper named by ``config.mapper`` for an LM whose input embeddings have ``hidden_size``."""
     if config.mapper == "mlp":
         return MLPMapper(config.embed_dim, hidden_size, config.prefix_length)
-    return TransformerMapper(
+    mapper = FusionMapper if config.mapper == "fusion" else TransformerMapper
+    return mapper(
         config.embed_dim,
         hidden_size,
         config.prefix_length,

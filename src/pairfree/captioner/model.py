@@ -50,11 +50,15 @@ class PrefixCaptioner(nn.Module):
         return self
 
     def prefix_embeds(self, condition: torch.Tensor) -> torch.Tensor:
-        """[B, d] condition -> [B, k, h] prefix in the LM's input-embedding space."""
-        if condition.dim() != 2 or condition.shape[1] != self.config.embed_dim:
-            raise ValueError(
-                f"condition must be [batch, {self.config.embed_dim}], got {tuple(condition.shape)}"
-            )
+        """[B, d] condition ([B, 1 + r, d] for the fusion mapper: the embedding and its r
+        retrieved captions' embeddings) -> [B, k, h] prefix in the LM's input-embedding space."""
+        d = self.config.embed_dim
+        if self.config.mapper == "fusion":
+            if condition.dim() != 3 or condition.shape[1] < 2 or condition.shape[2] != d:
+                raise ValueError(f"the fusion mapper's condition must be [batch, 1 + retrieved, "
+                                 f"{d}], got {tuple(condition.shape)}")  # fmt: skip
+        elif condition.dim() != 2 or condition.shape[1] != d:
+            raise ValueError(f"condition must be [batch, {d}], got {tuple(condition.shape)}")
         return self.mapper(condition)
 
     def forward(

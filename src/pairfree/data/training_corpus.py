@@ -27,11 +27,12 @@ class CorpusConfig:
     max_tokens: int = 40  # longer captions are truncated
 
 
-def check_corpus(corpus: CorpusConfig) -> None:
-    """Fail in a second on a corpus that is not there, before any model is loaded."""
+def check_corpus(corpus: CorpusConfig, name: str = "corpus") -> None:
+    """Fail in a second on a corpus that is not there, before any model is loaded (``name``:
+    where the config holds it)."""
     if not corpus.path:
-        raise PairfreeError("corpus.path is not set: give the caption corpus to train on")
-    for key, path in (("corpus.path", corpus.path), ("corpus.open_text", corpus.open_text)):
+        raise PairfreeError(f"{name}.path is not set: give the caption corpus to train on")
+    for key, path in ((f"{name}.path", corpus.path), (f"{name}.open_text", corpus.open_text)):
         if path and not Path(path).is_file():
             raise PairfreeError(f"{key}: {path} does not exist")
 

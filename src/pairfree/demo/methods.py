@@ -83,6 +83,12 @@ VIECAP_METHODS = (
     Method("ViECap without hard prompt", {"hard_prompt": False}, recipe="viecap"),
     Method("ViECap without entity masking", {"entities.mask_rate": 0.0}, recipe="viecap"),
 )
+IFCAP_METHODS = (
+    Method("IFCap", recipe="ifcap"),
+    Method("IFCap, plain retrieval", {"retrieval.noise_variance": 0.0}, recipe="ifcap"),
+    Method("IFCap without fusion module", {"fusion": False}, recipe="ifcap"),
+    Method("IFCap without entity filtering", {"retrieval.min_count": 0}, recipe="ifcap"),
+)
 PAIRED_UPPER_BOUND = Method(
     "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
 )
@@ -231,6 +237,16 @@ def viecap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     }
 
 
+def ifcap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """IFCap at world scale: ViECap's world settings with the original's transformer mapper
+    (8 layers, 10 tokens; the fusion module before it, and the "without fusion" ablation on
+    the same mapper) and its COCO retrieval settings (k 5, noise 0.04, l 9, K 5)."""
+    settings = viecap_settings(cfg, method)
+    settings["model"] = {**settings["model"], "mapper": "transformer", "mapper_layers": 8,
+                         "clip_length": 10}  # fmt: skip
+    return settings
+
+
 def gan_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     """CgT-GAN / SCST-GAN at world scale: the demo's text-only training as the initialization,
     an untrained 2-layer world RoBERTa as the discriminator (trained at 1e-3), the paper's
@@ -346,7 +362,7 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
 def method_config(cfg: DemoConfig, method: Method) -> Any:
     """The recipe config of ``method``'s run on ``cfg``'s world."""
     known = {"capdec": capdec_settings, "sacap": sacap_settings, "icsd": icsd_settings,
-             "viecap": viecap_settings}  # fmt: skip
+             "viecap": viecap_settings, "ifcap": ifcap_settings}  # fmt: skip
     settings = known.get(method.recipe, gan_settings)
     overrides = [f"{k}={v}" for k, v in method.overrides.items()]
     return get_recipe(method.recipe).build_config(settings(cfg, method), overrides)

@@ -28,53 +28,27 @@ classes are the vocabulary. AMP is the trainer's ``mixed_precision`` choice.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from pairfree.captioner import (
-    CaptionerConfig,
-    CheckpointCard,
-    Conditioning,
-    GenerationConfig,
-    caption_log_probs,
-    condition,
-)
-from pairfree.captioner.entities import EntityVocabulary, entity_prompt, read_entity_list
+from pairfree.captioner import CaptionerConfig, CheckpointCard, Conditioning, GenerationConfig
 from pairfree.clip import load_clip
 from pairfree.data.cleaning import CleaningConfig
 from pairfree.data.training_corpus import CorpusConfig, check_corpus
-from pairfree.encoding import encode_corpus, encode_entity_classes
+from pairfree.encoding import encode_corpus
 from pairfree.errors import PairfreeError
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
-from pairfree.training.fitting import fit_captioner, token_weighted
-from pairfree.training.text_only import prompted_batch, text_only_setup
-from pairfree.training.trainer import StepFn, TrainConfig, TrainResult, ValFn
-
-
-@dataclass
-class EntityConfig:
-    vocabulary: str | None = None  # object vocabulary file (training entities); required
-    classes: str | None = None  # the classifier's classes at inference (default: vocabulary)
-    max_entities: int = 10
-    mask_rate: float = 0.4
-    ensemble: bool = False  # classify with the 7-template prompt ensemble
-    top_k: int = 3
-    threshold: float = 0.4
-    temperature: float = 0.01
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_rate <= 1.0:
-            raise PairfreeError(f"entities.mask_rate must be in [0, 1], not {self.mask_rate}")
-        if self.max_entities < 1 or self.top_k < 1:
-            raise PairfreeError(f"entities.max_entities and entities.top_k must be >= 1, not "
-                                f"{self.max_entities}, {self.top_k}")  # fmt: skip
-        if not 0.0 <= self.threshold <= 1.0 or not self.temperature > 0:
-            raise PairfreeError(f"entities.threshold must be in [0, 1] and entities.temperature "
-                                f"> 0, not {self.threshold}, {self.temperature}")  # fmt: skip
+from pairfree.training.entity_prompts import (
+    EntityConfig,
+    PromptedCaption,
+    entity_classifier,
+    entity_vocabulary,
+    fit_entity_prompted,
+    noised_soft_prompt,
+)
+from pairfree.training.text_only import text_only_setup
+from pairfree.training.trainer import TrainConfig, TrainResult
 
 
 @dataclass
@@ -107,64 +81,11 @@ class ViECapConfig:
             raise PairfreeError(f"noise_variance must be >= 0, not {self.noise_variance}")
 
 
-def masked_entities(entities: list[str], rate: float) -> list[str]:
-    """Each entity kept with probability ``1 - rate``, the kept ones in a random order (the
-    original's ``set()`` order is arbitrary), both drawn from the global RNG (resumable)."""
-    kept = [e for e, u in zip(entities, torch.rand(len(entities)).tolist(), strict=True)
-            if u >= rate]  # fmt: skip
-    return [kept[i] for i in torch.randperm(len(kept)).tolist()]
-
-
-def viecap_step(conditioning: Conditioning, tokenizer, cfg: ViECapConfig) -> StepFn:
-    """Caption cross-entropy after the noised soft prompt and the masked entity prompt."""
-    pad = tokenizer.pad_token_id or 0
-
-    def step(ctx, batch):
-        emb, ids, mask, entities = batch
-        soft = condition(emb, conditioning, training=True)
-        target = mask
-        if cfg.hard_prompt:
-            prompts = [entity_prompt(masked_entities(e, cfg.entities.mask_rate)) for e in entities]
-            prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-            ids, mask, target = prompted_batch(prompt_ids, ids, mask, pad)
-        loss = ctx.modules["captioner"](soft, ids, mask, target).loss
-        ctx.optimize("captioner", token_weighted(ctx.accelerator, loss, target))
-        return {"loss": loss.detach()}
-
-    return step
-
-
-def viecap_val_step(conditioning: Conditioning, tokenizer, cfg: ViECapConfig, seed: int) -> ValFn:
-    """Caption negative log-likelihood per token after the soft prompt (its noise from a
-    generator of its own) and every entity of the caption (no masking)."""
-    noise = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id or 0
-
-    def val_step(ctx, batch):
-        emb, ids, mask, entities = batch
-        soft = condition(emb.cpu(), conditioning, training=True, generator=noise)
-        target = mask
-        if cfg.hard_prompt:
-            prompt_ids = tokenizer([entity_prompt(e) for e in entities],
-                                   add_special_tokens=False)["input_ids"]  # fmt: skip
-            ids, mask, target = prompted_batch(prompt_ids, ids, mask, pad)
-        logits = ctx.unwrap("captioner")(soft.to(emb.device), ids, mask, target).logits
-        return {"val_loss": -caption_log_probs(logits, ids, target * mask)}
-
-    return val_step
-
-
 @register_recipe("viecap", ViECapConfig)
 def train_viecap(cfg: ViECapConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
     """ViECap: text-only training with a noised soft prompt and an entity-aware hard prompt."""
     check_corpus(cfg.corpus)
-    vocabulary = classes = None
-    if cfg.hard_prompt:
-        if not cfg.entities.vocabulary:
-            raise PairfreeError("entities.vocabulary is not set: give the object vocabulary "
-                                "(one name per line, a JSON list, or COCO's instances file)")  # fmt: skip
-        vocabulary = EntityVocabulary(read_entity_list(cfg.entities.vocabulary))
-        classes = sorted(read_entity_list(cfg.entities.classes or cfg.entities.vocabulary))
+    vocabulary = entity_vocabulary(cfg.entities) if cfg.hard_prompt else None
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     clip = load_clip(cfg.clip, device=job.state.device)
     features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
@@ -172,30 +93,20 @@ def train_viecap(cfg: ViECapConfig, *, resume: bool = True, progress: bool = Tru
     texts = store.texts
     job.log_skips()
 
-    class_dir = None
-    if classes is not None:
-        digest = hashlib.sha256("\n".join([str(cfg.entities.ensemble), *classes]).encode())
-        class_dir = features.parent / f"{features.name}-entities-{digest.hexdigest()[:12]}"
-        encode_entity_classes(clip, classes, class_dir, ensemble=cfg.entities.ensemble, job=job)
-        job.wait_for_everyone()
-    conditioning = Conditioning(
-        normalize=True,
-        noise_variance=cfg.noise_variance,
-        entity_classes=str(class_dir.resolve()) if class_dir else None,
-        entity_topk=cfg.entities.top_k,
-        entity_threshold=cfg.entities.threshold,
-        entity_temperature=cfg.entities.temperature,
-    )
+    classifier = entity_classifier(cfg.entities, clip, features, job) if vocabulary else {}
+    conditioning = Conditioning(normalize=True, noise_variance=cfg.noise_variance, **classifier)
     limit = cfg.entities.max_entities
-    entities = [vocabulary.extract(t, limit=limit) if vocabulary else [] for t in texts]
+    extras = [PromptedCaption(vocabulary.extract(t, limit=limit) if vocabulary else [])
+              for t in texts]  # fmt: skip
     setup = text_only_setup(texts, store.tensor(), cfg.model, cfg.corpus, seed=cfg.train.seed,
-                            generation=cfg.generation, extras=entities)  # fmt: skip
-    return fit_captioner(
+                            generation=cfg.generation, extras=extras)  # fmt: skip
+    return fit_entity_prompted(
         cfg.train,
         setup,
-        viecap_step(conditioning, setup.tokenizer, cfg),
-        viecap_val_step(conditioning, setup.tokenizer, cfg, seed=cfg.train.seed),
-        CheckpointCard("viecap", cfg.clip, conditioning, cfg.generation),
+        noised_soft_prompt(conditioning),
+        cfg.entities,
+        hard_prompt=cfg.hard_prompt,
+        card=CheckpointCard("viecap", cfg.clip, conditioning, cfg.generation),
         run_config={"recipe": "viecap", **{k: v for k, v in asdict(cfg).items() if k != "train"}},
         resume=resume,
         progress=progress,
