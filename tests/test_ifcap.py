@@ -1,6 +1,7 @@
 """IFCap: image-like retrieval, the fusion mapper, entity filtering, the retrieval memory at
 inference, and the recipe end to end (train, resume, caption, save, ablations, configs)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -241,6 +242,15 @@ def test_ifcap_learns_and_a_saved_copy_captions_from_another_folder(
     again = Captioner.from_pretrained(copy)
     assert again(image) == caption
     assert torch.equal(again.conditions(embeds), captioner.conditions(embeds))
+
+    image.save(tmp_path / "red.png")  # the command line captions with the copy too
+    out = tmp_path / "captions.json"
+    cli = [sys.executable, "-m", "pairfree.cli", "caption", str(copy), str(tmp_path / "red.png"),
+           "--out", str(out), "-q"]  # fmt: skip
+    done = subprocess.run(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["caption"] for r in json.loads(out.read_text())] == [caption]
 
 
 def test_image_like_retrieval_is_cached_and_the_noise_is_its_setting(
