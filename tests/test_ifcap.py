@@ -72,6 +72,7 @@ def test_the_exact_and_faiss_searches_agree_and_blocks_do_not_change_answers(mon
     assert torch.equal(nearest_rows(queries, db, 7, backend="faiss"), exact)
     monkeypatch.setattr(retrieval, "SCORE_BUDGET", 3 * 400)  # 3 queries at a time
     assert CaptionIndex(db).block == 3
+    assert CaptionIndex(db).db is db  # the raw rows are held once, not copied normalized
     assert torch.equal(nearest_rows(queries, db, 7), exact)
     with pytest.raises(PairfreeError, match="unknown search backend"):
         CaptionIndex(db, backend="annoy")

@@ -23,7 +23,9 @@ SCORE_BUDGET = 1 << 28  # similarities scored at once by the exact search (1 GiB
 
 
 class CaptionIndex:
-    """A database of embeddings searched by cosine: exact in torch, or faiss."""
+    """A database of embeddings searched by cosine: exact in torch, or faiss. The exact
+    search keeps the rows as given (no normalized copy: a caller that also reads the raw rows,
+    as IFCap's decoder does, holds them once) and divides by their norms as it scores."""
 
     def __init__(
         self,
@@ -35,16 +37,18 @@ class CaptionIndex:
     ) -> None:
         if backend not in BACKENDS:
             raise PairfreeError(f"unknown search backend {backend!r}: expected one of {BACKENDS}")
-        self.db = F.normalize(database.float(), dim=-1)
-        self.backend = backend
         self.block = max(1, min(4096, SCORE_BUDGET // max(1, len(database))))
-        self.faiss = (
-            _faiss_index(self.db.numpy(), ivf_threshold=ivf_threshold, nprobe=nprobe)
-            if backend == "faiss" else None
-        )  # fmt: skip
+        self.faiss = self.db = self.inverse_norms = None
+        if backend == "faiss":
+            unit = F.normalize(database.float(), dim=-1).numpy()
+            self.faiss = _faiss_index(unit, ivf_threshold=ivf_threshold, nprobe=nprobe)
+        else:
+            self.db = database.float()
+            self.inverse_norms = 1.0 / self.db.norm(dim=-1).clamp(min=1e-12)
+        self.size = len(database)
 
     def __len__(self) -> int:
-        return len(self.db)
+        return self.size
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """[Q, k] indices of each query's k most similar rows, most similar first."""
@@ -54,7 +58,7 @@ class CaptionIndex:
         for start in range(0, len(queries), self.block):
             q = F.normalize(queries[start : start + self.block].float(), dim=-1)
             if self.faiss is None:
-                found = (q @ self.db.T).topk(k, dim=1).indices
+                found = ((q @ self.db.T) * self.inverse_norms).topk(k, dim=1).indices
             else:
                 q = np.ascontiguousarray(q.numpy(), dtype=np.float32)
                 found = torch.from_numpy(self.faiss.search(q, k)[1].astype(np.int64))
@@ -90,7 +94,8 @@ def image_like_neighbours(
     noise = Conditioning(normalize=True, noise_variance=noise_variance)  # CapDec's injection
     out = torch.empty(n, k, dtype=torch.long)
     for start in range(0, n, block):
-        q = condition(index.db[start : start + block], noise, training=True, generator=generator)
+        q = embeddings[start : start + block].float()
+        q = condition(q, noise, training=True, generator=generator)  # normalized, noised
         found = index.search(q, k + 1)
         other = found != torch.arange(start, start + len(q))[:, None]
         keep = other & (other.cumsum(dim=1) <= k)  # the first k that are not the caption
