@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from entity_prompt_helpers import WORDS, tiny_args, train_cli, write_entity_data
 from PIL import Image
 from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,54 +167,21 @@ def test_the_decoder_feeds_each_image_its_nearest_captions_raw_embeddings(
 
 
 # --------------------------------------------------------------------------- the recipe
-WORDS = ["dog", "cat", "bus", "box"]
+RETRIEVAL = {"retrieval.k": 3, "retrieval.captions": 4, "retrieval.min_count": 2}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ifcap-data")
-    lines = [f"a {a} next to a {b}" for a in WORDS for b in WORDS if a != b]
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    root = write_entity_data(tmp_path_factory.mktemp("ifcap-data"))
     (root / "target.txt").write_text("a cat on a box\na dog in a bus\na box\n")
-    (root / "vocabulary.txt").write_text("\n".join(WORDS) + "\n")
     return root
 
 
 def ifcap_args(data, clip_dir, gpt2_dir, out, **extra):
-    base = {
-        "corpus.path": data / "corpus.txt",
-        "corpus.val_fraction": 0.0,
-        "entities.vocabulary": data / "vocabulary.txt",
-        "entities.threshold": 0.0,
-        "retrieval.k": 3,
-        "retrieval.captions": 4,
-        "retrieval.min_count": 2,
-        "clip": f"hf:{clip_dir}",
-        "features": out.parent / "features",
-        "model.lm": gpt2_dir,
-        "model.prefix_length": 3,
-        "model.clip_length": 3,
-        "model.mapper_layers": 1,
-        "train.output_dir": out,
-        "train.batch_size": 6,
-        "train.warmup_steps": 2,
-        "train.lr": 3e-3,
-        "train.max_steps": 30,
-        "generation.max_new_tokens": 12,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_args(data, clip_dir, gpt2_dir, out, **{**RETRIEVAL, **extra})
 
 
-def run_cli(args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pairfree.cli", "train", "ifcap", "--no-progress", *args],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+run_cli = train_cli("ifcap")
 
 
 def test_ifcap_learns_and_a_saved_copy_captions_from_another_folder(

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from entity_prompt_helpers import WORDS, tiny_args, train_cli, write_entity_data
 from PIL import Image
 from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,50 +176,13 @@ def test_defaults_are_the_originals_coco_settings():
     assert get_recipe("viecap").config_class is ViECapConfig
 
 
-WORDS = ["dog", "cat", "bus", "box"]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viecap-data")
-    lines = [f"a {a} next to a {b}" for a in WORDS for b in WORDS if a != b]
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    (root / "vocabulary.txt").write_text("\n".join(WORDS) + "\n")
-    return root
+    return write_entity_data(tmp_path_factory.mktemp("viecap-data"))
 
 
-def viecap_args(data, clip_dir, gpt2_dir, out, **extra):
-    base = {
-        "corpus.path": data / "corpus.txt",
-        "corpus.val_fraction": 0.0,
-        "entities.vocabulary": data / "vocabulary.txt",
-        "entities.threshold": 0.0,
-        "clip": f"hf:{clip_dir}",
-        "features": out.parent / "features",
-        "model.lm": gpt2_dir,
-        "model.prefix_length": 3,
-        "model.clip_length": 3,
-        "model.mapper_layers": 1,
-        "train.output_dir": out,
-        "train.batch_size": 6,
-        "train.warmup_steps": 2,
-        "train.lr": 3e-3,
-        "train.max_steps": 30,
-        "generation.max_new_tokens": 12,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run_cli(args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pairfree.cli", "train", "viecap", "--no-progress", *args],
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+viecap_args = tiny_args
+run_cli = train_cli("viecap")
 
 
 def test_viecap_learns_captions_and_a_saved_copy_captions_elsewhere(

@@ -89,21 +89,28 @@ class CaptionDecoder:
         if self.entity_words is not None and not isinstance(model, PrefixCaptioner):
             raise PairfreeError("entity hard prompts go with prefix captioners only")
 
-    def conditions(self, image_embeds: torch.Tensor) -> torch.Tensor:
+    def conditions(
+        self, image_embeds: torch.Tensor, nearest: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Turn CLIP image embeddings into what the decoder was trained to read ([B, d]; for
-        a fusion mapper [B, 1 + k, d], the k nearest captions' embeddings after it)."""
+        a fusion mapper [B, 1 + k, d], the k nearest captions' embeddings after it;
+        ``nearest``: :meth:`retrieve`'s answer for these images, if already at hand)."""
         cond = condition(
             image_embeds.float(), self.conditioning, training=False, memory=self.memory
         )
         if getattr(self.model.config, "mapper", None) != "fusion":
             return cond
         _, captions, _ = self.retrieval
-        nearest = self.retrieve(image_embeds, self.conditioning.retrieval_k)
+        k = self.conditioning.retrieval_k
+        nearest = (self.retrieve(image_embeds, k) if nearest is None else nearest)[:, :k]
         return torch.cat((cond[:, None], captions[nearest].to(cond.device, cond.dtype)), dim=1)
 
-    def retrieve(self, image_embeds: torch.Tensor, k: int) -> torch.Tensor:
-        """[B, k] indices of each image's k nearest captions in the retrieval memory."""
+    def retrieve(self, image_embeds: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """[B, k] indices of each image's k nearest captions in the retrieval memory, nearest
+        first (default k: as many as the fusion mapper and entity filtering read)."""
         _, captions, index = self.retrieval
+        spec = self.conditioning
+        k = max(spec.retrieval_k, spec.retrieval_captions) if k is None else k
         return index.search(image_embeds.float().cpu(), min(k, len(captions)))
 
     @property
@@ -140,12 +147,15 @@ class CaptionDecoder:
         """Whether a prefix captioner reads an entity hard prompt after its soft prompt."""
         return self.entity_classes is not None or self.entity_words is not None
 
-    def entities(self, image_embeds: torch.Tensor) -> list[list[str]]:
-        """Each image's entities: by entity filtering of its retrieved captions, else by the
-        zero-shot classifier (none without either)."""
+    def entities(
+        self, image_embeds: torch.Tensor, nearest: torch.Tensor | None = None
+    ) -> list[list[str]]:
+        """Each image's entities: by entity filtering of its retrieved captions (``nearest``
+        as in :meth:`conditions`), else by the zero-shot classifier (none without either)."""
         if self.entity_words is not None:
             texts, _, _ = self.retrieval
-            nearest = self.retrieve(image_embeds, self.conditioning.retrieval_captions)
+            many = self.conditioning.retrieval_captions
+            nearest = (self.retrieve(image_embeds, many) if nearest is None else nearest)[:, :many]
             min_count = self.conditioning.entity_min_count
             return [frequent_entities([texts[i] for i in row], self.entity_words, min_count)
                     for row in nearest.tolist()]  # fmt: skip
@@ -176,12 +186,13 @@ class CaptionDecoder:
         texts: list[str] = []
         for start in range(0, len(image_embeds), batch_size):
             chunk = image_embeds[start : start + batch_size]
-            cond = self.conditions(chunk).to(device) if self.needs_embeddings else None
+            nearest = self.retrieve(chunk) if self.retrieval is not None else None  # once
+            cond = self.conditions(chunk, nearest).to(device) if self.needs_embeddings else None
             if self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip
             elif self.entity_prompted:
-                prompts = [entity_prompt(e) for e in self.entities(chunk)]
+                prompts = [entity_prompt(e) for e in self.entities(chunk, nearest)]
                 tokens = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
                 ids, mask = pad_prompts(tokens, pad_id=0)
                 ids = self.model.generate(cond, ids, mask, **settings)

@@ -109,20 +109,28 @@ def noised_soft_prompt(conditioning: Conditioning) -> SoftPrompt:
     return soft
 
 
+def with_entity_prompts(
+    tokenizer, entities: Sequence[list[str]], ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each caption after "There are e1, e2 in image.": (ids, mask, target mask), the target
+    marking the caption tokens only."""
+    prompt_ids = tokenizer([entity_prompt(e) for e in entities],
+                           add_special_tokens=False)["input_ids"]  # fmt: skip
+    return prompted_batch(prompt_ids, ids, mask, tokenizer.pad_token_id or 0)
+
+
 def entity_prompted_step(
     soft_prompt: SoftPrompt, tokenizer, *, hard_prompt: bool, mask_rate: float
 ) -> StepFn:
     """Caption cross-entropy after the soft prompt and the masked entity prompt."""
-    pad = tokenizer.pad_token_id or 0
 
     def step(ctx, batch):
         emb, ids, mask, extras = batch
         soft = soft_prompt(emb, extras, None)
         target = mask
         if hard_prompt:
-            prompts = [entity_prompt(masked_entities(x.entities, mask_rate)) for x in extras]
-            prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-            ids, mask, target = prompted_batch(prompt_ids, ids, mask, pad)
+            shown = [masked_entities(x.entities, mask_rate) for x in extras]
+            ids, mask, target = with_entity_prompts(tokenizer, shown, ids, mask)
         loss = ctx.modules["captioner"](soft, ids, mask, target).loss
         ctx.optimize("captioner", token_weighted(ctx.accelerator, loss, target))
         return {"loss": loss.detach()}
@@ -137,16 +145,14 @@ def entity_prompted_val_step(
     generator of its own, so validation leaves the training RNG alone) and every entity of
     the caption (no masking)."""
     noise = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id or 0
 
     def val_step(ctx, batch):
         emb, ids, mask, extras = batch
         soft = soft_prompt(emb, extras, noise)
         target = mask
         if hard_prompt:
-            prompt_ids = tokenizer([entity_prompt(x.entities) for x in extras],
-                                   add_special_tokens=False)["input_ids"]  # fmt: skip
-            ids, mask, target = prompted_batch(prompt_ids, ids, mask, pad)
+            ids, mask, target = with_entity_prompts(tokenizer, [x.entities for x in extras],
+                                                    ids, mask)  # fmt: skip
         logits = ctx.unwrap("captioner")(soft, ids, mask, target).logits
         return {"val_loss": -caption_log_probs(logits, ids, target * mask)}
 
