@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_models import save_tiny_clip  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -34,24 +35,8 @@ def tiny_gpt2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
-    """A 2-layer ViT CLIP (32x32 input, patch 8) with CLIP's real BPE tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from pairfree.tokenizers import clip_tokenizer
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-clip")
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
-        vision_config=dict(tower, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(out)
-    tokenizer = clip_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    return out
+    """A 2-layer ViT CLIP, width 32, 16-dimensional embeddings."""
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")

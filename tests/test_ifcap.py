@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from entity_prompt_helpers import WORDS, tiny_args, train_cli, write_entity_data
 from PIL import Image
 from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+from tiny_models import save_tiny_clip
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pairfree.captioner import CaptionerConfig, Conditioning, PrefixCaptioner
@@ -132,6 +133,10 @@ def test_entity_filtering_needs_its_words_and_memory():
         Conditioning(entity_min_count=3)
     with pytest.raises(PairfreeError, match="retrieval_k"):
         Conditioning(retrieval_k=0)
+    with pytest.raises(PairfreeError, match="go together"):
+        Conditioning(retrieval_memory="m", retrieval_clip="hf:x")
+    with pytest.raises(PairfreeError, match="search a retrieval_memory"):
+        Conditioning(retrieval_clip="hf:x", retrieval_keys="k")
 
 
 def test_the_decoder_feeds_each_image_its_nearest_captions_raw_embeddings(
@@ -167,7 +172,8 @@ def test_the_decoder_feeds_each_image_its_nearest_captions_raw_embeddings(
 
 
 # --------------------------------------------------------------------------- the recipe
-RETRIEVAL = {"retrieval.k": 3, "retrieval.captions": 4, "retrieval.min_count": 2}
+RETRIEVAL = {"retrieval.k": 3, "retrieval.captions": 4, "retrieval.min_count": 2,
+             "retrieval.clip": "null"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +226,60 @@ def test_ifcap_learns_and_a_saved_copy_captions_from_another_folder(
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [r["caption"] for r in json.loads(out.read_text())] == [caption]
+
+
+@pytest.fixture(scope="module")
+def second_clip_dir(tmp_path_factory):
+    """Another tiny CLIP, of another width, standing for IFCap's RN50x64."""
+    return save_tiny_clip(tmp_path_factory.mktemp("second-clip"), width=24, layers=1,
+                          projection=12, seed=1)  # fmt: skip
+
+
+def test_a_second_clip_retrieves_in_training_and_travels_with_the_captioner(
+    data, tiny_clip_dir, second_clip_dir, tiny_gpt2_dir, tmp_path
+):
+    """IFCap's RN50x64 retrieval: the second CLIP's caption embeddings are the keys of
+    image-like retrieval and of test-time retrieval; the fusion module still reads the
+    retrieved captions' embeddings under the captioner's CLIP."""
+    from safetensors.torch import load_file
+
+    second = f"hf:{second_clip_dir}"
+    args = ifcap_args(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "run",
+                      **{"retrieval.clip": second, "retrieval.noise_variance": 0.0,
+                         "train.max_steps": 4})  # fmt: skip
+    train_ifcap(build_config(IFCapConfig, None, args), progress=False)
+    captioner = Captioner.from_pretrained(tmp_path / "run")
+    spec = captioner.conditioning
+    assert spec.retrieval_clip == second and captioner.retrieval_clip.embed_dim == 12
+    memory, keys = FeatureStore(spec.retrieval_memory), FeatureStore(spec.retrieval_keys)
+    assert keys.texts == memory.texts and keys.encoder == captioner.retrieval_clip.name
+    assert memory.tensor().shape[1] == 16 and keys.tensor().shape[1] == 12
+    (cached,) = tmp_path.glob("features-retrieved-*.safetensors")  # no noise: exact neighbours
+    expected = image_like_neighbours(keys.tensor(), 3, noise_variance=0.0,
+                                     generator=torch.Generator())  # fmt: skip
+    assert torch.equal(load_file(str(cached))["retrieved"], expected)
+
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    embeds = captioner.clip.encode_images([image])
+    searched = captioner.retrieval_inputs([image])
+    order = (F.normalize(searched, dim=-1) @ F.normalize(keys.tensor(), dim=-1).T)[0]
+    nearest = captioner.retrieve(embeds, retrieval_embeds=searched)
+    assert nearest[0].tolist() == order.argsort(descending=True)[:4].tolist()
+    cond = captioner.conditions(embeds, nearest)
+    assert torch.equal(cond[0, 1:], memory.tensor()[nearest[0, :3]])
+    with pytest.raises(PairfreeError, match="retrieval_embeds"):
+        captioner.conditions(embeds)  # the captioner's CLIP cannot search these keys
+    caption = captioner(image)
+    assert caption == captioner.caption_embeddings(embeds, retrieval_embeds=searched)[0]
+
+    copy = captioner.save_pretrained(tmp_path / "elsewhere" / "copy")
+    assert f"| retrieval CLIP | `{second}` |" in (copy / "README.md").read_text()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    for store in tmp_path.glob("features*"):
+        store.rename(tmp_path / f"moved-{store.name}")
+    again = Captioner.from_pretrained(copy)
+    assert (copy / "retrieval-keys" / "manifest.json").exists()
+    assert again(image) == caption
 
 
 def test_image_like_retrieval_is_cached_and_the_noise_is_its_setting(
@@ -286,6 +346,7 @@ def test_defaults_are_the_originals_coco_settings():
     )
     r = cfg.retrieval
     assert (r.k, r.noise_variance, r.captions, r.min_count) == (5, 0.04, 9, 5)
+    assert r.clip == "open_clip:RN50x64/openai"  # image_like_retrieval.py --variant
     assert cfg.noise_variance == 0.016 and cfg.hard_prompt and cfg.fusion
     e = cfg.entities
     assert (e.max_entities, e.mask_rate, e.top_k, e.threshold, e.ensemble) == (
@@ -326,7 +387,7 @@ def test_paper_configs_resolve_to_the_papers_settings(name):
     assert cfg.noise_variance == 0.016 and cfg.hard_prompt and cfg.fusion
     r = cfg.retrieval
     assert (r.k, r.noise_variance, r.captions, r.min_count) == (5, 0.04, captions, min_count)
-    assert (r.memory.path or None) == target
+    assert (r.memory.path or None) == target and r.clip == "open_clip:RN50x64/openai"
     e = cfg.entities
     assert (e.threshold, e.top_k, e.temperature, e.ensemble) == (threshold, 3, 0.01, True)
     assert (e.mask_rate, e.max_entities) == (0.4, 10)

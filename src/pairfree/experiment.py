@@ -117,8 +117,12 @@ def caption_test_set(
 ) -> dict[str, str]:
     """Image id -> caption for every test image."""
     grid = test.grids(captioner) if captioner.needs_grid else None
+    second = captioner.retrieval_clip  # IFCap's retrieval CLIP, where it has one
     texts = captioner.caption_embeddings(
-        test.embeddings(captioner.clip), grid=grid, batch_size=batch_size
+        test.embeddings(captioner.clip),
+        grid=grid,
+        retrieval_embeds=None if second is None else test.embeddings(second),
+        batch_size=batch_size,
     )
     return dict(zip(test.images, texts, strict=True))
 

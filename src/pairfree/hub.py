@@ -112,6 +112,7 @@ def model_card(
         data += f", split `{corpus['split']}`" if corpus.get("split") else ""
     train = config.get("train", {})
     where = repo_id or "path/to/this/folder"
+    retrieval = card.conditioning.retrieval_clip  # IFCap's second CLIP
     lines = [
         "---",
         "library_name: pairfree",
@@ -128,6 +129,7 @@ def model_card(
         "| --- | --- |",
         f"| recipe | `{card.recipe}` |",
         f"| CLIP | `{card.clip}` |",
+        *([f"| retrieval CLIP | `{retrieval}` |"] if retrieval else []),
         f"| decoder | `{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'}) |",
         f"| training data | {data} |",
         f"| training steps | {(record or {}).get('steps') or 'not recorded'} |",

@@ -43,8 +43,8 @@ from pairfree.io import atomic_write_json, atomic_write_text
 from pairfree.job import resolve_device
 
 # conditioning fields that name feature stores, and their folder in a saved checkpoint
-STORES = dict(zip(("project_to", "prompt_phrases", "entity_classes", "retrieval_memory"),
-                  STORE_FOLDERS, strict=True))  # fmt: skip
+STORES = dict(zip(("project_to", "prompt_phrases", "entity_classes", "retrieval_memory",
+                   "retrieval_keys"), STORE_FOLDERS, strict=True))  # fmt: skip
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -62,8 +62,10 @@ class Captioner(CaptionDecoder):
         generation: GenerationConfig | None = None,
         card: CheckpointCard | None = None,
         source: Path | None = None,
+        retrieval_clip: ClipEncoder | None = None,
     ) -> None:
-        super().__init__(model, tokenizer, clip, conditioning=conditioning, generation=generation)
+        super().__init__(model, tokenizer, clip, conditioning=conditioning, generation=generation,
+                         retrieval_clip=retrieval_clip)  # fmt: skip
         self.card = card  # what it was loaded with (recipe, CLIP spec): needed to save it
         self.source = source  # the checkpoint directory it was loaded from
 
@@ -113,6 +115,10 @@ class Captioner(CaptionDecoder):
         })  # fmt: skip
         if project_to is not None:
             conditioning = replace(conditioning, project_to=str(project_to), tau=tau)
+        retrieval_clip = None
+        if conditioning.retrieval_clip is not None:  # IFCap's second CLIP, as the card names
+            check_clip_spec(path, conditioning.retrieval_clip)
+            retrieval_clip = load_clip(conditioning.retrieval_clip, device=device, dtype=half)
         return cls(
             model,
             tokenizer,
@@ -121,14 +127,15 @@ class Captioner(CaptionDecoder):
             generation=replace(card.generation, **generation),
             card=card,
             source=path,
+            retrieval_clip=retrieval_clip,
         )
 
     def save_pretrained(self, out_dir: str | Path, *, repo_id: str | None = None) -> Path:
         """Write a self-contained copy to ``out_dir`` (atomically): the checkpoint, the feature
         stores its conditioning reads (as ``memory/``, ``phrases/``, ``entities/``,
-        ``retrieval/``), what its
-        training run recorded (``training.json``) and a model card (``README.md``; ``repo_id``
-        goes into its loading example)."""
+        ``retrieval/``, ``retrieval-keys/``), what its training run recorded
+        (``training.json``) and a model card (``README.md``; ``repo_id`` goes into its loading
+        example)."""
         if self.card is None:
             raise PairfreeError("only a captioner loaded with from_pretrained can be saved (its "
                                 "card names the recipe and the CLIP to load it with)")  # fmt: skip

@@ -49,5 +49,7 @@ ADDED_CONDITIONING = {
     "retrieval_memory": None,
     "retrieval_k": 5,
     "retrieval_captions": 9,
+    "retrieval_clip": None,
+    "retrieval_keys": None,
 }
 ADDED_GENERATION = {"score_length": "new_tokens", "also_stop": ()}

@@ -50,7 +50,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TRAINING_NAME = "training.json"  # what the run that made a checkpoint recorded
 # feature stores a saved copy carries (its conditioning's)
-STORE_FOLDERS = ("memory", "phrases", "entities", "retrieval")
+STORE_FOLDERS = ("memory", "phrases", "entities", "retrieval", "retrieval-keys")
 _META_KEYS = {"format", "format_version", "family", "captioner", "lm_config", "card"}
 # files a checkpoint holds: pairfree's own, a model card, git's attributes (every Hub repo has
 # them) and a tokenizer's (sentencepiece ``.model`` files are protobuf, not pickles)

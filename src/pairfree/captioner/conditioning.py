@@ -32,7 +32,9 @@ bug. Apart from that, zero noise and no offset leave the (normalized) embedding 
   that many times in the image's ``retrieval_captions`` nearest captions;
 - retrieved captions (IFCap's fusion mapper): the raw text embeddings of the image's
   ``retrieval_k`` nearest captions in ``retrieval_memory`` (a text feature store with its
-  texts) join the condition, see :class:`pairfree.captioner.mapper.FusionMapper`.
+  texts) join the condition, see :class:`pairfree.captioner.mapper.FusionMapper`. The
+  search reads the captioner's CLIP, or a second one (``retrieval_clip``, IFCap's RN50x64)
+  whose text embeddings of the same captions, in the same order, are ``retrieval_keys``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Conditioning:
     retrieval_memory: str | None = None  # text feature store of the captions retrieved (IFCap)
     retrieval_k: int = 5  # retrieved captions the fusion mapper reads
     retrieval_captions: int = 9  # retrieved captions entity filtering counts in
+    retrieval_clip: str | None = None  # the CLIP that searches the memory; None: the captioner's
+    retrieval_keys: str | None = None  # the memory's captions under retrieval_clip, same order
 
     def __post_init__(self) -> None:
         if self.noise_kind not in NOISE_KINDS:
@@ -103,6 +107,11 @@ class Conditioning:
         if self.entity_min_count > 0 and (not self.entity_words or not self.retrieval_memory):
             raise PairfreeError("entity filtering (entity_min_count > 0) needs entity_words "
                                 "and the retrieval_memory it counts them in")  # fmt: skip
+        if (self.retrieval_clip is None) != (self.retrieval_keys is None):
+            raise PairfreeError("retrieval_clip and retrieval_keys (its text embeddings of the "
+                                "memory's captions) go together")  # fmt: skip
+        if self.retrieval_keys is not None and self.retrieval_memory is None:
+            raise PairfreeError("retrieval_keys search a retrieval_memory: name it")
         if self.prompt_phrases is not None and self.entity_classes is not None:
             raise PairfreeError(
                 "a hard prompt comes from prompt_phrases or entity_classes, not both"

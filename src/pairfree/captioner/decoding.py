@@ -30,7 +30,7 @@ from pairfree.captioner.entities import (
 from pairfree.captioner.generation import GenerationConfig
 from pairfree.captioner.model import PrefixCaptioner
 from pairfree.captioner.prompts import hard_prompt, top_phrases
-from pairfree.clip import ClipEncoder
+from pairfree.clip import ClipEncoder, load_clip
 from pairfree.clip.vision import tower_pixels
 from pairfree.data import load_image
 from pairfree.errors import BadInputError, PairfreeError, first_line
@@ -52,7 +52,10 @@ class CaptionDecoder:
         *,
         conditioning: Conditioning | None = None,
         generation: GenerationConfig | None = None,
+        retrieval_clip: ClipEncoder | None = None,
     ) -> None:
+        """``retrieval_clip``: the encoder the conditioning's ``retrieval_clip`` names, if
+        already loaded (else it is loaded here)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.clip = clip
@@ -75,10 +78,20 @@ class CaptionDecoder:
             store = _text_store(spec.entity_classes, clip)
             self.entity_classes = (store.texts or [], store.tensor())
         self.retrieval: tuple[list[str], torch.Tensor, CaptionIndex] | None = None
+        self.retrieval_clip: ClipEncoder | None = None
         if spec.retrieval_memory is not None:
             store = _text_store(spec.retrieval_memory, clip)
-            captions = store.tensor()
-            self.retrieval = (store.texts or [], captions, CaptionIndex(captions))
+            captions, keys = store.tensor(), None
+            if spec.retrieval_clip is not None:
+                self.retrieval_clip = retrieval_clip or load_clip(
+                    spec.retrieval_clip, device=next(model.parameters()).device
+                )
+                keys = _text_store(spec.retrieval_keys, self.retrieval_clip)
+                if keys.texts != store.texts:
+                    raise PairfreeError(f"{spec.retrieval_keys} does not hold the captions of "
+                                        f"{spec.retrieval_memory} in their order")  # fmt: skip
+            index = CaptionIndex(captions if keys is None else keys.tensor())
+            self.retrieval = (store.texts or [], captions, index)
         fusion = getattr(model.config, "mapper", None) == "fusion"
         if fusion and self.retrieval is None:
             raise PairfreeError("a fusion mapper reads retrieved captions: the conditioning "
@@ -94,7 +107,8 @@ class CaptionDecoder:
     ) -> torch.Tensor:
         """Turn CLIP image embeddings into what the decoder was trained to read ([B, d]; for
         a fusion mapper [B, 1 + k, d], the k nearest captions' embeddings after it;
-        ``nearest``: :meth:`retrieve`'s answer for these images, if already at hand)."""
+        ``nearest``: :meth:`retrieve`'s answer for these images, needed where a second CLIP
+        retrieves)."""
         cond = condition(
             image_embeds.float(), self.conditioning, training=False, memory=self.memory
         )
@@ -105,13 +119,37 @@ class CaptionDecoder:
         nearest = (self.retrieve(image_embeds, k) if nearest is None else nearest)[:, :k]
         return torch.cat((cond[:, None], captions[nearest].to(cond.device, cond.dtype)), dim=1)
 
-    def retrieve(self, image_embeds: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    def retrieve(
+        self,
+        image_embeds: torch.Tensor,
+        k: int | None = None,
+        *,
+        retrieval_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """[B, k] indices of each image's k nearest captions in the retrieval memory, nearest
-        first (default k: as many as the fusion mapper and entity filtering read)."""
+        first (default k: as many as the fusion mapper and entity filtering read). Where a
+        second CLIP retrieves (:attr:`retrieval_clip`), it searches with that CLIP's image
+        embeddings, ``retrieval_embeds`` (:meth:`retrieval_inputs`)."""
         _, captions, index = self.retrieval
         spec = self.conditioning
         k = max(spec.retrieval_k, spec.retrieval_captions) if k is None else k
-        return index.search(image_embeds.float().cpu(), min(k, len(captions)))
+        query = image_embeds
+        if self.retrieval_clip is not None:
+            if retrieval_embeds is None or len(retrieval_embeds) != len(image_embeds):
+                raise PairfreeError(f"this captioner retrieves captions with "
+                                    f"{spec.retrieval_clip}: pass each image's retrieval_embeds "
+                                    "(its image embeddings under that CLIP)")  # fmt: skip
+            query = retrieval_embeds
+        return index.search(query.float().cpu(), min(k, len(captions)))
+
+    def retrieval_inputs(
+        self, images: Sequence[Image.Image], *, batch_size: int = 64
+    ) -> torch.Tensor | None:
+        """The images' embeddings under the second CLIP that retrieves captions (None where
+        the captioner's own CLIP retrieves, or nothing does)."""
+        if self.retrieval_clip is None:
+            return None
+        return self.retrieval_clip.encode_images(images, batch_size=batch_size)
 
     @property
     def needs_embeddings(self) -> bool:
@@ -173,10 +211,12 @@ class CaptionDecoder:
         image_embeds: torch.Tensor,
         *,
         grid: torch.Tensor | None = None,
+        retrieval_embeds: torch.Tensor | None = None,
         batch_size: int = 64,
     ) -> list[str]:
         """Captions for precomputed CLIP image embeddings (e.g. from a feature store), and
-        for a cross-attention captioner what :meth:`grids` gives for the images. Where
+        for a cross-attention captioner what :meth:`grids` gives for the images (for one that
+        retrieves with a second CLIP, what :meth:`retrieval_inputs` gives). Where
         :attr:`needs_embeddings` is false, ``image_embeds`` only counts the images (``[N, 0]``
         will do)."""
         if self.needs_grid and (grid is None or len(grid) != len(image_embeds)):
@@ -186,7 +226,10 @@ class CaptionDecoder:
         texts: list[str] = []
         for start in range(0, len(image_embeds), batch_size):
             chunk = image_embeds[start : start + batch_size]
-            nearest = self.retrieve(chunk) if self.retrieval is not None else None  # once
+            nearest = None  # retrieved once per batch, for the fusion mapper and the entities
+            if self.retrieval is not None:
+                keys = None if retrieval_embeds is None else retrieval_embeds[start:][:batch_size]
+                nearest = self.retrieve(chunk, retrieval_embeds=keys)
             cond = self.conditions(chunk, nearest).to(device) if self.needs_embeddings else None
             if self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
@@ -237,7 +280,9 @@ class CaptionDecoder:
 
     def _caption(self, pil: list[Image.Image], *, batch_size: int) -> list[str]:
         embeds, grid = self.image_inputs(pil, batch_size=batch_size)
-        return self.caption_embeddings(embeds, grid=grid, batch_size=batch_size)
+        keys = self.retrieval_inputs(pil, batch_size=batch_size)
+        return self.caption_embeddings(embeds, grid=grid, retrieval_embeds=keys,
+                                       batch_size=batch_size)  # fmt: skip
 
     def image_inputs(
         self, images: Sequence[Image.Image], *, batch_size: int = 64

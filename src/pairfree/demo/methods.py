@@ -240,10 +240,12 @@ def viecap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
 def ifcap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     """IFCap at world scale: ViECap's world settings with the original's transformer mapper
     (8 layers, 10 tokens; the fusion module before it, and the "without fusion" ablation on
-    the same mapper) and its COCO retrieval settings (k 5, noise 0.04, l 9, K 5)."""
+    the same mapper) and its COCO retrieval settings (k 5, noise 0.04, l 9, K 5); the world
+    CLIP retrieves too, the world having no second CLIP to stand for RN50x64."""
     settings = viecap_settings(cfg, method)
     settings["model"] = {**settings["model"], "mapper": "transformer", "mapper_layers": 8,
                          "clip_length": 10}  # fmt: skip
+    settings["retrieval"] = {"clip": None}
     return settings
 
 

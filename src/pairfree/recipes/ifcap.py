@@ -27,9 +27,14 @@ ClipCap beam search (greedy on Flickr30k, as its eval script). Ablations: ``retr
 noise_variance: 0`` (plain text-to-text retrieval), ``fusion: false`` (ViECap's mapper; the
 retrieval still feeds entity filtering), ``retrieval.min_count: 0`` (no entity filtering).
 
-Where pairfree differs on purpose: retrieval reads the captioner's own CLIP (ViT-B/32 in the
-configs), where the original retrieves with a second CLIP, RN50x64, in both image-like
-retrieval and test-time image-to-text retrieval; entity filtering counts the object
+Retrieval reads a second CLIP, as the original's does (``retrieval.clip``, RN50x64): the
+corpus' captions under it are the keys of image-like retrieval and, with the test images under
+it, of test-time retrieval; the fusion module still reads the retrieved captions' embeddings
+under the captioner's CLIP (ViT-B/32). ``retrieval.clip: null`` retrieves with the captioner's
+own CLIP (one encoder to load; what the world table runs, having one world CLIP). The second
+CLIP's keys travel with the checkpoint (``retrieval-keys/``) and the card names that CLIP.
+
+Where pairfree differs on purpose: entity filtering counts the object
 vocabulary's words (see :mod:`pairfree.captioner.entities`); the retrieval noise is drawn
 from the run's seed (the original's is seed 30); the retrieved embeddings are float32 (the
 original searches in float16). The retrieved captions and the entity vocabulary travel with
@@ -53,9 +58,10 @@ from pairfree.captioner import (
     condition,
 )
 from pairfree.clip import ClipEncoder, load_clip
+from pairfree.data import Caption
 from pairfree.data.cleaning import CleaningConfig
 from pairfree.data.training_corpus import CorpusConfig, check_corpus
-from pairfree.encoding import encode_corpus
+from pairfree.encoding import encode_captions, encode_corpus
 from pairfree.errors import PairfreeError
 from pairfree.features import FeatureStore
 from pairfree.io import atomic_path
@@ -76,6 +82,7 @@ from pairfree.training.trainer import TrainConfig, TrainResult
 
 @dataclass
 class RetrievalConfig:
+    clip: str | None = "open_clip:RN50x64/openai"  # the CLIP that retrieves; null: the captioner's
     k: int = 5  # retrieved captions the fusion module reads (--k)
     noise_variance: float = 0.04  # image-like retrieval's noise; 0: plain text retrieval
     index: str = "exact"  # "exact" | "faiss" (an IVF index above a million captions)
@@ -153,6 +160,17 @@ def retrieved_for_training(
     return load_file(str(path))["retrieved"]
 
 
+def retrieval_keys(search: ClipEncoder, store: FeatureStore, job: Job) -> FeatureStore:
+    """``store``'s captions, in its order, under the CLIP that retrieves (encoded once, beside
+    it): what image-like and test-time retrieval search."""
+    digest = hashlib.sha256(search.name.encode()).hexdigest()[:12]
+    out = store.path.parent / f"{store.path.name}-keys-{digest}"
+    captions = [Caption(t, None, str(store.path), i + 1) for i, t in enumerate(store.texts or [])]
+    encode_captions(search, captions, out, job=job)
+    job.wait_for_everyone()
+    return FeatureStore(out)
+
+
 def retrieval_memory(cfg: IFCapConfig, clip: ClipEncoder, features: Path, job: Job) -> Path:
     """The store of captions retrieved from at inference: the training corpus' own, or the
     target domain's captions (encoded once, beside the corpus features)."""
@@ -195,7 +213,10 @@ def train_ifcap(cfg: IFCapConfig, *, resume: bool = True, progress: bool = True)
     texts = store.texts
     job.log_skips()
     captions = store.tensor()
-    retrieved = (retrieved_for_training(store, cfg.retrieval, features, cfg.train.seed, job)
+    spec = cfg.retrieval.clip if cfg.retrieval.clip not in (None, cfg.clip) else None
+    search = load_clip(spec, device=job.state.device) if spec else None
+    keys = store if search is None else retrieval_keys(search, store, job)
+    retrieved = (retrieved_for_training(keys, cfg.retrieval, features, cfg.train.seed, job)
                  if cfg.fusion else torch.empty(len(texts), 0, dtype=torch.long))  # fmt: skip
 
     filtering = vocabulary is not None and cfg.retrieval.min_count > 0
@@ -207,10 +228,15 @@ def train_ifcap(cfg: IFCapConfig, *, resume: bool = True, progress: bool = True)
                    "entity_words": sorted(vocabulary.words)}  # fmt: skip
     memory = (retrieval_memory(cfg, clip, features, job)
               if cfg.fusion or filtering else None)  # fmt: skip
+    memory_keys = None
+    if memory is not None and search is not None:
+        memory_keys = retrieval_keys(search, FeatureStore(memory), job).path.resolve()
     conditioning = Conditioning(
         normalize=True,
         noise_variance=cfg.noise_variance,
         retrieval_memory=str(memory.resolve()) if memory else None,
+        retrieval_clip=spec if memory_keys else None,
+        retrieval_keys=str(memory_keys) if memory_keys else None,
         retrieval_k=cfg.retrieval.k,
         retrieval_captions=cfg.retrieval.captions,
         **prompts,
