@@ -107,13 +107,15 @@ def test_top_level_api_is_lazy_and_complete():
         "assert 'torch' not in sys.modules, 'import pairfree pulled in torch'\n"
         "from pairfree import Captioner, get_recipe, recipe_names, run_experiment\n"
         "assert Captioner.__module__ == 'pairfree.pipeline'\n"
-        "assert recipe_names() == ['capdec', 'cgtgan', 'icsd', 'ifcap', 'sacap', 'scst-gan',"
-        " 'viecap']\n"
+        "assert recipe_names() == ['capdec', 'cgtgan', 'icsd', 'ifcap', 'pcmnet', 'sacap',"
+        " 'scst-gan', 'viecap']\n"
         "assert [get_recipe(n).name for n in recipe_names()] == recipe_names()\n"
         "import pairfree.recipes.capdec as m\n"
         "assert get_recipe('capdec').train is m.train_capdec is pairfree.train_capdec\n"
         "import pairfree.recipes.ifcap as m\n"
         "assert get_recipe('ifcap').train is m.train_ifcap is pairfree.train_ifcap\n"
+        "import pairfree.recipes.pcmnet as m\n"
+        "assert get_recipe('pcmnet').train is m.train_pcmnet is pairfree.train_pcmnet\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -122,5 +124,7 @@ def test_unknown_recipe_names_the_known_ones():
     from pairfree.errors import PairfreeError
     from pairfree.recipes import get_recipe
 
-    with pytest.raises(PairfreeError, match="capdec, cgtgan, icsd, ifcap, sacap, scst-gan, viecap"):
+    with pytest.raises(
+        PairfreeError, match="capdec, cgtgan, icsd, ifcap, pcmnet, sacap, scst-gan, viecap"
+    ):
         get_recipe("capdek")

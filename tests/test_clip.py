@@ -445,3 +445,57 @@ def test_open_clip_embeddings_and_grid_come_from_one_pass(tiny_open_clip, name):
 def test_world_embeddings_and_grid_come_from_one_pass():
     enc = load_clip("world:builtin")
     _one_pass_matches_two(enc, enc.model.image_tower.features)
+
+
+# --- grid tokens in the joint space (PCM-Net's mix-up) --------------------------------------
+
+
+def test_hf_grid_embeddings_are_the_head_applied_to_each_token(hf, images):
+    grid = hf.encode_image_grid(images)
+    dense = hf.embed_grid(grid)
+    assert dense.shape == (3, grid.shape[1], hf.embed_dim) and hf.grid_class_tokens == 1
+    torch.testing.assert_close(dense[:, 0], hf.encode_images(images))  # the class token's
+    assert hf.embed_grid(grid[:0]).shape == (0, grid.shape[1], hf.embed_dim)
+
+
+def test_open_clip_grid_embeddings_are_the_heads_reading_of_each_token(tiny_open_clip, images):
+    import copy
+
+    vit = load_clip(f"open_clip:pairfree-test-TinyViT@{tiny_open_clip['pairfree-test-TinyViT'][2]}")
+    assert vit.grid_class_tokens == 1
+    torch.testing.assert_close(vit.embed_grid(vit.encode_image_grid(images))[:, 0],
+                               vit.encode_images(images))  # fmt: skip
+    rn = load_clip(f"open_clip:pairfree-test-TinyRN@{tiny_open_clip['pairfree-test-TinyRN'][2]}")
+    assert rn.grid_class_tokens == 0
+    # DenseCLIP: a map of one repeated token, without positions, pools to that token's reading
+    rn.model = copy.deepcopy(rn.model)
+    pool = rn.model.visual.attnpool
+    with torch.no_grad():
+        pool.positional_embedding.zero_()
+    token = torch.randn(1, 1, 256)
+    grid = token.expand(1, 4, 256)
+    with torch.no_grad():
+        pooled = pool(grid.transpose(1, 2).reshape(1, 256, 2, 2))
+    dense = rn.embed_grid(grid)
+    assert dense.shape == (1, 4, rn.embed_dim)
+    torch.testing.assert_close(dense, pooled[:, None].expand_as(dense), rtol=1e-4, atol=1e-5)
+
+
+def test_world_grid_embeddings_are_the_pools_reading_of_each_token():
+    import copy
+
+    enc = load_clip("world:builtin")
+    model = copy.deepcopy(enc.model)
+    pool = model.image_tower.pool
+    with torch.no_grad():
+        pool.position.zero_()
+    grid = torch.randn(1, 1, enc.grid_shape[1]).expand(1, enc.grid_shape[0], -1)
+    with torch.no_grad():
+        content = pool(grid)
+        expected = model._place(content, torch.zeros_like(content), 1.0)
+        dense = model.embed_grid(grid)
+    torch.testing.assert_close(dense, expected[:, None].expand_as(dense), rtol=1e-4, atol=1e-5)
+    assert enc.grid_class_tokens == 0
+    assert enc.embed_grid(enc.encode_image_grid([Image.new("RGB", (64, 64))])).shape == (
+        1, enc.grid_shape[0], enc.embed_dim
+    )  # fmt: skip

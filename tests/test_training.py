@@ -372,6 +372,21 @@ def test_schedules_warm_up_then_decay_as_named(schedule):
     assert after == pytest.approx(expected, abs=1e-12)
 
 
+def test_noam_schedule_is_xmodalers_with_lr_its_peak():
+    """NoamLR: factor * d^-0.5 * min(s^-0.5, s * w^-1.5), s = step + 1; its peak (s = w) is
+    train.lr."""
+    from pairfree.training.trainer import TrainConfig, lr_lambda
+
+    d, w = 512, 100
+    peak = (d * w) ** -0.5
+    f = lr_lambda(w, 10_000, "noam")
+    for step in (0, 1, 49, 98, 99, 100, 399, 9_999):
+        s = step + 1
+        assert peak * f(step) == pytest.approx(d**-0.5 * min(s**-0.5, s * w**-1.5), rel=1e-12)
+    with pytest.raises(ValueError, match="grad_clip_mode"):
+        TrainConfig(grad_clip_mode="max")
+
+
 def test_training_is_watchable_log_lines_tensorboard_and_quiet(
     corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path, capsys
 ):

@@ -43,6 +43,8 @@ _EXPORTS = {
     "train_viecap": "pairfree.recipes.viecap",
     "IFCapConfig": "pairfree.recipes.ifcap",
     "train_ifcap": "pairfree.recipes.ifcap",
+    "PCMNetConfig": "pairfree.recipes.pcmnet",
+    "train_pcmnet": "pairfree.recipes.pcmnet",
 }
 __all__ = ["__version__", *_EXPORTS]
 

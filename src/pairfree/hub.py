@@ -130,7 +130,7 @@ def model_card(
         f"| recipe | `{card.recipe}` |",
         f"| CLIP | `{card.clip}` |",
         *([f"| retrieval CLIP | `{retrieval}` |"] if retrieval else []),
-        f"| decoder | `{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'}) |",
+        f"| decoder | {_decoder(family, lm, captioner.get('captioner', {}))} |",
         f"| training data | {data} |",
         f"| training steps | {(record or {}).get('steps') or 'not recorded'} |",
         f"| batch size, lr | {_batch(train)}, {train.get('lr', '?')} |",
@@ -228,3 +228,10 @@ def push_folder(
     if failure is not None:  # raised outside the handler: no chain back to the client's error
         raise failure
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+def _decoder(family: str, lm: str, config: dict) -> str:
+    if family == "pcm":  # trained from scratch over its own word vocabulary
+        layers = f"{config.get('encoder_layers', '?')} + {config.get('decoder_layers', '?')}"
+        return f"PCM-Net encoder-decoder ({layers} layers, width {config.get('width', '?')})"
+    return f"`{lm}` ({'cross-attention' if family == 'cross_attention' else 'prefix'})"

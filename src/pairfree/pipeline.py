@@ -36,6 +36,7 @@ from pairfree.captioner.checkpoint import (
 )
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner
 from pairfree.captioner.decoding import CaptionDecoder
+from pairfree.captioner.pcm import PCMCaptioner
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.errors import PairfreeError
 from pairfree.hub import TRAINING_NAME, model_card, push_folder, resolve_checkpoint, training_record
@@ -54,7 +55,7 @@ class Captioner(CaptionDecoder):
 
     def __init__(
         self,
-        model: PrefixCaptioner | CrossAttentionCaptioner,
+        model: PrefixCaptioner | CrossAttentionCaptioner | PCMCaptioner,
         tokenizer,
         clip: ClipEncoder,
         *,

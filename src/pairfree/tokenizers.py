@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from transformers import CLIPTokenizer, GPT2Tokenizer
+from transformers import CLIPTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 
 def gpt2_tokenizer() -> GPT2Tokenizer:
@@ -56,3 +59,44 @@ def clip_tokenizer() -> CLIPTokenizer:
     vocab += ["".join(p) for p in pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=pairs)
+
+
+# xmodaler's word-level vocabulary (PCM-Net's): "." starts and ends every caption (id 0)
+WORD_END = "."
+WORD_UNKNOWN = "<unk>"
+
+
+def words(text: str) -> list[str]:
+    """A caption's words as a word-level captioner reads them: lower-cased, punctuation
+    dropped."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def word_vocabulary(texts: Iterable[str], *, min_count: int = 5) -> list[str]:
+    """The words of ``texts`` seen at least ``min_count`` times, most frequent first (ties
+    alphabetically), after the end token and the unknown-word token."""
+    counts = Counter(w for text in texts for w in words(text))
+    kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    return [WORD_END, WORD_UNKNOWN, *kept]
+
+
+def word_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A Hugging Face fast tokenizer over whole words (:func:`words`' splitting; a word not in
+    ``vocabulary`` is ``<unk>``), which saves and loads as any tokenizer does. Its end and
+    start token is ".", id 0, as xmodaler's; decoding joins words with spaces."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    if list(vocabulary[:2]) != [WORD_END, WORD_UNKNOWN] or len(set(vocabulary)) != len(vocabulary):
+        raise ValueError(f"a word vocabulary starts with {WORD_END!r}, {WORD_UNKNOWN!r} and "
+                         "holds each word once")  # fmt: skip
+    model = WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=WORD_UNKNOWN)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=WORD_END, bos_token=WORD_END,
+        pad_token=WORD_END, unk_token=WORD_UNKNOWN,
+    )  # fmt: skip

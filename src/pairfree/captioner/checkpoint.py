@@ -2,9 +2,10 @@
 tokenizer files.
 
 ``config.json`` holds the model family (``"prefix"``: ClipCap's; ``"cross_attention"``: SaCap's
-and ICSD's), its config, the LM's own config and the typed checkpoint card (recipe, CLIP,
-conditioning, decoding). Loading rebuilds the LM from that config, so it needs neither the hub
-nor the training code, and never unpickles anything.
+and ICSD's; ``"pcm"``: PCM-Net's encoder-decoder, which has no pretrained LM), its config, the
+LM's own config and the typed checkpoint card (recipe, CLIP, conditioning, decoding). Loading
+rebuilds the LM from that config, so it needs neither the hub nor the training code, and never
+unpickles anything.
 
 A checkpoint may come from anyone (a Hub repository), so before anything in it is read the
 folder is checked (:func:`check_files`): a pickle (``pytorch_model.bin``, ``.pkl``, ``.pt``), a
@@ -38,6 +39,7 @@ from pairfree.captioner.card import CheckpointCard
 from pairfree.captioner.config import CaptionerConfig
 from pairfree.captioner.cross_attention import CrossAttentionCaptioner, CrossAttentionConfig
 from pairfree.captioner.model import PrefixCaptioner
+from pairfree.captioner.pcm import PCMCaptioner, PCMConfig
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.errors import BadInputError, PairfreeError
 from pairfree.io import atomic_write_json, read_json_config
@@ -61,8 +63,10 @@ _KNOWN_FILES = {
 }  # fmt: skip
 _PICKLE_SUFFIXES = {".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".dill"}
 _NOT_READ = {".git", ".cache"}  # a git clone's or `hf download --local-dir`'s bookkeeping
-FAMILIES = {"prefix": PrefixCaptioner, "cross_attention": CrossAttentionCaptioner}
-AnyCaptioner = PrefixCaptioner | CrossAttentionCaptioner
+FAMILIES = {"prefix": PrefixCaptioner, "cross_attention": CrossAttentionCaptioner,
+            "pcm": PCMCaptioner}  # fmt: skip
+CONFIGS = {"prefix": CaptionerConfig, "cross_attention": CrossAttentionConfig, "pcm": PCMConfig}
+AnyCaptioner = PrefixCaptioner | CrossAttentionCaptioner | PCMCaptioner
 
 
 @contextmanager
@@ -110,7 +114,7 @@ def save_captioner(
         "format_version": FORMAT_VERSION,
         "family": family_of(model),
         "captioner": model.config.to_dict(),
-        "lm_config": model.lm.config.to_dict(),
+        "lm_config": model.lm.config.to_dict() if hasattr(model, "lm") else None,
         "card": card.to_dict(),
     }
     with _atomic_dir(Path(out_dir)) as tmp:
@@ -249,11 +253,12 @@ def load_captioner(
     if family not in FAMILIES:
         raise BadInputError(config_path, f"unknown captioner family {family!r}; known: "
                             f"{sorted(FAMILIES)}")  # fmt: skip
-    config_class = CaptionerConfig if family == "prefix" else CrossAttentionConfig
     try:
-        config = config_class.from_dict(meta["captioner"])
-        lm_config_dict = dict(meta["lm_config"])
-        lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
+        config = CONFIGS[family].from_dict(meta["captioner"])
+        lm_config = None
+        if family != "pcm":
+            lm_config_dict = dict(meta["lm_config"])
+            lm_config = CONFIG_MAPPING[lm_config_dict["model_type"]].from_dict(lm_config_dict)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(config_path, f"bad captioner or LM config: {e!r}") from e
 
@@ -261,9 +266,10 @@ def load_captioner(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise BadInputError(path, f"cannot load the tokenizer: {e}") from e
-    lm = AutoModelForCausalLM.from_config(lm_config)
-    if family == "prefix":
-        model = PrefixCaptioner(config, lm=lm)
+    if family == "pcm":
+        model = PCMCaptioner(config)
+    elif family == "prefix":
+        model = PrefixCaptioner(config, lm=AutoModelForCausalLM.from_config(lm_config))
     else:
         separator = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
         vision = None
@@ -273,6 +279,7 @@ def load_captioner(
                 vision = encoder.vision_tower(config.image_size)
             except PairfreeError as e:
                 raise BadInputError(config_path, f"its image tower: {e}") from e
+        lm = AutoModelForCausalLM.from_config(lm_config)
         model = CrossAttentionCaptioner(config, lm, separator_ids=separator, vision=vision)
     try:
         load_model(model, weights_path, strict=True)

@@ -29,6 +29,7 @@ from pairfree.captioner.entities import (
 )
 from pairfree.captioner.generation import GenerationConfig
 from pairfree.captioner.model import PrefixCaptioner
+from pairfree.captioner.pcm import PCMCaptioner
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.clip.vision import tower_pixels
@@ -46,7 +47,7 @@ class CaptionDecoder:
 
     def __init__(
         self,
-        model: PrefixCaptioner | CrossAttentionCaptioner,
+        model: PrefixCaptioner | CrossAttentionCaptioner | PCMCaptioner,
         tokenizer,
         clip: ClipEncoder,
         *,
@@ -154,15 +155,16 @@ class CaptionDecoder:
     @property
     def needs_embeddings(self) -> bool:
         """Whether captioning reads the images' CLIP embeddings: a prefix captioner always, a
-        cross-attention one only for a soft prompt or hard prompts (ICSD's reads neither)."""
-        if not self.needs_grid:
+        cross-attention one only for a soft prompt or hard prompts (ICSD's reads neither),
+        PCM-Net's always."""
+        if not isinstance(self.model, CrossAttentionCaptioner):
             return True
         return self.model.soft_prompt is not None or self.phrases is not None
 
     @property
     def needs_grid(self) -> bool:
         """Whether captioning reads grid features besides the image embeddings."""
-        return isinstance(self.model, CrossAttentionCaptioner)
+        return isinstance(self.model, CrossAttentionCaptioner | PCMCaptioner)
 
     def grids(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> torch.Tensor:
         """What the decoder cross-attends to: the CLIP grid features, or, for a captioner with
@@ -231,7 +233,10 @@ class CaptionDecoder:
                 keys = None if retrieval_embeds is None else retrieval_embeds[start:][:batch_size]
                 nearest = self.retrieve(chunk, retrieval_embeds=keys)
             cond = self.conditions(chunk, nearest).to(device) if self.needs_embeddings else None
-            if self.needs_grid:
+            if isinstance(self.model, PCMCaptioner):  # its mix-up reads the grid's embeddings
+                rows = grid[start : start + batch_size]
+                ids = self.model.generate(chunk, cond, rows, self.clip.embed_grid(rows), **settings)
+            elif self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip
             elif self.entity_prompted:

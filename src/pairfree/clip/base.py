@@ -17,6 +17,7 @@ class ClipEncoder(Protocol):
 
     name: str
     embed_dim: int
+    grid_class_tokens: int
 
     def encode_images(
         self, images: Sequence[Image.Image], *, normalize: bool = False, batch_size: int = 64
@@ -43,6 +44,14 @@ class ClipEncoder(Protocol):
         """:meth:`encode_images` and :meth:`encode_image_grid` of the same images from one
         pass through the image tower (what a captioner with soft or hard prompts and a
         cross-attending decoder reads: half the image-tower work of calling both)."""
+        ...
+
+    def embed_grid(self, grid: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+        """[N, L, embed_dim]: each token of :meth:`encode_image_grid`'s features through the
+        tower's own head into the joint space, as DenseCLIP reads patches (a ViT's projection;
+        a ResNet's attention pool's value and output projections), so a patch compares with
+        text embeddings (PCM-Net's mix-up). The first ``grid_class_tokens`` tokens are not
+        patches."""
         ...
 
     def vision_tower(self, image_size: int | None = None) -> VisionTower:

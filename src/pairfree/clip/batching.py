@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pairfree.errors import PairfreeError
+
 T = TypeVar("T")
 
 
@@ -80,6 +82,7 @@ class BatchedClipEncoder(ABC):
     name: str
     embed_dim: int
     grid_shape: tuple[int, int]
+    grid_class_tokens: int = 0  # tokens before the patches in a grid (a ViT's class token)
 
     @abstractmethod
     def _image_batch(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
@@ -117,6 +120,15 @@ class BatchedClipEncoder(ABC):
             empty_shape=(self.embed_dim,),
             normalize=normalize,
         )
+
+    def _embed_grid_batch(self, grid: torch.Tensor) -> torch.Tensor:
+        raise PairfreeError(f"{self.name}: this CLIP cannot map its grid into its embedding space")
+
+    def embed_grid(self, grid: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+        return encode_batched(
+            grid, self._embed_grid_batch, batch_size=batch_size,
+            empty_shape=(self.grid_shape[0], self.embed_dim),
+        )  # fmt: skip
 
     def encode_image_grid(
         self, images: Sequence[Image.Image], *, batch_size: int = 64

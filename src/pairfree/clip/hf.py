@@ -30,6 +30,7 @@ class HFClip(BatchedClipEncoder):
         vision = model.config.vision_config
         # CLS and patch tokens, as SaCap's decoders cross-attend to
         self.grid_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+        self.grid_class_tokens = 1
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
@@ -52,6 +53,10 @@ class HFClip(BatchedClipEncoder):
 
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return HFVisionTower.grid(self.model.vision_model, self._pixels(images))
+
+    def _embed_grid_batch(self, grid: torch.Tensor) -> torch.Tensor:
+        # the grid is past post_layernorm already: the projection is the rest of the head
+        return self.model.visual_projection(grid.to(self.model.device, self.model.dtype))
 
     def _image_and_grid_batch(
         self, images: Sequence[Image.Image]

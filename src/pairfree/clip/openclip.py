@@ -97,6 +97,20 @@ class OpenClip(BatchedClipEncoder):
     def _grid_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return OpenClipVisionTower.grid(self.model.visual, self._pixels(images))
 
+    @property
+    def grid_class_tokens(self) -> int:
+        return 1 if isinstance(self.model.visual, VisionTransformer) else 0
+
+    def _embed_grid_batch(self, grid: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        grid = grid.to(self.device, self.dtype)
+        if isinstance(visual, VisionTransformer) and visual.proj is not None:
+            return grid @ visual.proj  # after ln_post already, as the grid is
+        if isinstance(visual, ModifiedResNet):  # DenseCLIP: positioned, value, output
+            pool = visual.attnpool
+            return pool.c_proj(pool.v_proj(grid + pool.positional_embedding[1:].to(grid.dtype)))
+        return super()._embed_grid_batch(grid)
+
     def _image_and_grid_batch(
         self, images: Sequence[Image.Image]
     ) -> tuple[torch.Tensor, torch.Tensor]:

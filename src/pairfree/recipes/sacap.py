@@ -71,7 +71,7 @@ from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, c
 from pairfree.captioner.cross_attention import CrossAttentionConfig, build_cross_attention
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import load_clip
-from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
+from pairfree.data import Caption, CleaningConfig, clean_caption
 from pairfree.data.phrases import corpus_phrases, read_phrases
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import OnlineGrids, encode_captions, encode_images
@@ -79,16 +79,16 @@ from pairfree.errors import PairfreeError, load_failure
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
+from pairfree.synth.images import synthetic_images
 from pairfree.synth.text import read_rephrasings
 from pairfree.training.cross_attention import (
     GridCaptionDataset,
     GridExample,
     ValidationConfig,
-    caption_score_eval,
     caption_target,
     check_validation,
+    checkpoint_eval,
     fit_cross_attention,
-    validation_images,
 )
 from pairfree.training.fitting import CaptionerSetup, split_train_val
 from pairfree.training.trainer import TrainConfig, TrainResult
@@ -152,20 +152,6 @@ class SaCapConfig:
 
 
 # --------------------------------------------------------------------------- data
-def synthetic_images(folder: str, what: str, cleaning: CleaningConfig, job: Job) -> dict[str, Path]:
-    """Prompt text (cleaned as the corpus is) -> image file of a synthetic dataset (its usable
-    pairs, first variant)."""
-    dataset = Path(folder) / "dataset.jsonl"
-    if not dataset.is_file():
-        raise PairfreeError(f"synthetic.{what}: {dataset} does not exist (run `pairfree "
-                            "synthesize images` first)")  # fmt: skip
-    images: dict[str, Path] = {}
-    for item in read_images(dataset, skip_log=job.skip_log):
-        if item.path is not None:
-            images.setdefault(clean_caption(item.references[0], cleaning), item.path)
-    return images
-
-
 def rephrasings(
     folder: str | None, cleaning: CleaningConfig, job: Job
 ) -> dict[str, list[str]] | None:
@@ -375,19 +361,9 @@ def train_sacap(cfg: SaCapConfig, *, resume: bool = True, progress: bool = True)
 
     # the best checkpoint: by CIDEr on the real val split when given, else on the held-out
     # captions' paired synthetic images; never on the test split (the original's way)
-    if cfg.validation.dataset:
-        val_images, val_refs = validation_images(cfg.validation, job)
-    else:
-        val_images = [made.paired[i] for i in val_idx][: cfg.validation.max_images]
-        val_refs = [[made.texts[i]] for i in val_idx][: cfg.validation.max_images]
-    evaluate = None
-    if val_images:
-        evaluate = caption_score_eval(clip, tokenizer, cfg.generation, val_images, val_refs,
-                                      conditioning=made.conditioning,
-                                      batch_size=cfg.validation.batch_size)  # fmt: skip
-    else:
-        logger.warning("sacap: no validation images (set validation.dataset, or "
-                       "corpus.val_fraction): no best checkpoint is chosen")  # fmt: skip
+    held_out = ([made.paired[i] for i in val_idx], [made.texts[i] for i in val_idx])
+    evaluate = checkpoint_eval(cfg.validation, held_out, clip, tokenizer, cfg.generation,
+                               conditioning=made.conditioning, job=job, recipe="sacap")  # fmt: skip
     return fit_cross_attention(
         cfg.train,
         CaptionerSetup(model, tokenizer, made.data.subset(train_idx), made.data.subset(val_idx)),

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pairfree.data import Caption
+from pairfree.data import Caption, CleaningConfig, clean_caption, read_images
 from pairfree.errors import PairfreeError
 from pairfree.io import atomic_path
 from pairfree.job import Job
@@ -184,3 +184,17 @@ def _record(prompt: Prompt, backend: TextToImage, *, status: str = "ok", nsfw: b
             "variant": prompt.variant, "seed": prompt.seed, "backend": backend.name,
             "nsfw": nsfw, "status": status, "image": image,
             "mistakes": None if mistakes is None else list(mistakes)}  # fmt: skip
+
+
+def synthetic_images(folder: str, what: str, cleaning: CleaningConfig, job: Job) -> dict[str, Path]:
+    """Prompt text (cleaned as the corpus is) -> image file of a synthetic dataset (its usable
+    pairs, first variant)."""
+    dataset = Path(folder) / "dataset.jsonl"
+    if not dataset.is_file():
+        raise PairfreeError(f"synthetic.{what}: {dataset} does not exist (run `pairfree "
+                            "synthesize images` first)")  # fmt: skip
+    images: dict[str, Path] = {}
+    for item in read_images(dataset, skip_log=job.skip_log):
+        if item.path is not None:
+            images.setdefault(clean_caption(item.references[0], cleaning), item.path)
+    return images

@@ -9,6 +9,7 @@ tower's transforms (augmented in training, seeded by example and epoch).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from pairfree.training.trainer import (
     ValFn,
     captions_across_processes,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def caption_target(text: str) -> str:
@@ -225,6 +228,34 @@ def caption_score_eval(
         return {"val_CIDEr": cider, "val_BLEU_4": bleu, "val_CIDEr+BLEU_4": cider + bleu}
 
     return evaluate
+
+
+def checkpoint_eval(
+    v: ValidationConfig,
+    held_out: tuple[Sequence[Path], Sequence[str]],
+    clip: ClipEncoder,
+    tokenizer,
+    generation: GenerationConfig,
+    *,
+    conditioning: Conditioning,
+    job: Job,
+    recipe: str,
+) -> EvalFn | None:
+    """What picks the best checkpoint: CIDEr of the captions of the real val split when
+    ``v.dataset`` names one, else of the held-out captions' synthetic images (``held_out``:
+    the images and their captions); never the test split. None, with a warning, without
+    either."""
+    if v.dataset:
+        images, references = validation_images(v, job)
+    else:
+        images = list(held_out[0])[: v.max_images]
+        references = [[text] for text in held_out[1]][: v.max_images]
+    if not images:
+        logger.warning("%s: no validation images (set validation.dataset, or "
+                       "corpus.val_fraction): no best checkpoint is chosen", recipe)  # fmt: skip
+        return None
+    return caption_score_eval(clip, tokenizer, generation, images, references,
+                              conditioning=conditioning, batch_size=v.batch_size)  # fmt: skip
 
 
 def fit_cross_attention(

@@ -43,7 +43,8 @@ from pairfree.io import atomic_write_json, strict_json
 from pairfree.job import use_cpu
 
 logger = logging.getLogger(__name__)
-SCHEDULES = ("linear", "constant", "cosine")
+SCHEDULES = ("linear", "constant", "cosine", "noam")
+CLIP_MODES = ("norm", "value")
 PRECISIONS = ("no", "fp16", "bf16")
 MODES = ("min", "max")
 
@@ -70,9 +71,11 @@ class TrainConfig:
     # code decay every parameter (their recipes set []), CapDec's none (weight decay 0)
     no_decay: list[str] = field(default_factory=lambda: ["bias", "LayerNorm.weight"])
     warmup_steps: int = 5000
-    # after the warm-up: "linear" decays to 0, "cosine" along a half cosine to 0, "constant" not
+    # after the warm-up: "linear" decays to 0, "cosine" along a half cosine to 0, "constant" not,
+    # "noam" as 1/sqrt(step) (the Transformer's, whose warm-up rises linearly to lr too)
     schedule: str = "linear"
     grad_clip: float | None = None
+    grad_clip_mode: str = "norm"  # "norm": the gradients' global norm; "value": each entry
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     seed: int = 0
     checkpoint_every: int = 1000  # optimizer steps between resumable checkpoints
@@ -109,7 +112,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, not {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 (or null for none), not {self.grad_clip}")
-        choices = {"schedule": SCHEDULES, "mixed_precision": PRECISIONS, "select_mode": MODES}
+        choices = {"schedule": SCHEDULES, "mixed_precision": PRECISIONS, "select_mode": MODES,
+                   "grad_clip_mode": CLIP_MODES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
@@ -194,6 +198,8 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
+        if schedule == "noam":  # lr * min(s^-0.5, s * w^-1.5) * sqrt(w), s = step + 1
+            return math.sqrt(max(1, warmup) / (step + 1))
         if schedule == "constant":
             return 1.0
         left = max(0.0, (total - step) / max(1, total - warmup))
@@ -224,7 +230,10 @@ class StepContext:
         opt, sched = t.optimizers[name], t.schedulers[name]
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and t.config.grad_clip:
-            self.accelerator.clip_grad_norm_(t.opt_params[name], t.config.grad_clip)
+            if t.config.grad_clip_mode == "value":
+                self.accelerator.clip_grad_value_(t.opt_params[name], t.config.grad_clip)
+            else:
+                self.accelerator.clip_grad_norm_(t.opt_params[name], t.config.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -263,6 +263,19 @@ class WorldClip(nn.Module):
         embeds = self._place(self.image_tower.pool(grid), self._image_specific(pixels), 1.0)
         return embeds, grid
 
+    def embed_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """Each grid token as the pool would embed an image that is that token alone
+        (DenseCLIP's reading of an attention pool: positioned, value and output projections,
+        then placed as image embeddings are, without the image-specific part)."""
+        pool = self.image_tower.pool
+        width = grid.shape[-1]
+        weight, bias = pool.attention.in_proj_weight[2 * width :], pool.attention.in_proj_bias
+        values = F.linear(grid + pool.position[1:], weight, bias[2 * width :])
+        content = pool.proj(pool.attention.out_proj(values))
+        flat = content.reshape(-1, content.shape[-1])
+        placed = self._place(flat, torch.zeros_like(flat), 1.0)
+        return placed.view(*content.shape[:-1], -1)
+
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self._place(self.text_tower(ids, lengths), self._text_specific(ids), -1.0)
 
@@ -371,6 +384,9 @@ class WorldClipEncoder(BatchedClipEncoder):
         self, images: Sequence[Image.Image]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.encode_image_and_grid(self.model.pixels(images))
+
+    def _embed_grid_batch(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_grid(grid)
 
     def vision_tower(self, image_size: int | None = None) -> WorldVisionTower:
         config = self.model.config
