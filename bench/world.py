@@ -54,6 +54,7 @@ from pairfree.demo import (
     ICSD_METHODS,
     IFCAP_METHODS,
     PAIRED_UPPER_BOUND,
+    PCMNET_METHODS,
     SACAP_METHODS,
     TEXT_METHODS,
     VIECAP_METHODS,
@@ -88,6 +89,7 @@ SETTINGS = {
             *ICSD_METHODS,
             *VIECAP_METHODS,
             *IFCAP_METHODS,
+            *PCMNET_METHODS,
         ),  # fmt: skip
         (
             ("cluttered", "coco"),
@@ -106,6 +108,7 @@ VARIES = {
     **{m.name: ICSD_METHODS[0].name for m in ICSD_METHODS[1:]},
     **{m.name: VIECAP_METHODS[0].name for m in VIECAP_METHODS[1:]},
     **{m.name: IFCAP_METHODS[0].name for m in IFCAP_METHODS[1:]},
+    **{m.name: PCMNET_METHODS[0].name for m in PCMNET_METHODS[1:]},
     **{gan.name: init.name for init, gan in zip(GAN_METHODS[::2], GAN_METHODS[1::2], strict=True)},
 }
 # each recipe as published, compared with the paired upper bound as well
@@ -117,6 +120,7 @@ FULL_RECIPES = (
     *(g.name for g in GAN_METHODS[1::2]),
     VIECAP_METHODS[0].name,
     IFCAP_METHODS[0].name,
+    PCMNET_METHODS[0].name,
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pairfree.commands.common import add_device, add_strict, at_least, positive_int, report_skips
+from pairfree.errors import PairfreeError
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "synthesize",
         help="make synthetic training data from a caption corpus (text-to-image)",
-        description="Synthetic data for the synthetic-image recipes (SaCap, ICSD).",
+        description="Synthetic data for the synthetic-image recipes (SaCap, ICSD, PCM-Net).",
     )
     kinds = p.add_subparsers(dest="synthesize_command", metavar="KIND", required=True)
     images = kinds.add_parser(
@@ -130,6 +132,41 @@ def register(sub) -> None:
     summarize.add_argument("groups", type=Path, help="groups.jsonl of `pairfree synthesize group`")
     add_llm_arguments(summarize, temperature=1.0, max_new_tokens=500, chat_template="auto")
     summarize.set_defaults(func=run_summarize)
+
+    reassign = kinds.add_parser(
+        "reassign",
+        help="give each caption the synthetic image that fits it best; keep the best pairs (SynC)",
+        description=(
+            "SynC: for every caption of the synthetic dataset SOURCE (a `synthesize images` "
+            "folder), its --candidates nearest images by the --clip model's text-to-image "
+            "cosine; each candidate retrieves its --back nearest captions, and its score is the "
+            "best --sentences cosine of one of them to the caption. The caption takes its "
+            "best-scoring candidate (an image may serve several captions); the --keep share of "
+            "pairs with the highest scores is kept. Writes OUT as a synthetic dataset "
+            "(dataset.jsonl, images/ linked from SOURCE) that the recipes read as they read "
+            "SOURCE, reassignment.jsonl (every caption: its own image, the assigned one, the "
+            "score, whether kept) and reassign.json. Deterministic; the encodings are cached "
+            "in OUT/features."
+        ),
+    )
+    reassign.add_argument("source", type=Path, help="a `pairfree synthesize images` folder")
+    reassign.add_argument("--out", type=Path, required=True, help="output folder")
+    reassign.add_argument("--clip", help="the retrieving model (default SynC's SigLIP2: "
+                          "open_clip:hf-hub:timm/ViT-B-16-SigLIP2-256)")  # fmt: skip
+    reassign.add_argument("--sentences", help="the sentence encoder of the cycle score: "
+                          "hf:<id or folder> or clip:<CLIP spec> (default SynC's: hf:sentence-"
+                          "transformers/paraphrase-multilingual-MiniLM-L12-v2)")  # fmt: skip
+    reassign.add_argument("--candidates", type=positive_int,
+                          help="images each caption considers (K, default 15)")  # fmt: skip
+    reassign.add_argument("--back", type=positive_int,
+                          help="captions each candidate retrieves back (default 2)")  # fmt: skip
+    reassign.add_argument("--keep", type=share,
+                          help="share of pairs kept, best scores first (default 0.9)")  # fmt: skip
+    reassign.add_argument("--index", choices=["exact", "faiss"], default="exact")
+    reassign.add_argument("--no-progress", action="store_true")
+    add_device(reassign)
+    add_strict(reassign)
+    reassign.set_defaults(func=run_reassign)
 
 
 def add_llm_arguments(
@@ -348,3 +385,33 @@ def run_images(args: argparse.Namespace) -> int:
             return 0
         report_skips([e.to_record() for e in job.skip_log.items], args.out)
         return finish(summary, args.max_reject_share)
+
+
+def run_reassign(args: argparse.Namespace) -> int:
+    from pairfree.clip import load_clip
+    from pairfree.io import check_output
+    from pairfree.job import Job
+    from pairfree.locks import output_lock
+    from pairfree.synth.reassign import ReassignConfig, reassign_dataset
+    from pairfree.synth.sentences import load_sentence_encoder
+
+    given = {k: getattr(args, k) for k in ("clip", "sentences", "candidates", "back", "keep")}
+    cfg = ReassignConfig(index=args.index, **{k: v for k, v in given.items() if v is not None})
+    if not (args.source / "dataset.jsonl").is_file():
+        raise PairfreeError(f"{args.source}: not a synthetic dataset (no dataset.jsonl; run "
+                            "`pairfree synthesize images` first)")  # fmt: skip
+    check_output(args.out, inputs=[args.source], folder=True)
+    with output_lock(args.out):
+        job = Job.create(strict=args.strict, progress=not args.no_progress)
+        device = args.device if job.num_processes == 1 else job.state.device
+        clip = load_clip(cfg.clip, device=device)
+        sentences = load_sentence_encoder(cfg.sentences, device=device)
+        result = reassign_dataset(args.source, args.out, cfg, clip, sentences, job=job)
+        if not job.is_main_process:
+            return 0
+        report_skips([e.to_record() for e in job.skip_log.items], args.out)
+        summary = json.loads((args.out / "reassign.json").read_text())
+        print(f"{summary['captions']} captions: {summary['reassigned']} re-assigned to another "
+              f"image, {len(result.kept)} kept (of {summary['images_used']} images) -> "
+              f"{args.out / 'dataset.jsonl'}")  # fmt: skip
+        return 0

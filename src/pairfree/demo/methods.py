@@ -21,13 +21,15 @@ class Method:
     ``recipe`` trains it (a registered recipe name) with config ``overrides``; ``artifact``
     is the checkpoint of the run that is scored (a GAN's ``best``, or its text-only
     ``init/last`` to compare against); ``project`` adds DeCap projection onto the training
-    corpus at inference."""
+    corpus at inference; ``reassigned`` trains on the synthetic images as SynC re-assigns
+    them (``pairfree synthesize reassign``)."""
 
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
     project: bool = False
     recipe: str = "capdec"
     artifact: str = "last"
+    reassigned: bool = False  # trained on SynC's re-assignment of the synthetic images
 
     @property
     def needs_images(self) -> bool:
@@ -37,13 +39,13 @@ class Method:
     @property
     def needs_synthetic(self) -> bool:
         """Trained on synthetic images of the corpus."""
-        return self.recipe == "sacap"
+        return self.recipe in ("sacap", "pcmnet")
 
     @property
     def training_key(self) -> str:
         """Methods that differ only at inference share one trained run."""
         options = ",".join(f"{k}={v}" for k, v in sorted(self.overrides.items()))
-        return f"{self.recipe}:{options}"
+        return f"{self.recipe}{'+sync' if self.reassigned else ''}:{options}"
 
 
 DEMO_METHODS = (
@@ -88,6 +90,12 @@ IFCAP_METHODS = (
     Method("IFCap, plain retrieval", {"retrieval.noise_variance": 0.0}, recipe="ifcap"),
     Method("IFCap without fusion module", {"fusion": False}, recipe="ifcap"),
     Method("IFCap without entity filtering", {"retrieval.min_count": 0}, recipe="ifcap"),
+)
+PCMNET_METHODS = (
+    Method("PCM-Net", recipe="pcmnet"),
+    Method("PCM-Net without mix-up", {"mixup": False}, recipe="pcmnet"),
+    Method("PCM-Net without CLIP weighting", {"weighting": False}, recipe="pcmnet"),
+    Method("PCM-Net + SynC", recipe="pcmnet", reassigned=True),
 )
 PAIRED_UPPER_BOUND = Method(
     "paired upper bound (ClipCap)", {"condition": "image", "noise.variance": 0.0}
@@ -154,6 +162,12 @@ class DemoConfig:
         """SaCap's synthetic data of the corpus: ``own`` images, ``rephrased`` captions and
         ``supporting`` images, from the world's text-to-image model and LLM."""
         return Path(self.out) / "synthetic" / f"{self.preset}-{self.seed}-{self.n_corpus}"
+
+    @property
+    def reassigned_dir(self) -> Path:
+        """SynC's re-assignment of the ``own`` synthetic images (the world CLIP retrieves and,
+        the world having no sentence encoder, its text tower compares captions)."""
+        return self.synthetic_dir / "sync"
 
     @property
     def corpus_features(self) -> Path:
@@ -323,6 +337,27 @@ def sacap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     }
 
 
+def pcmnet_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
+    """PCM-Net at world scale: the original's 3 + 3 layers at the world LM's width (128, 4
+    heads, FFN 512) over the world CLIP's grid, the synthetic image of each corpus caption
+    (SaCap's ``own`` images, or SynC's re-assignment of them), the world's shape nouns as the
+    concepts, and CapDec's world-scale steps, batch and peak learning rate on the original's
+    Noam schedule."""
+    world = cfg.world()
+    schedule = {**world_schedule(cfg, method), "schedule": "noam", "weight_decay": 0.0,
+                "grad_clip": 0.1, "grad_clip_mode": "value"}  # fmt: skip
+    return {
+        "clip": cfg.clip,
+        "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-synthetic"),
+        "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
+        "images": str(cfg.reassigned_dir if method.reassigned else cfg.synthetic_dir / "own"),
+        "concepts": {"vocabulary": str(world.entities)},
+        "model": {"width": 128, "heads": 4, "ffn": 512, "max_tokens": 48},
+        "train": schedule,
+        "generation": {"num_beams": cfg.beams, "max_new_tokens": 48},
+    }
+
+
 def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
     """ICSD at world scale: the world's grouping (top 30), its LLM's select-and-summarize and
     its text-to-image model (SD's mistakes included) make the data in the recipe's own stages;
@@ -364,7 +399,8 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
 def method_config(cfg: DemoConfig, method: Method) -> Any:
     """The recipe config of ``method``'s run on ``cfg``'s world."""
     known = {"capdec": capdec_settings, "sacap": sacap_settings, "icsd": icsd_settings,
-             "viecap": viecap_settings, "ifcap": ifcap_settings}  # fmt: skip
+             "viecap": viecap_settings, "ifcap": ifcap_settings,
+             "pcmnet": pcmnet_settings}  # fmt: skip
     settings = known.get(method.recipe, gan_settings)
     overrides = [f"{k}={v}" for k, v in method.overrides.items()]
     return get_recipe(method.recipe).build_config(settings(cfg, method), overrides)

@@ -36,6 +36,8 @@ from pairfree.job import Job
 from pairfree.logs import library_log_level, show_library_logs
 from pairfree.pipeline import Captioner
 from pairfree.synth.llm import LLMConfig
+from pairfree.synth.reassign import ReassignConfig, reassign_dataset
+from pairfree.synth.sentences import ClipTextEncoder
 from pairfree.synth.stages import ImageSynthesisConfig, draw_images, rephrase
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
@@ -86,7 +88,10 @@ def train_methods(
     if any(m.recipe == "icsd" for m in methods) and not (cfg.bert_dir / "config.json").exists():
         build_world_bert(cfg.bert_dir)
     if any(m.needs_synthetic for m in methods):
-        synthesize_world_data(cfg, progress=progress)
+        synthesize_world_data(cfg, progress=progress,
+                              rephrasings=any(m.recipe == "sacap" for m in methods))  # fmt: skip
+    if any(m.reassigned for m in methods):
+        reassign_world_data(cfg, progress=progress)
     runs = {m.training_key: m for m in methods}
     parallel = [m for m in runs.values() if m.recipe == "capdec" and not m.needs_images]
     trained: dict[str, tuple[Path, float]] = {}
@@ -107,21 +112,37 @@ def train_methods(
     return trained
 
 
-def synthesize_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
+def synthesize_world_data(
+    cfg: DemoConfig, *, progress: bool = True, rephrasings: bool = True
+) -> None:
     """SaCap's data for the world's corpus, as ``pairfree synthesize`` makes it: an image of
-    every caption and of each of its three rephrasings from the world's text-to-image model
-    (Stable Diffusion's mistakes included), the rephrasings from the world's LLM. Each step
-    is resumable and reruns in no time once done."""
+    every caption and (``rephrasings``) of each of its three rephrasings from the world's
+    text-to-image model (Stable Diffusion's mistakes included), the rephrasings from the
+    world's LLM. Each step is resumable and reruns in no time once done."""
     out, job = cfg.synthetic_dir, Job(progress=progress)
     logger.info("demo: SaCap's synthetic data (an image per caption, 3 rephrasings and their "
                 "images) -> %s", out)  # fmt: skip
     images = ImageSynthesisConfig(backend=f"world:{cfg.preset}", seed=cfg.seed)
     captions = read_captions(cfg.world().corpus)
     draw_images(images, captions, out / "own", job=job)
+    if not rephrasings:
+        return
     rephrase(LLMConfig(spec=f"world:{cfg.preset}", seed=cfg.seed), [c.text for c in captions],
              out / "rephrased", job=job)  # fmt: skip
     draw_images(images, read_captions(out / "rephrased" / "prompts.jsonl"), out / "supporting",
                 job=job)  # fmt: skip
+
+
+def reassign_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
+    """SynC's re-assignment of the world's synthetic images (see
+    :attr:`DemoConfig.reassigned_dir`), at its default K 15, K_r 2 and 90 % kept."""
+    if (cfg.reassigned_dir / "reassign.json").is_file():
+        return
+    clip = load_clip(cfg.clip)
+    config = ReassignConfig(clip=cfg.clip, sentences=f"clip:{cfg.clip}")
+    logger.info("demo: SynC's re-assignment of the synthetic images -> %s", cfg.reassigned_dir)
+    reassign_dataset(cfg.synthetic_dir / "own", cfg.reassigned_dir, config, clip,
+                     ClipTextEncoder(clip, name=config.sentences), job=Job(progress=progress))  # fmt: skip
 
 
 def score_world_captions(
