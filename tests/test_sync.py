@@ -149,11 +149,12 @@ def test_a_recipe_trains_on_the_reassigned_dataset(synthesized, tmp_path, caplog
 
     root, world = synthesized
     assert reassign_cli(root / "own", tmp_path / "sync").returncode == 0
-    assert main(["train", "pcmnet", f"corpus.path={world.corpus}", "clip=world:builtin",
-                 f"images={tmp_path / 'sync'}", f"concepts.vocabulary={world.entities}",
-                 "min_word_count=1", "model.width=16", "model.heads=2", "model.ffn=32",
-                 "train.max_steps=2", "train.batch_size=4", f"train.output_dir={tmp_path / 'run'}",
-                 "--no-progress"]) == 0  # fmt: skip
+    for images, out in ((root / "own", "run-own"), (tmp_path / "sync", "run")):  # one cache
+        assert main(["train", "pcmnet", f"corpus.path={world.corpus}", "clip=world:builtin",
+                     f"images={images}", f"concepts.vocabulary={world.entities}",
+                     "min_word_count=1", "model.width=16", "model.heads=2", "model.ffn=32",
+                     "train.max_steps=2", "train.batch_size=4", f"features={tmp_path / 'f'}",
+                     f"train.output_dir={tmp_path / out}", "--no-progress"]) == 0  # fmt: skip
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["images"] == str(tmp_path / "sync")
     # a captioner on image embeddings reads the re-assigned pairs as a paired corpus

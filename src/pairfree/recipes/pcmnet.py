@@ -178,8 +178,9 @@ def pcm_data(cfg: PCMNetConfig, clip: ClipEncoder, job: Job) -> PCMData:
     files = [own[t] for t in texts]
     pairs = [(f"{i:09d}", f) for i, f in enumerate(files)]
     digest = _digest(str(f) for f in files)
-    encode_captions(clip, [Caption(t, None, cfg.corpus.path, None) for t in texts],
-                    features / "captions", job=job)  # fmt: skip
+    captions_dir = features / f"captions-{_digest(texts)}"  # its own: SaCap's holds the corpus
+    encode_captions(clip, [Caption(t, None, cfg.corpus.path, None) for t in texts], captions_dir,
+                    job=job)  # fmt: skip
     encode_images(clip, pairs, features / f"images-{digest}", job=job)
     encode_images(clip, pairs, features / f"grid-{digest}", grid=True, dtype="float16", job=job)
     concepts = read_entity_list(cfg.concepts.vocabulary)
@@ -190,7 +191,7 @@ def pcm_data(cfg: PCMNetConfig, clip: ClipEncoder, job: Job) -> PCMData:
         FeatureStore(features / f"images-{digest}"),
         FeatureStore(features / f"grid-{digest}"),
     )
-    text_store = FeatureStore(features / "captions")
+    text_store = FeatureStore(captions_dir)
     keep = [i for i, (image_id, _) in enumerate(pairs) if image_id in images]  # readable ones
     embeds = images.tensor()[[images.row(pairs[i][0]) for i in keep]]
     caption_embeds = text_store.tensor()[[text_store.text_row(texts[i]) for i in keep]]
