@@ -15,7 +15,8 @@ upper bound on captioned training images (not in the sparse novel-object setting
 three ablations on synthetic images of the corpus, ICSD with its single-context ablation
 on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
 LLM), and (cluttered world) ViECap with its two ablations and IFCap with its three on the
-corpus. Every world is read
+corpus, PCM-Net with its two ablations on the synthetic images and on SynC's re-assignment of
+them. Every world is read
 by the shipped world CLIP v2, trained on all four.
 
 CIDEr is given with its 95 % confidence interval (bootstrap over test images and seeds), and
