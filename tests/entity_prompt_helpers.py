@@ -55,3 +55,18 @@ def train_cli(recipe: str):
         )
 
     return run_cli
+
+
+def caption_with_cli(checkpoint: Path, image, folder: Path) -> list[str]:
+    """``pairfree caption CHECKPOINT`` on ``image`` (a PIL image saved into ``folder``): the
+    captions it writes."""
+    import json
+
+    image.save(folder / "red.png")
+    out = folder / "captions.json"
+    cli = [sys.executable, "-m", "pairfree.cli", "caption", str(checkpoint),
+           str(folder / "red.png"), "--out", str(out), "-q"]  # fmt: skip
+    done = subprocess.run(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [r["caption"] for r in json.loads(out.read_text())]

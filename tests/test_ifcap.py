@@ -1,17 +1,13 @@
 """IFCap: image-like retrieval, the fusion mapper, entity filtering, the retrieval memory at
 inference, and the recipe end to end (train, resume, caption, save, ablations, configs)."""
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from entity_prompt_helpers import WORDS, tiny_args, train_cli, write_entity_data
+from entity_prompt_helpers import WORDS, caption_with_cli, tiny_args, train_cli, write_entity_data
 from PIL import Image
 from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
 from tiny_models import save_tiny_clip
@@ -218,14 +214,8 @@ def test_ifcap_learns_and_a_saved_copy_captions_from_another_folder(
     assert again(image) == caption
     assert torch.equal(again.conditions(embeds), captioner.conditions(embeds))
 
-    image.save(tmp_path / "red.png")  # the command line captions with the copy too
-    out = tmp_path / "captions.json"
-    cli = [sys.executable, "-m", "pairfree.cli", "caption", str(copy), str(tmp_path / "red.png"),
-           "--out", str(out), "-q"]  # fmt: skip
-    done = subprocess.run(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
-                          text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert [r["caption"] for r in json.loads(out.read_text())] == [caption]
+    # the command line captions with the copy too
+    assert caption_with_cli(copy, image, tmp_path) == [caption]
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 the prompt-aware prefix captioner, and the recipe end to end (train, resume, caption, save)."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from entity_prompt_helpers import WORDS, tiny_args, train_cli, write_entity_data
+from entity_prompt_helpers import WORDS, caption_with_cli, tiny_args, train_cli, write_entity_data
 from PIL import Image
 from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -210,14 +207,7 @@ def test_viecap_learns_captions_and_a_saved_copy_captions_elsewhere(
     assert again.entities(again.clip.encode_images([image]))[0] == entities
 
     # the command line captions with it too (its tuple decoding settings survive the resume check)
-    image.save(tmp_path / "red.png")
-    out = tmp_path / "captions.json"
-    cli = [sys.executable, "-m", "pairfree.cli", "caption", str(copy), str(tmp_path / "red.png"),
-           "--out", str(out), "-q"]  # fmt: skip
-    done = subprocess.run(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
-                          text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert [r["caption"] for r in json.loads(out.read_text())] == [caption]
+    assert caption_with_cli(copy, image, tmp_path) == [caption]
 
 
 def test_without_the_hard_prompt_it_needs_no_vocabulary_and_captions(
