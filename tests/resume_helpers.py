@@ -1,5 +1,5 @@
-"""Kill a training subprocess right after a checkpoint, then resume it (shared by the recipe
-resume tests)."""
+"""Kill a training subprocess right after a checkpoint, then resume it, and compare it with an
+uninterrupted run (shared by the recipe resume tests)."""
 
 import signal
 import time
@@ -20,6 +20,20 @@ def kill_after_checkpoint_then_resume(run_cli, args, run_dir: Path, step: int) -
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
+
+
+def resumed_run_equals_uninterrupted(
+    run_cli, args_for, root: Path, step: int, checkpoints: tuple[str, ...] = ("last",)
+) -> None:
+    """``root/killed`` (``args_for`` its folder), killed after checkpoint ``step`` and resumed,
+    ends with the weights of ``root/ref``, run without a stop beside it (the two processes at
+    once: each starts python and torch, which a single core would do twice over)."""
+    ref = run_cli(args_for(root / "ref"))
+    kill_after_checkpoint_then_resume(run_cli, args_for(root / "killed"), root / "killed", step)
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
+    for name in checkpoints:
+        assert_same_weights(root / "ref" / name, root / "killed" / name)
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:

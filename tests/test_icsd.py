@@ -295,7 +295,7 @@ def test_killed_icsd_run_resumes_to_the_same_weights(tiny, trained, tmp_path):
     import subprocess
     import sys
 
-    from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+    from resume_helpers import resumed_run_equals_uninterrupted
 
     _, world, bert = tiny
     _, synthetic = trained
@@ -307,12 +307,8 @@ def test_killed_icsd_run_resumes_to_the_same_weights(tiny, trained, tmp_path):
 
     extra = ("train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=3",
              f"synthesis.out={synthetic}")  # fmt: skip
-    ref = run_cli(icsd_args(world, bert, tmp_path / "ref", *extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    args = icsd_args(world, bert, tmp_path / "killed", *extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 4)
-    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
-    assert_same_weights(tmp_path / "ref" / "best", tmp_path / "killed" / "best")
+    resumed_run_equals_uninterrupted(run_cli, lambda out: icsd_args(world, bert, out, *extra),
+                                     tmp_path, 4, ("last", "best"))  # fmt: skip
 
 
 def test_end_to_end_with_tiny_stable_diffusion_and_single_context_mix(tiny, tiny_sd_dir, tmp_path):

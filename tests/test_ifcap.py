@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from entity_prompt_helpers import WORDS, caption_with_cli, tiny_args, train_cli, write_entity_data
 from PIL import Image
-from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+from resume_helpers import resumed_run_equals_uninterrupted
 from tiny_models import save_tiny_clip
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -317,11 +317,9 @@ def test_ifcap_ablations_train_and_caption(data, tiny_clip_dir, tiny_gpt2_dir, t
 
 def test_killed_ifcap_run_resumes_to_the_same_weights(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
     extra = {"train.max_steps": 8, "train.checkpoint_every": 2}
-    ref = run_cli(ifcap_args(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "ref", **extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    args = ifcap_args(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "killed", **extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 4)
-    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
+    resumed_run_equals_uninterrupted(
+        run_cli, lambda out: ifcap_args(data, tiny_clip_dir, tiny_gpt2_dir, out, **extra),
+        tmp_path, 4)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- configs

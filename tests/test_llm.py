@@ -562,7 +562,7 @@ def test_a_real_small_llm_runs_both_tasks_and_its_echoes_are_rejected(caplog):
             continue
     for texts in usable:  # whatever was accepted is no template echo
         assert not {"text1", "text2", "text3"} & {t.lower() for t in texts}
-    plain = load_llm(f"hf:{smollm2_gguf()}")
+    plain = type(llm)(llm.model, llm.tokenizer, name=llm.name)  # the same weights, no prefix
     (summary,) = plain.generate([summarize_prompt(captions)], Sampling(max_new_tokens=64))
     try:
         selection = parse_selection(summary, len(captions))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from resume_helpers import kill_after_checkpoint_then_resume
+from resume_helpers import resumed_run_equals_uninterrupted
 from safetensors.torch import load_file
 
 from pairfree.clip import load_clip
@@ -92,16 +92,9 @@ def test_capdec_loss_falls_well_below_its_start(corpus, tiny_clip_dir, tiny_gpt2
 
 def test_killed_run_resumes_to_the_same_weights(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
     extra = {"train.max_steps": 8, "train.checkpoint_every": 2}
-    ref = run_cli(overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "ref", **extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-
-    args = overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "killed", **extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 4)
-
-    a, b = weights(tmp_path / "ref"), weights(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    resumed_run_equals_uninterrupted(
+        run_cli, lambda out: overrides(corpus, tiny_clip_dir, tiny_gpt2_dir, out, **extra),
+        tmp_path, 4)  # fmt: skip
 
 
 def launch_two(args: list[str]) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from entity_prompt_helpers import WORDS, caption_with_cli, tiny_args, train_cli, write_entity_data
 from PIL import Image
-from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+from resume_helpers import resumed_run_equals_uninterrupted
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pairfree.captioner import CaptionerConfig, PrefixCaptioner
@@ -228,11 +228,9 @@ def test_killed_viecap_run_resumes_to_the_same_weights(
     data, tiny_clip_dir, tiny_gpt2_dir, tmp_path
 ):
     extra = {"train.max_steps": 8, "train.checkpoint_every": 2}
-    ref = run_cli(viecap_args(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "ref", **extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    args = viecap_args(data, tiny_clip_dir, tiny_gpt2_dir, tmp_path / "killed", **extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 4)
-    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
+    resumed_run_equals_uninterrupted(
+        run_cli, lambda out: viecap_args(data, tiny_clip_dir, tiny_gpt2_dir, out, **extra),
+        tmp_path, 4)  # fmt: skip
 
 
 # the originals' per-dataset inference settings (scripts/eval_*.sh): threshold, classes, beams
