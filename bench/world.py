@@ -32,6 +32,7 @@ to ``<out>/world-table.json``.
     python bench/world.py --seeds 1 --steps 200 --gan-steps 60   # a quick look
     python bench/world.py --recipes sacap        # only some recipes' rows (each run is seeded:
                                                  # the rows equal those of a full run)
+    python bench/world.py --methods "SaCap;SaCap + SynC"   # only these rows
     python bench/world.py --presets default,novel  # the sparse worlds' settings
     python bench/world.py --from-tables A/world-table.json B/world-table.json  # rows of two
                                                  # invocations (same worlds, seeds) compared
@@ -135,6 +136,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus", type=int, default=DemoConfig.n_corpus)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--recipes", default=None, help="comma-separated: only these recipes")
+    parser.add_argument("--methods", default=None,
+                        help="';'-separated method names (as the table's rows): only these")  # fmt: skip
     parser.add_argument("--presets", default="coco",
                         help="comma-separated training worlds: coco (the cluttered world, the "
                         "main table), default (in- and cross-domain settings), novel (novel "
@@ -161,6 +164,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[dict, dict, dict]:
         methods = all_methods
         if args.recipes:
             methods = [m for m in methods if m.recipe in args.recipes.split(",")]
+        if args.methods:
+            methods = [m for m in methods if m.name in args.methods.split(";")]
         if not methods:
             continue
         cfg = DemoConfig(out=args.out, preset=train_preset, seed=seed, steps=args.steps,
@@ -290,6 +295,10 @@ def main() -> None:
         print_table(scores, seconds, per_image)
         print_within_recipes(per_image)
         return
+    known = {m.name for methods, _ in SETTINGS.values() for m in methods}
+    unknown = sorted(set(args.methods.split(";")) - known) if args.methods else []
+    if unknown:
+        raise SystemExit(f"--methods: no method named {', '.join(map(repr, unknown))}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.time()
     # the untrained world LMs and discriminator encoder, shared by every seed: made once here

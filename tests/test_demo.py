@@ -13,11 +13,13 @@ from pairfree.demo import (
     GAN_METHODS,
     NOISE_SWEEP,
     PAIRED_UPPER_BOUND,
+    PCMNET_METHODS,
     SACAP_METHODS,
     TEXT_METHODS,
     DemoConfig,
     run_demo,
 )
+from pairfree.demo.methods import method_config
 from pairfree.training.rewards import TextDiscriminator
 from pairfree.world.lm import build_world_encoder, build_world_lm
 
@@ -99,6 +101,21 @@ def look_at_it_in_chromium(page: Path, tmp_path: Path) -> None:
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout  # fmt: skip
     assert dom.count("<table") >= 2 and "<svg" in dom and dom.count("<img") == 12
+
+
+def test_the_sync_methods_train_with_the_recipes_reassign_option(tmp_path):
+    """SynC's world rows come from the recipe option (world CLIP, its text tower as the
+    sentence encoder, K 15, K_r 2, 90 % kept); every other synthetic-image row has it off."""
+    cfg = DemoConfig(out=str(tmp_path), n_corpus=20, n_test=2)
+    methods = (*SACAP_METHODS, *PCMNET_METHODS)
+    assert sum(m.reassigned for m in methods) == 2
+    for method in methods:
+        config = method_config(cfg, method)
+        reassign = config.synthetic.reassign if method.recipe == "sacap" else config.reassign
+        assert (reassign is not None) == method.reassigned, method.name
+        if method.reassigned:
+            assert (reassign.clip, reassign.sentences) == (cfg.clip, f"clip:{cfg.clip}")
+            assert (reassign.candidates, reassign.back, reassign.keep) == (15, 2, 0.9)
 
 
 def test_world_encoder_loads_as_a_discriminator(tmp_path):

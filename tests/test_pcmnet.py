@@ -10,7 +10,7 @@ from synthetic_helpers import synthesize_world
 from torch import nn
 
 from pairfree.captioner.patch_mix import PatchMixConfig, patch_mix, salient_concepts
-from pairfree.captioner.pcm import PCMCaptioner, PCMConfig, clip_weighted_loss
+from pairfree.captioner.pcm import PCMCaptioner, PCMConfig, clip_weighted_loss, pool_patches
 from pairfree.errors import PairfreeError
 
 E = torch.eye(6)  # six orthogonal concept embeddings
@@ -148,6 +148,20 @@ def test_the_captioner_learns_and_generates_its_training_captions():
     assert out == [[3, 4, 5], [6, 7], [8, 9, 3]]
 
 
+def test_pooling_averages_each_block_of_the_patch_map_and_keeps_the_class_token():
+    patches = torch.arange(16.0).reshape(1, 16, 1).repeat(2, 1, 3)  # a 4 x 4 map, row-major
+    grid = torch.cat((torch.full((2, 1, 3), -7.0), patches), dim=1)
+    pooled = pool_patches(grid, 1, 2)
+    # blocks: (0 1 4 5), (2 3 6 7), (8 9 12 13), (10 11 14 15)
+    assert pooled.shape == (2, 5, 3) and pooled[0, 0].tolist() == [-7.0] * 3
+    assert pooled[1, 1:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_patches(grid, 1, 1) is grid and pool_patches(grid, 1, 4)[0, 1, 0] == 7.5
+    with pytest.raises(ValueError, match="square"):
+        pool_patches(grid, 1, 3)  # 4 is not a multiple of 3
+    with pytest.raises(ValueError, match="square"):
+        pool_patches(grid[:, :13], 1, 2)  # 12 patches are no square
+
+
 def test_config_round_trips_and_rejects_bad_values():
     cfg = tiny_config()
     assert PCMConfig.from_dict(cfg.to_dict()) == cfg
@@ -266,15 +280,55 @@ def test_each_pair_weighs_clamp_alpha_cosine_or_one_without_weighting(synthesize
 
 
 def test_killed_pcmnet_run_resumes_to_the_same_weights(synthesized, tmp_path):
-    from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+    from resume_helpers import resumed_run_equals_uninterrupted
 
     root, world = synthesized
     extra = ("train.max_steps=8", "train.checkpoint_every=2")
-    ref = run_cli(pcm_args(root, world, tmp_path / "ref", *extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    args = pcm_args(root, world, tmp_path / "killed", *extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 2)
-    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
+    resumed_run_equals_uninterrupted(run_cli, lambda out: pcm_args(root, world, out, *extra),
+                                     tmp_path, 2)  # fmt: skip
+
+
+def test_a_vit_grid_pooled_2x2_trains_and_captions_and_a_resnet_like_one_is_refused(
+    synthesized, tmp_path
+):
+    """``model.grid_pool 2`` (ViT-L/14's setting) on a tiny ViT CLIP: its 4 x 4 patches are
+    read as 2 x 2 in training and in captioning; the world CLIP, whose attention pool
+    positions each token, refuses it before any data is read."""
+    import json
+
+    from tiny_models import save_tiny_clip
+
+    from pairfree import Captioner
+    from pairfree.cli import main
+
+    root, world = synthesized
+    clip = save_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "run"
+    assert main(["train", "pcmnet", "--no-progress",
+                 *pcm_args(root, world, out, f"clip=hf:{clip}", "model.grid_pool=2",
+                           f"features={tmp_path / 'f'}", "train.max_steps=2")]) == 0  # fmt: skip
+    saved = json.loads((out / "last" / "config.json").read_text())["captioner"]
+    assert (saved["grid_pool"], saved["grid_tokens"], saved["class_tokens"]) == (2, 4, 1)
+    captioner = Captioner.from_pretrained(out / "last")
+    seen, read = [], captioner.model.visual_tokens
+
+    def spy(image_embeds, condition, grid, grid_embeds):  # what the captioner reads
+        seen.append(grid.shape)
+        return read(image_embeds, condition, grid, grid_embeds)
+
+    captioner.model.visual_tokens = spy
+    images = sorted((world.root / "images").glob("test_*.png"))[:2]
+    assert all(isinstance(c, str) for c in captioner([str(p) for p in images]))
+    assert seen and all(shape[1] == 1 + 4 for shape in seen)  # the class token, 4 pooled
+
+    from pairfree.config import build_config
+    from pairfree.recipes.pcmnet import PCMNetConfig, train_pcmnet
+
+    cfg = build_config(PCMNetConfig, None, [*pcm_args(root, world, tmp_path / "w"),
+                                            "model.grid_pool=2"])  # fmt: skip
+    with pytest.raises(PairfreeError, match="grid_pool 2"):
+        train_pcmnet(cfg, progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_bad_inputs_fail_before_any_model_loads(synthesized, tmp_path):
@@ -296,14 +350,14 @@ def test_bad_inputs_fail_before_any_model_loads(synthesized, tmp_path):
 
 # --------------------------------------------------------------------------- configs
 # jianjieluo/PCM-Net configs/{mscoco_sd,flickr_sd}/{vit_b32,vit_l14}/*.yaml and the defaults'
-# losses: (trained on, CLIP, LOSSES.ALPHA, BERT dropout, tested on)
+# losses: (trained on, CLIP, LOSSES.ALPHA, BERT dropout, patch pooling, tested on)
 SETTINGS = {
-    "coco": ("coco", "clip-vit-base-patch32", 2.5, 0.2, "dataset_coco"),
-    "coco_vitl14": ("coco", "clip-vit-large-patch14", 4.0, 0.25, "dataset_coco"),
-    "flickr30k": ("flickr30k", "clip-vit-base-patch32", 2.5, 0.2, "dataset_flickr30k"),
-    "coco_to_flickr30k": ("coco", "clip-vit-base-patch32", 2.5, 0.2, "dataset_flickr30k"),
-    "flickr30k_to_coco": ("flickr30k", "clip-vit-base-patch32", 2.5, 0.2, "dataset_coco"),
-    "nocaps_coco": ("coco", "clip-vit-base-patch32", 2.5, 0.2, "nocaps"),
+    "coco": ("coco", "clip-vit-base-patch32", 2.5, 0.2, 1, "dataset_coco"),
+    "coco_vitl14": ("coco", "clip-vit-large-patch14", 4.0, 0.25, 2, "dataset_coco"),
+    "flickr30k": ("flickr30k", "clip-vit-base-patch32", 2.5, 0.2, 1, "dataset_flickr30k"),
+    "coco_to_flickr30k": ("coco", "clip-vit-base-patch32", 2.5, 0.2, 1, "dataset_flickr30k"),
+    "flickr30k_to_coco": ("flickr30k", "clip-vit-base-patch32", 2.5, 0.2, 1, "dataset_coco"),
+    "nocaps_coco": ("coco", "clip-vit-base-patch32", 2.5, 0.2, 1, "nocaps"),
 }
 
 
@@ -319,7 +373,7 @@ def test_paper_configs_resolve_to_the_originals_settings(name):
     assert data.pop("recipe") == "pcmnet"
     evaluation = data.pop("evaluation")
     cfg = get_recipe("pcmnet").build_config(data)
-    trained_on, clip, alpha, dropout, tested_on = SETTINGS[name]
+    trained_on, clip, alpha, dropout, pool, tested_on = SETTINGS[name]
     assert cfg.corpus.path == f"data/dataset_{trained_on}.json" and cfg.clip.endswith(clip)
     assert cfg.images == f"runs/synthetic/{trained_on}/own" and cfg.concepts.ensemble
     assert (cfg.alpha, cfg.label_smoothing, cfg.gamma, cfg.noise_variance) == (alpha, 0.1, 2.0,
@@ -328,7 +382,8 @@ def test_paper_configs_resolve_to_the_originals_settings(name):
     m = cfg.model
     assert (m.width, m.heads, m.ffn, m.encoder_layers, m.decoder_layers) == (512, 8, 2048, 3, 3)
     assert (m.attention_dropout, m.hidden_dropout, m.visual_dropout, m.token_dropout,
-            m.head_dropout, m.max_tokens) == (0.3, dropout, 0.5, 0.1, 0.5, 20)  # fmt: skip
+            m.head_dropout, m.max_tokens, m.grid_pool) == (0.3, dropout, 0.5, 0.1, 0.5, 20,
+                                                           pool)  # fmt: skip
     assert m.mix == PatchMixConfig(concepts=5, patches=5.0, temperature=0.01, threshold=0.0)
     t = cfg.train
     assert (t.epochs, t.batch_size, t.warmup_steps, t.schedule, t.weight_decay) == (

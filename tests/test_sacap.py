@@ -188,6 +188,41 @@ def test_repairing_moves_a_caption_off_an_own_image_that_shows_another_caption(
     assert not any(moved[False])
 
 
+def test_reassign_gives_each_caption_the_image_sync_assigns_it(synthesized, tmp_path):
+    """With ``synthetic.reassign`` each caption's own image is the one SynC assigns it, made
+    in the run's ``reassigned/``: given rotated images (each caption holding another's), SynC
+    hands most captions back the image drawn from them."""
+    from pairfree.recipes.sacap import sacap_data
+
+    root, world, lm = synthesized
+    own = tmp_path / "own"
+    shutil.copytree(root / "own" / "images", own / "images")
+    lines = [json.loads(x) for x in (root / "own" / "dataset.jsonl").read_text().splitlines()]
+    names = [x["image"] for x in lines]
+    with open(own / "dataset.jsonl", "w") as f:
+        for x, name in zip(lines, names[1:] + names[:1], strict=True):
+            f.write(json.dumps({**x, "image": name}) + "\n")
+    holder = {names[(j + 1) % len(lines)]: x["image_id"] for j, x in enumerate(lines)}
+    drawn = {x["caption"]: holder[x["image"]] for x in lines}  # the record holding its image
+    reassign = ["synthetic.reassign.clip=world:builtin",
+                "synthetic.reassign.sentences=clip:world:builtin"]  # fmt: skip
+    for extra in ([], reassign):  # one feature cache for both runs
+        cfg, clip, tokenizer, job = sacap_setup(root, world, lm, tmp_path / "run",
+                                                f"synthetic.images={own}", *extra,
+                                                f"features={tmp_path / 'features'}")  # fmt: skip
+        made = sacap_data(cfg, clip, tokenizer, job)
+        if not extra:
+            assert all(c[0].parent == own / "images" for c in made.candidates)
+    every = [json.loads(x) for x in
+             (tmp_path / "run" / "reassigned" / "reassignment.jsonl").read_text().splitlines()]  # fmt: skip
+    assigned = {r["caption"]: r["assigned"] for r in every if r["kept"]}
+    assert set(made.texts) <= set(assigned) and len(assigned) < len(every)
+    assert [c[0].stem for c in made.candidates] == [assigned[t] for t in made.texts]
+    assert all(c[0].parent == tmp_path / "run" / "reassigned" / "images" for c in made.candidates)
+    restored = sum(assigned[t] == drawn[t] for t in made.texts)
+    assert restored >= 0.8 * len(made.texts), (restored, len(made.texts))
+
+
 def test_the_best_epoch_is_chosen_by_val_cider_and_every_epoch_is_kept(
     synthesized, tmp_path, monkeypatch
 ):
@@ -277,7 +312,7 @@ def test_killed_sacap_run_resumes_to_the_same_weights(synthesized, tmp_path):
     import subprocess
     import sys
 
-    from resume_helpers import assert_same_weights, kill_after_checkpoint_then_resume
+    from resume_helpers import resumed_run_equals_uninterrupted
 
     root, world, lm = synthesized
 
@@ -287,11 +322,8 @@ def test_killed_sacap_run_resumes_to_the_same_weights(synthesized, tmp_path):
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
     extra = ("train.max_steps=8", "train.checkpoint_every=2")
-    ref = run_cli(sacap_args(root, world, lm, tmp_path / "ref", *extra))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    args = sacap_args(root, world, lm, tmp_path / "killed", *extra)
-    kill_after_checkpoint_then_resume(run_cli, args, tmp_path / "killed", 2)
-    assert_same_weights(tmp_path / "ref" / "last", tmp_path / "killed" / "last")
+    resumed_run_equals_uninterrupted(run_cli, lambda out: sacap_args(root, world, lm, out, *extra),
+                                     tmp_path, 2)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
 """SynC's re-assignment: the cycle score on constructed embeddings, the sentence encoders,
-and `pairfree synthesize reassign` end to end on a tiny world (deterministic, resumable,
-read by a recipe as any synthetic dataset)."""
+`pairfree synthesize reassign` end to end on a tiny world (deterministic, resumable, read by a
+recipe as any synthetic dataset) and the recipes' ``reassign`` option (the same stage)."""
 
 import json
+import shutil
 import subprocess
-import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -85,22 +86,29 @@ def synthesized(tmp_path_factory):
     return synthesize_world(tmp_path_factory.mktemp("sync"), n_corpus=40, n_test=2, n_val=2, seed=5)
 
 
-def reassign_cli(source, out, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "pairfree.cli", "synthesize", "reassign", str(source), "--out",
-         str(out), "--clip", "world:builtin", "--sentences", "clip:world:builtin",
-         "--no-progress", *extra],
-        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **__import__("os").environ},
-    )  # fmt: skip
+def reassign_cli(capsys, source, out, *extra) -> subprocess.CompletedProcess:
+    """`pairfree synthesize reassign` (in this process, as a subprocess would run it)."""
+    from pairfree.cli import main
+
+    argv = ["synthesize", "reassign", str(source), "--out", str(out), "--clip", "world:builtin",
+            "--sentences", "clip:world:builtin", "--no-progress", *extra]  # fmt: skip
+    try:
+        code = main(argv)
+    except SystemExit as refused:  # argparse's refusals
+        code = refused.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
-def test_reassign_writes_a_dataset_the_recipes_read_deterministically(synthesized, tmp_path):
+def test_reassign_writes_a_dataset_the_recipes_read_deterministically(
+    synthesized, tmp_path, capsys
+):
     from pairfree.data import CleaningConfig, read_images
     from pairfree.job import Job
     from pairfree.synth.images import synthetic_images
 
     root, world = synthesized
-    done = reassign_cli(root / "own", tmp_path / "sync", "--keep", "0.75")
+    done = reassign_cli(capsys, root / "own", tmp_path / "sync", "--keep", "0.75")
     assert done.returncode == 0, done.stderr
     assert "40 captions" in done.stdout and "30 kept" in done.stdout
     summary = json.loads((tmp_path / "sync" / "reassign.json").read_text())
@@ -124,7 +132,7 @@ def test_reassign_writes_a_dataset_the_recipes_read_deterministically(synthesize
     assert len(images) == 30  # every kept caption, also those sharing an image
 
     # the same inputs give the same files; a second run reuses the cached encodings
-    again = reassign_cli(root / "own", tmp_path / "sync-again", "--keep", "0.75")
+    again = reassign_cli(capsys, root / "own", tmp_path / "sync-again", "--keep", "0.75")
     assert again.returncode == 0, again.stderr
     for name in ("dataset.jsonl", "reassignment.jsonl"):
         assert (tmp_path / "sync" / name).read_text() == (
@@ -137,26 +145,50 @@ def test_reassign_writes_a_dataset_the_recipes_read_deterministically(synthesize
         return {p: p.stat().st_mtime_ns for p in found if p.suffix in (".npy", ".safetensors")}
 
     cached = encodings()
-    resumed = reassign_cli(root / "own", tmp_path / "sync", "--keep", "0.75")
+    resumed = reassign_cli(capsys, root / "own", tmp_path / "sync", "--keep", "0.75")
     assert resumed.returncode == 0, resumed.stderr
     assert len(cached) == 3 and encodings() == cached  # nothing encoded again
     assert (tmp_path / "sync" / "dataset.jsonl").read_text() == (
         tmp_path / "sync-again" / "dataset.jsonl").read_text()  # fmt: skip
 
 
-def test_a_recipe_trains_on_the_reassigned_dataset(synthesized, tmp_path, caplog):
+def pcmnet_cli(world, images, out, features, *extra) -> int:
+    from pairfree.cli import main
+
+    return main(["train", "pcmnet", f"corpus.path={world.corpus}", "clip=world:builtin",
+                 f"images={images}", f"concepts.vocabulary={world.entities}",
+                 "min_word_count=1", "model.width=16", "model.heads=2", "model.ffn=32",
+                 "train.max_steps=2", "train.batch_size=4", f"features={features}",
+                 f"train.output_dir={out}", "--no-progress", *extra])  # fmt: skip
+
+
+def test_a_recipe_trains_on_the_reassigned_dataset(synthesized, tmp_path, caplog, capsys):
+    """PCM-Net trains on the step's folder (one feature cache with a run on the original
+    images), and its ``reassign:`` option makes the same dataset in the run and trains exactly
+    as ``images=`` that folder does; CapDec on image embeddings reads it as a paired corpus."""
+    from safetensors.torch import load_file
+
     from pairfree.cli import main
 
     root, world = synthesized
-    assert reassign_cli(root / "own", tmp_path / "sync").returncode == 0
-    for images, out in ((root / "own", "run-own"), (tmp_path / "sync", "run")):  # one cache
-        assert main(["train", "pcmnet", f"corpus.path={world.corpus}", "clip=world:builtin",
-                     f"images={images}", f"concepts.vocabulary={world.entities}",
-                     "min_word_count=1", "model.width=16", "model.heads=2", "model.ffn=32",
-                     "train.max_steps=2", "train.batch_size=4", f"features={tmp_path / 'f'}",
-                     f"train.output_dir={tmp_path / out}", "--no-progress"]) == 0  # fmt: skip
+    assert reassign_cli(capsys, root / "own", tmp_path / "sync").returncode == 0
+    option = ["reassign.clip=world:builtin", "reassign.sentences=clip:world:builtin"]
+    for images, out, extra in ((root / "own", "run-own", []), (tmp_path / "sync", "run", []),
+                               (root / "own", "opt", option)):  # fmt: skip
+        assert pcmnet_cli(world, images, tmp_path / out, tmp_path / "f", *extra) == 0
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert meta["images"] == str(tmp_path / "sync")
+    assert meta["images"] == str(tmp_path / "sync") and meta["reassign"] is None
+    made = tmp_path / "opt" / "reassigned"
+    assert (made / "dataset.jsonl").read_text() == (tmp_path / "sync" / "dataset.jsonl").read_text()
+    trained = [
+        load_file(str(tmp_path / run / "last" / "model.safetensors")) for run in ("run", "opt")
+    ]
+    assert trained[0].keys() == trained[1].keys()
+    for name, weights in trained[0].items():
+        torch.testing.assert_close(weights, trained[1][name], rtol=0, atol=0)
+    saved = json.loads((tmp_path / "opt" / "config.json").read_text())
+    assert saved["images"] == str(root / "own") and saved["reassign"]["keep"] == 0.9
+
     # a captioner on image embeddings reads the re-assigned pairs as a paired corpus
     from pairfree.world.lm import build_world_lm
 
@@ -170,11 +202,37 @@ def test_a_recipe_trains_on_the_reassigned_dataset(synthesized, tmp_path, caplog
     assert kept == 36 and "of 36 training captions" in caplog.text  # every kept pair trains
 
 
-def test_bad_inputs_name_what_is_wrong(synthesized, tmp_path):
+def test_bad_inputs_name_what_is_wrong(synthesized, tmp_path, capsys):
     root, _ = synthesized
-    done = reassign_cli(tmp_path, tmp_path / "out")
+    done = reassign_cli(capsys, tmp_path, tmp_path / "out")
     assert done.returncode != 0 and "dataset.jsonl" in done.stderr
-    done = reassign_cli(root / "own", tmp_path / "out2", "--keep", "2")
+    done = reassign_cli(capsys, root / "own", tmp_path / "out2", "--keep", "2")
     assert done.returncode != 0 and "share" in done.stderr
-    done = reassign_cli(root / "own", tmp_path / "out3", "--sentences", "sbert")
+    done = reassign_cli(capsys, root / "own", tmp_path / "out3", "--sentences", "sbert")
     assert done.returncode != 0 and "unknown sentence encoder" in done.stderr
+
+
+def test_the_stage_is_made_again_only_when_its_source_or_settings_change(synthesized, tmp_path):
+    from pairfree.job import Job
+    from pairfree.synth.reassign import training_images
+
+    root, _ = synthesized
+    cfg = ReassignConfig(clip="world:builtin", sentences="clip:world:builtin")
+    job, out = Job(progress=False), tmp_path / "sync"
+    assert training_images(str(root / "own"), None, out, job=job) == str(root / "own")
+    assert not out.exists()  # no option, no stage
+
+    def made(source, settings) -> dict:
+        assert training_images(str(source), settings, out, job=job) == str(out)
+        return json.loads((out / "reassign.json").read_text())
+
+    first = made(root / "own", cfg)
+    written = (out / "reassign.json").stat().st_mtime_ns
+    assert (
+        made(root / "own", cfg) == first and (out / "reassign.json").stat().st_mtime_ns == written
+    )
+    assert made(root / "own", replace(cfg, keep=0.5))["kept"] == 20  # other settings
+    copy = shutil.copytree(root / "own", tmp_path / "copy")
+    lines = (copy / "dataset.jsonl").read_text().splitlines(keepends=True)
+    (copy / "dataset.jsonl").write_text("".join(lines[:30]))  # another dataset
+    assert made(copy, cfg)["captions"] == 30

@@ -100,7 +100,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section that is off (null) until a key of it is set
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise PairfreeError(f"override {item!r}: {part} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw else ""

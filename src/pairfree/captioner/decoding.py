@@ -29,7 +29,7 @@ from pairfree.captioner.entities import (
 )
 from pairfree.captioner.generation import GenerationConfig
 from pairfree.captioner.model import PrefixCaptioner
-from pairfree.captioner.pcm import PCMCaptioner
+from pairfree.captioner.pcm import PCMCaptioner, grid_inputs
 from pairfree.captioner.prompts import hard_prompt, top_phrases
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.clip.vision import tower_pixels
@@ -234,8 +234,9 @@ class CaptionDecoder:
                 nearest = self.retrieve(chunk, retrieval_embeds=keys)
             cond = self.conditions(chunk, nearest).to(device) if self.needs_embeddings else None
             if isinstance(self.model, PCMCaptioner):  # its mix-up reads the grid's embeddings
-                rows = grid[start : start + batch_size]
-                ids = self.model.generate(chunk, cond, rows, self.clip.embed_grid(rows), **settings)
+                rows, dense = grid_inputs(grid[start : start + batch_size], self.clip.embed_grid,
+                                          self.model.config)  # fmt: skip
+                ids = self.model.generate(chunk, cond, rows, dense, **settings)
             elif self.needs_grid:
                 ids = self._generate_cross_attention(cond, chunk, grid[start : start + batch_size],
                                                      settings)  # fmt: skip

@@ -18,16 +18,20 @@ The mix-up compares patches with concepts in CLIP's joint space: the caller pass
 and its tokens read by the CLIP's own head (``ClipEncoder.embed_grid``); the concept
 vocabulary's text embeddings are a buffer the checkpoint keeps. A grid's leading class tokens
 (``class_tokens``: a ViT's) are dropped, so a captioner reads a CLIP's grid as it comes.
+``grid_pool`` k average-pools the square patch map k x k before either reads it
+(:func:`grid_inputs`): the original's 2 for ViT-L/14, whose 16 x 16 patches become 64.
 
 Where pairfree differs on purpose: the grid is the one pairfree's CLIP backends give, after
 the tower's final LayerNorm (the original's patch Linear reads the tokens before it, and
-applies that LayerNorm itself for the mix-up); the concept embeddings are saved in the
+applies that LayerNorm itself for the mix-up), so a pooled patch is the mean of normalized
+tokens where the original normalizes the mean; the concept embeddings are saved in the
 checkpoint (the original reloads its pickle).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
@@ -51,6 +55,7 @@ class PCMConfig:
     grid_width: int = 768  # the grid's tokens (IN_DIM)
     grid_tokens: int = 49  # patches per image at most (MAX_FEAT_NUM - 1)
     class_tokens: int = 1  # grid tokens before the patches, dropped (ViT: its class token)
+    grid_pool: int = 1  # k: the square patch map average-pooled k x k (2 for ViT-L/14)
     concepts: int = 446  # the concept vocabulary's size (its embeddings are a buffer)
     width: int = 512
     heads: int = 8
@@ -69,8 +74,9 @@ class PCMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mix, dict):
             self.mix = PatchMixConfig(**self.mix)
-        for name in ("vocab_size", "embed_dim", "grid_width", "grid_tokens", "concepts", "width",
-                     "heads", "ffn", "encoder_layers", "decoder_layers", "max_tokens"):  # fmt: skip
+        for name in ("vocab_size", "embed_dim", "grid_width", "grid_tokens", "grid_pool",
+                     "concepts", "width", "heads", "ffn", "encoder_layers", "decoder_layers",
+                     "max_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.class_tokens < 0:
@@ -87,6 +93,32 @@ class PCMConfig:
         if unknown:
             raise ValueError(f"unknown PCM-Net captioner config keys: {unknown}")
         return cls(**d)
+
+
+def pool_patches(grid: torch.Tensor, class_tokens: int, k: int) -> torch.Tensor:
+    """``grid`` [B, class_tokens + s*s, d] with its s x s patch map average-pooled k x k
+    (row-major, as a ViT lays out its patches), the class tokens kept first."""
+    if k == 1:
+        return grid
+    head, patches = grid[:, :class_tokens], grid[:, class_tokens:]
+    batch, n, width = patches.shape
+    side = math.isqrt(n)
+    if side * side != n or side % k:
+        raise ValueError(f"grid_pool {k} needs a square patch map whose side it divides; "
+                         f"this grid has {n} patches")  # fmt: skip
+    square = patches.reshape(batch, side, side, width).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(square.float(), k).to(grid.dtype).flatten(2).transpose(1, 2)
+    return torch.cat((head, pooled), dim=1)
+
+
+def grid_inputs(
+    grid: torch.Tensor, embed_grid: Callable[[torch.Tensor], torch.Tensor], cfg: PCMConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :class:`PCMCaptioner` reads of a CLIP grid as its encoder stored it: the grid
+    (pooled by ``cfg.grid_pool``) and its tokens in the joint space (``embed_grid``, the
+    CLIP's ``ClipEncoder.embed_grid``)."""
+    pooled = pool_patches(grid, cfg.class_tokens, cfg.grid_pool)
+    return pooled, embed_grid(pooled).to(grid.device)
 
 
 class PostNormLayer(nn.Module):

@@ -22,7 +22,7 @@ class Method:
     is the checkpoint of the run that is scored (a GAN's ``best``, or its text-only
     ``init/last`` to compare against); ``project`` adds DeCap projection onto the training
     corpus at inference; ``reassigned`` trains on the synthetic images as SynC re-assigns
-    them (``pairfree synthesize reassign``)."""
+    them (the recipe's ``reassign`` option, see :func:`sync_settings`)."""
 
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
@@ -70,6 +70,7 @@ SACAP_METHODS = (
     Method("SaCap without re-pairing", {"repair": False}, recipe="sacap"),
     Method("SaCap without hard prompt", {"hard_prompt": False}, recipe="sacap"),
     Method("SaCap without soft prompt", {"soft_prompt": False}, recipe="sacap"),
+    Method("SaCap + SynC", recipe="sacap", reassigned=True),
 )
 ICSD_METHODS = (
     Method("ICSD", recipe="icsd", artifact="best"),
@@ -162,12 +163,6 @@ class DemoConfig:
         """SaCap's synthetic data of the corpus: ``own`` images, ``rephrased`` captions and
         ``supporting`` images, from the world's text-to-image model and LLM."""
         return Path(self.out) / "synthetic" / f"{self.preset}-{self.seed}-{self.n_corpus}"
-
-    @property
-    def reassigned_dir(self) -> Path:
-        """SynC's re-assignment of the ``own`` synthetic images (the world CLIP retrieves and,
-        the world having no sentence encoder, its text tower compares captions)."""
-        return self.synthetic_dir / "sync"
 
     @property
     def corpus_features(self) -> Path:
@@ -328,6 +323,7 @@ def sacap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
             "images": str(synthetic / "own"),
             "rephrasings": str(synthetic / "rephrased"),
             "supporting": str(synthetic / "supporting"),
+            "reassign": sync_settings(cfg) if method.reassigned else None,
         },
         "phrases": {"vocabulary": str(world.phrases)},
         "seed": cfg.seed,
@@ -335,6 +331,13 @@ def sacap_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
         "train": world_schedule(cfg, method),
         "generation": {"num_beams": cfg.beams, "max_new_tokens": 48, "stop": "."},
     }
+
+
+def sync_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """SynC's re-assignment in the world, at its default K 15, K_r 2 and 90 % kept: the world
+    CLIP retrieves and, the world having no sentence encoder, its text tower compares
+    captions."""
+    return {"clip": cfg.clip, "sentences": f"clip:{cfg.clip}"}
 
 
 def pcmnet_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
@@ -350,7 +353,8 @@ def pcmnet_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
         "clip": cfg.clip,
         "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-synthetic"),
         "corpus": {"path": str(world.corpus), "val_fraction": 0.02, "max_tokens": 48},
-        "images": str(cfg.reassigned_dir if method.reassigned else cfg.synthetic_dir / "own"),
+        "images": str(cfg.synthetic_dir / "own"),
+        "reassign": sync_settings(cfg) if method.reassigned else None,
         "concepts": {"vocabulary": str(world.entities)},
         "model": {"width": 128, "heads": 4, "ffn": 512, "max_tokens": 48},
         "train": schedule,

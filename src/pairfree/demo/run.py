@@ -36,8 +36,6 @@ from pairfree.job import Job
 from pairfree.logs import library_log_level, show_library_logs
 from pairfree.pipeline import Captioner
 from pairfree.synth.llm import LLMConfig
-from pairfree.synth.reassign import ReassignConfig, reassign_dataset
-from pairfree.synth.sentences import ClipTextEncoder
 from pairfree.synth.stages import ImageSynthesisConfig, draw_images, rephrase
 from pairfree.world import load_scenes, truth_metrics
 from pairfree.world.lm import build_world_bert, build_world_encoder, build_world_lm
@@ -90,8 +88,6 @@ def train_methods(
     if any(m.needs_synthetic for m in methods):
         synthesize_world_data(cfg, progress=progress,
                               rephrasings=any(m.recipe == "sacap" for m in methods))  # fmt: skip
-    if any(m.reassigned for m in methods):
-        reassign_world_data(cfg, progress=progress)
     runs = {m.training_key: m for m in methods}
     parallel = [m for m in runs.values() if m.recipe == "capdec" and not m.needs_images]
     trained: dict[str, tuple[Path, float]] = {}
@@ -131,18 +127,6 @@ def synthesize_world_data(
              out / "rephrased", job=job)  # fmt: skip
     draw_images(images, read_captions(out / "rephrased" / "prompts.jsonl"), out / "supporting",
                 job=job)  # fmt: skip
-
-
-def reassign_world_data(cfg: DemoConfig, *, progress: bool = True) -> None:
-    """SynC's re-assignment of the world's synthetic images (see
-    :attr:`DemoConfig.reassigned_dir`), at its default K 15, K_r 2 and 90 % kept."""
-    if (cfg.reassigned_dir / "reassign.json").is_file():
-        return
-    clip = load_clip(cfg.clip)
-    config = ReassignConfig(clip=cfg.clip, sentences=f"clip:{cfg.clip}")
-    logger.info("demo: SynC's re-assignment of the synthetic images -> %s", cfg.reassigned_dir)
-    reassign_dataset(cfg.synthetic_dir / "own", cfg.reassigned_dir, config, clip,
-                     ClipTextEncoder(clip, name=config.sentences), job=Job(progress=progress))  # fmt: skip
 
 
 def score_world_captions(

@@ -2,8 +2,9 @@
 corpus caption, with a patch-wise cross-modal mix-up and a CLIP-weighted cross-entropy.
 
 Data (made beforehand by ``pairfree synthesize images CORPUS``): each corpus caption's
-synthetic image, its global CLIP embedding and CLIP grid. Objective, for each caption c and
-its image I:
+synthetic image, its global CLIP embedding and CLIP grid; with ``reassign:`` set, the image
+SynC re-assigns to it (:mod:`pairfree.synth.reassign`, run as the recipe's first stage, the
+worst-fitting 10 % of the pairs left out). Objective, for each caption c and its image I:
 
 1. **mix-up** (:mod:`pairfree.captioner.patch_mix`): the 5 concepts of a concept vocabulary
    (the original's: 446 COCO nouns, prompt-ensembled) most similar to I; the 5 (patch,
@@ -49,16 +50,17 @@ from transformers import PreTrainedTokenizerFast
 
 from pairfree.captioner import CheckpointCard, Conditioning, GenerationConfig, condition
 from pairfree.captioner.entities import read_entity_list
-from pairfree.captioner.pcm import PCMCaptioner, PCMConfig, clip_weighted_loss
+from pairfree.captioner.pcm import PCMCaptioner, PCMConfig, clip_weighted_loss, grid_inputs
 from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import Caption
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import encode_captions, encode_entity_classes, encode_images
-from pairfree.errors import PairfreeError
+from pairfree.errors import PairfreeError, first_line
 from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import synthetic_images
+from pairfree.synth.reassign import ReassignConfig, training_images
 from pairfree.tokenizers import word_tokenizer, word_vocabulary, words
 from pairfree.training.cross_attention import (
     ValidationConfig,
@@ -83,6 +85,8 @@ class PCMNetConfig:
     features: str | None = None  # cache dir of the encodings; default <output_dir>/features
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(val_fraction=0.0))
     images: str = ""  # `pairfree synthesize images CORPUS --out ...`: one image per caption
+    # SynC: train on its re-assignment of `images`, made in <output_dir>/reassigned
+    reassign: ReassignConfig | None = None
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
     min_word_count: int = 5  # words seen fewer times in the corpus are <unk>
     mixup: bool = True  # false: the "no mix-up" ablation
@@ -166,15 +170,18 @@ class PCMData:
 
 
 def pcm_data(cfg: PCMNetConfig, clip: ClipEncoder, job: Job) -> PCMData:
-    """Read the synthetic images, encode them (embeddings, grids), weigh each pair, and build
-    the word vocabulary and the concept embeddings."""
+    """Read the synthetic images (SynC's re-assignment of them, with ``reassign``), encode
+    them (embeddings, grids), weigh each pair, and build the word vocabulary and the concept
+    embeddings."""
     features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
-    own = synthetic_images(cfg.images, "images", cfg.corpus.cleaning, job)
+    folder = training_images(cfg.images, cfg.reassign, Path(cfg.train.output_dir) / "reassigned",
+                             job=job, clip=clip, clip_spec=cfg.clip)  # fmt: skip
+    own = synthetic_images(folder, "images", cfg.corpus.cleaning, job)
     corpus = list(dict.fromkeys(c.text for c in prepare_corpus(cfg.corpus, job.skip_log)))
     texts = [t for t in corpus if t in own]
     if not texts:
         raise PairfreeError(f"no corpus caption of {cfg.corpus.path} has a synthetic image in "
-                            f"{cfg.images}")  # fmt: skip
+                            f"{folder}")  # fmt: skip
     files = [own[t] for t in texts]
     pairs = [(f"{i:09d}", f) for i, f in enumerate(files)]
     digest = _digest(str(f) for f in files)
@@ -219,7 +226,7 @@ def pcm_step(clip: ClipEncoder, conditioning: Conditioning, cfg: PCMNetConfig) -
     def step(ctx, batch):
         embeds, grid, weights, inputs, targets = batch
         noised = condition(embeds, conditioning, training=True).to(embeds.dtype)
-        dense = clip.embed_grid(grid).to(grid.device)
+        grid, dense = grid_inputs(grid, clip.embed_grid, ctx.unwrap("captioner").config)
         logits = ctx.modules["captioner"](embeds, noised, grid, dense, inputs)
         loss = clip_weighted_loss(logits, targets, weights, smoothing=cfg.label_smoothing,
                                   gamma=cfg.gamma)  # fmt: skip
@@ -236,13 +243,27 @@ def pcm_val_step(clip: ClipEncoder) -> ValFn:
     def val_step(ctx, batch):
         embeds, grid, _, inputs, targets = batch
         model = ctx.unwrap("captioner")
-        logits = model(embeds, F.normalize(embeds, dim=-1), grid,
-                       clip.embed_grid(grid).to(grid.device), inputs)  # fmt: skip
+        grid, dense = grid_inputs(grid, clip.embed_grid, model.config)
+        logits = model(embeds, F.normalize(embeds, dim=-1), grid, dense, inputs)
         real = targets != -100
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])
         return {"val_loss": -(logp[..., 0] * real).sum(1) / real.sum(1)}
 
     return val_step
+
+
+def pooled_patches(clip: ClipEncoder, k: int) -> int:
+    """How many patches the captioner reads of ``clip``'s grid pooled k x k; a grid that
+    cannot be pooled so (not square, or a head that positions its tokens, as a ResNet's
+    attention pool does) is refused before any data is read."""
+    probe = torch.zeros(1, *clip.grid_shape)
+    config = PCMConfig(class_tokens=clip.grid_class_tokens, grid_pool=k)
+    try:
+        pooled, _ = grid_inputs(probe, clip.embed_grid, config)
+    except (ValueError, RuntimeError) as err:
+        raise PairfreeError(f"model.grid_pool {k}: the grid of {clip.name} cannot be "
+                            f"pooled so ({first_line(err)})") from None  # fmt: skip
+    return pooled.shape[1] - clip.grid_class_tokens
 
 
 @register_recipe("pcmnet", PCMNetConfig)
@@ -259,13 +280,13 @@ def train_pcmnet(cfg: PCMNetConfig, *, resume: bool = True, progress: bool = Tru
     read_entity_list(cfg.concepts.vocabulary)  # a bad file fails before any model loads
     job = Job.create(cpu=cfg.train.cpu, progress=progress)
     clip = load_clip(cfg.clip, device=job.state.device)
+    patches = pooled_patches(clip, cfg.model.grid_pool)
     made = pcm_data(cfg, clip, job)
     job.log_skips()
     sizes = {
         "vocab_size": len(made.tokenizer), "embed_dim": clip.embed_dim,
         "grid_width": clip.grid_shape[1], "class_tokens": clip.grid_class_tokens,
-        "grid_tokens": clip.grid_shape[0] - clip.grid_class_tokens,
-        "concepts": len(made.concepts),
+        "grid_tokens": patches, "concepts": len(made.concepts),
     }  # fmt: skip
     config = replace(cfg.model, **sizes, mix=cfg.model.mix if cfg.mixup else None)
     torch.manual_seed(cfg.train.seed)  # the initialization is part of the run

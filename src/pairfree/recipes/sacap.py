@@ -4,7 +4,9 @@ Data (made beforehand by ``pairfree synthesize``): one synthetic image per corpu
 (``synthesize images CORPUS``), three LLM rephrasings per caption (``synthesize rephrase
 CORPUS``) and one supporting image per rephrasing (``synthesize images
 REPHRASED/prompts.jsonl``). Only the corpus captions are targets, and only those whose
-rephrasing parsed, as in the original.
+rephrasing parsed, as in the original. With ``synthetic.reassign`` set, each caption's own
+image is the one SynC re-assigns to it (:mod:`pairfree.synth.reassign`, run as the recipe's
+first stage; the worst-fitting 10 % of the captions are left out).
 
 Objective, for each caption c:
 
@@ -80,6 +82,7 @@ from pairfree.features import FeatureStore
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import synthetic_images
+from pairfree.synth.reassign import ReassignConfig, training_images
 from pairfree.synth.text import read_rephrasings
 from pairfree.training.cross_attention import (
     GridCaptionDataset,
@@ -102,6 +105,8 @@ class SyntheticConfig:
     images: str = ""  # `synthesize images CORPUS --out ...`: the captions' own images
     rephrasings: str | None = None  # `synthesize rephrase CORPUS --out ...`
     supporting: str | None = None  # `synthesize images REPHRASED/prompts.jsonl --out ...`
+    # SynC: the captions' own images as it re-assigns them, made in <output_dir>/reassigned
+    reassign: ReassignConfig | None = None
 
 
 @dataclass
@@ -215,7 +220,10 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     features = Path(cfg.features) if cfg.features else Path(cfg.train.output_dir) / "features"
     # targets: corpus captions with an image of their own (and rephrasings, when given)
     cleaning = cfg.corpus.cleaning
-    own = synthetic_images(cfg.synthetic.images, "images", cleaning, job)
+    folder = training_images(cfg.synthetic.images, cfg.synthetic.reassign,
+                             Path(cfg.train.output_dir) / "reassigned", job=job, clip=clip,
+                             clip_spec=cfg.clip)  # fmt: skip
+    own = synthetic_images(folder, "images", cleaning, job)
     support = {} if cfg.synthetic.supporting is None else synthetic_images(
         cfg.synthetic.supporting, "supporting", cleaning, job)  # fmt: skip
     rephrased = rephrasings(cfg.synthetic.rephrasings, cleaning, job)
@@ -223,7 +231,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     texts = [t for t in corpus if t in own and (rephrased is None or t in rephrased)]
     if not texts:
         raise PairfreeError(f"no corpus caption of {cfg.corpus.path} has a synthetic image in "
-                            f"{cfg.synthetic.images}")  # fmt: skip
+                            f"{folder}")  # fmt: skip
 
     # candidate images: each caption's own, then its supporting images
     files, candidates = [], []
@@ -241,11 +249,13 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     # whole training corpus (also the captions that lost their rephrasing or image)
     memory_captions = [Caption(t, None, cfg.corpus.path, None) for t in corpus]
     encode_captions(clip, memory_captions, features / "captions", job=job)
-    encode_images(clip, list(zip(ids, files, strict=True)), features / "images", job=job)
+    # stores named by what they hold: SaCap on SynC's re-assigned images shares the cache
+    images_dir = features / f"images-{_digest(str(f) for f in files)}"
+    encode_images(clip, list(zip(ids, files, strict=True)), images_dir, job=job)
     job.wait_for_everyone()
     memory_store, image_store = (
         FeatureStore(features / "captions"),
-        FeatureStore(features / "images"),
+        FeatureStore(images_dir),
     )
     keep = [i for i, rows in enumerate(candidates) if ids[rows[0]] in image_store]
     memory = memory_store.tensor()
@@ -266,7 +276,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     if cfg.grids == "online":
         grids: FeatureStore | OnlineGrids = OnlineGrids(clip, to_grid)
     else:
-        grid_dir = features / f"grid-{_digest(i for i, _ in to_grid)}"  # one store per pairing
+        grid_dir = features / f"grid-{_digest(f'{i} {f}' for i, f in to_grid)}"  # per pairing
         encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
         job.wait_for_everyone()
         grids = FeatureStore(grid_dir)

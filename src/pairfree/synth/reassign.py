@@ -19,7 +19,8 @@ Nothing is random: the same inputs give the same assignment. The output is a syn
 dataset of its own (``dataset.jsonl``, one record per kept pair, the assigned image hard-linked
 or copied into ``images/``), so every recipe that reads one (SaCap's ``synthetic.images``,
 PCM-Net's ``images``) trains on it unchanged, and ``reassignment.jsonl`` says for every
-caption which image it had, which it got, its score and whether it was kept.
+caption which image it had, which it got, its score and whether it was kept. Those recipes
+also run it as a stage of their own (``reassign:``, :func:`training_images`).
 
 Where pairfree differs on purpose: the scores are float32 (the original rounds them to
 float16, which ties many near 1); the search is pairfree's exact (or faiss) cosine search,
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pairfree.clip import ClipEncoder
+from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import Caption, read_images
 from pairfree.encoding import encode_captions, encode_images
 from pairfree.errors import PairfreeError
@@ -47,7 +48,7 @@ from pairfree.features import FeatureStore
 from pairfree.io import atomic_path, atomic_write_json, atomic_write_text
 from pairfree.job import Job
 from pairfree.retrieval import BACKENDS, nearest_rows
-from pairfree.synth.sentences import SentenceEncoder
+from pairfree.synth.sentences import SentenceEncoder, load_sentence_encoder
 
 
 @dataclass
@@ -135,32 +136,75 @@ def reassign_dataset(
     captions = list(dict.fromkeys(it.references[0] for it in items if it.references))
     if not captions:
         raise PairfreeError(f"{dataset}: no captioned images")
+    # one store per (CLIP, images) and (CLIP, captions): another source gets stores of its own
     features = out / "features"
-    tag = hashlib.sha256(clip.name.encode()).hexdigest()[:12]
-    encode_images(clip, [(it.image_id, it.path) for it in items], features / f"images-{tag}",
-                  job=job)  # fmt: skip
-    encode_captions(clip, [Caption(t, None, str(dataset), None) for t in captions],
-                    features / f"captions-{tag}", job=job)  # fmt: skip
+    pairs = [(it.image_id, it.path) for it in items]
+    images_dir = features / f"images-{digest([clip.name, *(f'{i} {p}' for i, p in pairs)])}"
+    captions_dir = features / f"captions-{digest([clip.name, *captions])}"
+    encode_images(clip, pairs, images_dir, job=job)
+    encode_captions(clip, [Caption(t, None, str(dataset), None) for t in captions], captions_dir,
+                    job=job)  # fmt: skip
     job.wait_for_everyone()
-    image_store = FeatureStore(features / f"images-{tag}")
+    image_store = FeatureStore(images_dir)
     readable = [it for it in items if it.image_id in image_store]
     images = image_store.tensor()[[image_store.row(it.image_id) for it in readable]]
-    text_store = FeatureStore(features / f"captions-{tag}")
+    text_store = FeatureStore(captions_dir)
     text = text_store.tensor()[[text_store.text_row(t) for t in captions]]
     sentences = sentence_embeddings(sentence_encoder, captions, features)
     result = reassign(text, images, sentences, cfg)
     if job.is_main_process:
-        write_reassigned(out, captions, readable, result, cfg)
+        write_reassigned(out, captions, readable, result, cfg, source=source_stamp(dataset))
     job.wait_for_everyone()
     return result
+
+
+def training_images(
+    images: str,
+    cfg: ReassignConfig | None,
+    out: str | Path,
+    *,
+    job: Job,
+    clip: ClipEncoder | None = None,
+    clip_spec: str | None = None,
+) -> str:
+    """The synthetic dataset a recipe trains on: ``images`` itself, or with ``cfg`` set, SynC's
+    re-assignment of it, made in ``out`` unless ``out/reassign.json`` says it was made from
+    the same dataset (its ``dataset.jsonl``, byte for byte) with the same settings. ``clip``
+    is the recipe's loaded CLIP (``clip_spec``), used when it is the one ``cfg`` names."""
+    if cfg is None:
+        return images
+    out = Path(out)
+    done = out / "reassign.json"
+    source = Path(images) / "dataset.jsonl"
+    if not source.is_file():
+        raise PairfreeError(f"{source} does not exist (run `pairfree synthesize images` first)")
+    if done.is_file():
+        made = json.loads(done.read_text())
+        if made.get("settings") == asdict(cfg) and made.get("source") == source_stamp(source):
+            return str(out)
+    device = job.state.device
+    reuse = clip is not None and clip_spec == cfg.clip
+    encoder = clip if reuse else load_clip(cfg.clip, device=device)
+    sentences = load_sentence_encoder(cfg.sentences, device=device)
+    reassign_dataset(images, out, cfg, encoder, sentences, job=job)
+    return str(out)
+
+
+def digest(lines: Sequence[str], size: int = 12) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:size]
+
+
+def source_stamp(dataset: Path) -> dict[str, str]:
+    """Which synthetic dataset a re-assignment was made from: its folder and content."""
+    digest = hashlib.sha256(dataset.read_bytes()).hexdigest()[:16]
+    return {"dataset": str(dataset.resolve()), "sha256": digest}
 
 
 def sentence_embeddings(
     encoder: SentenceEncoder, captions: Sequence[str], features: Path
 ) -> torch.Tensor:
     """The captions' sentence embeddings, cached by encoder and captions."""
-    key = hashlib.sha256("\n".join([encoder.name, *captions]).encode()).hexdigest()[:16]
-    path = features / f"sentences-{key}.safetensors"
+    path = features / f"sentences-{digest([encoder.name, *captions], 16)}.safetensors"
     if path.is_file():
         return load_file(str(path))["sentences"]
     embeds = encoder.encode(list(captions)).float().contiguous()
@@ -171,7 +215,13 @@ def sentence_embeddings(
 
 
 def write_reassigned(
-    out: Path, captions: list[str], images: list, result: Reassignment, cfg: ReassignConfig
+    out: Path,
+    captions: list[str],
+    images: list,
+    result: Reassignment,
+    cfg: ReassignConfig,
+    *,
+    source: dict[str, str],
 ) -> None:
     """``out/images`` (the assigned images, linked), ``dataset.jsonl`` (the kept pairs, in
     the source's caption order), ``reassignment.jsonl`` (every caption) and
@@ -197,7 +247,7 @@ def write_reassigned(
         atomic_write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     moved = sum(r["assigned"] != r["own"] for r in every)
     atomic_write_json(out / "reassign.json", {
-        "settings": asdict(cfg), "captions": len(captions), "images": len(images),
+        "settings": asdict(cfg), "source": source, "captions": len(captions), "images": len(images),
         "kept": len(kept), "reassigned": moved,
         "images_used": len({result.assigned[i] for i in kept}),
     })  # fmt: skip
