@@ -333,6 +333,27 @@ def test_end_to_end_with_tiny_stable_diffusion_and_single_context_mix(tiny, tiny
     assert not (single / "synthetic" / "summaries").exists()
 
 
+def test_single_context_pairs_are_syncs_reassignment_with_reassign_set(tiny, tmp_path):
+    """``synthesis.reassign`` pairs each kept caption with the single-context image SynC
+    assigns it (one group per image), and the run records exactly those pairs."""
+    from pairfree.recipes.icsd import pre_caption
+
+    _, world, bert = tiny
+    out = tmp_path / "run"
+    args = ["synthesis.multi_context=false", "synthesis.single_context=1.0",
+            "synthesis.reassign.clip=world:builtin", "train.max_steps=2",
+            "synthesis.reassign.sentences=clip:world:builtin", "synthesis.reassign.keep=0.5"]  # fmt: skip
+    assert main(icsd_args(world, bert, out, *args)) == 0
+    made = out / "synthetic" / "single-reassigned"
+    kept = [r for r in read_jsonl(made / "reassignment.jsonl") if r["kept"]]
+    pairs = read_jsonl(out / "pairs.jsonl")
+    assert 0 < len(pairs) == len(kept) < len(read_jsonl(made / "reassignment.jsonl"))
+    assigned = {pre_caption(r["caption"], 30): r["assigned"] for r in kept}  # as pairs read
+    assert all(Path(p["image"]).parent == made / "images" for p in pairs)
+    assert all(Path(p["image"]).stem == assigned[p["caption"]] for p in pairs)
+    assert all(p["group"] == f"single-{Path(p['image']).stem}" for p in pairs)
+
+
 def test_bad_inputs_fail_early_or_are_skipped_and_reported(tiny, trained, tmp_path, capsys):
     import shutil
 

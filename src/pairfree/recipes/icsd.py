@@ -11,7 +11,9 @@ From a caption corpus alone, in stages that are each cached and resumable (under
    parse are dropped and kept in ``rejects.jsonl``);
 3. one image per summary with Stable Diffusion (ICSD: SD 1.4, DPM-Solver, 20 steps, 512²)
    (``images/``); images the safety checker flags are left out;
-4. optionally single-context images, one per corpus caption (``single/``), for the mix.
+4. optionally single-context images, one per corpus caption (``single/``), for the mix;
+   with ``synthesis.reassign`` set, SynC re-assigns their captions (``single-reassigned/``,
+   :mod:`pairfree.synth.reassign`), and its kept pairs are the single-context pairs.
 
 Objective: every *selected* caption is paired with its group's image (and only with it); a
 ``single_context`` share of the corpus captions is also paired with an image of its own. The
@@ -68,6 +70,7 @@ from pairfree.errors import BadInputError, PairfreeError, first_line
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.llm import LLMConfig
+from pairfree.synth.reassign import ReassignConfig, training_images
 from pairfree.synth.shards import write_jsonl
 from pairfree.synth.stages import ImageSynthesisConfig, draw_images, summarize
 from pairfree.synth.text import Group, group_corpus, read_summaries
@@ -112,6 +115,8 @@ class SynthesisConfig:
     images: ImageSynthesisConfig = field(default_factory=icsd_images)
     multi_context: bool = True  # pair the selected captions with their group's image
     single_context: float = 0.0  # share of the corpus captions also paired with their own image
+    # SynC on the single-context images: each caption paired with the image it re-assigns
+    reassign: ReassignConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.single_context <= 1:
@@ -270,8 +275,14 @@ def train_icsd(cfg: ICSDConfig, *, resume: bool = True, progress: bool = True) -
         chosen = sorted(order[: round(s.single_context * len(texts))].tolist())
         prompts = [Caption(texts[i], str(i), cfg.corpus.path, None) for i in chosen]
         images = image_stage(cfg, prompts, out / "single", job)
-        pairs += [(image, texts[i], f"single-{i}") for i, image in zip(chosen, images, strict=True)
-                  if image is not None]  # fmt: skip
+        if s.reassign is None:
+            pairs += [(image, texts[i], f"single-{i}")
+                      for i, image in zip(chosen, images, strict=True) if image is not None]  # fmt: skip
+        else:  # one group per image: SynC may give an image several captions
+            folder = training_images(str(out / "single"), s.reassign, out / "single-reassigned",
+                                     job=job, clip=clip, clip_spec=cfg.clip)  # fmt: skip
+            reassigned = dataset_images(Path(folder) / "dataset.jsonl", skip_log=job.skip_log)
+            pairs += [(it.path, it.references[0], f"single-{it.path.stem}") for it in reassigned]
     ok = {image: readable(image, job) for image in dict.fromkeys(p[0] for p in pairs)}
     pairs = [(image, pre_caption(text, cfg.max_words), g) for image, text, g in pairs if ok[image]]
     pairs = [p for p in pairs if p[1]]
