@@ -148,6 +148,35 @@ def test_the_captioner_learns_and_generates_its_training_captions():
     assert out == [[3, 4, 5], [6, 7], [8, 9, 3]]
 
 
+def test_decoding_with_the_cache_equals_rerunning_the_whole_sequence():
+    """One position per step over the cached layer inputs gives the logits of re-running the
+    sequence, so greedy and beam search pick the same captions either way."""
+    from pairfree.captioner import generation
+
+    torch.manual_seed(1)
+    cfg = tiny_config(vocab_size=30, width=16, heads=2, ffn=32, decoder_layers=2, max_tokens=9)
+    model = PCMCaptioner(cfg).eval()
+    model.set_concepts(F.normalize(torch.randn(6, 6), dim=-1))
+    images = F.normalize(torch.randn(4, 6), dim=-1)
+    grids, dense = torch.randn(4, 5, 6), torch.randn(4, 5, 6)
+    context = model.encode(images, images, grids, dense)
+    ids = torch.randint(1, 30, (4, 7))
+    whole = model.decoder(input_ids=ids, **context).logits
+    step = model.decoder(input_ids=ids[:, :3], use_cache=True, **context)
+    stepped = [step.logits]
+    for i in range(3, 7):
+        step = model.decoder(input_ids=ids[:, i : i + 1], past_key_values=step.past_key_values,
+                             use_cache=True, **context)  # fmt: skip
+        stepped.append(step.logits)
+    torch.testing.assert_close(torch.cat(stepped, dim=1), whole, rtol=1e-5, atol=1e-5)
+    prefix = model.decoder.words(torch.zeros(4, 1, dtype=torch.long))
+    for beams in (1, 3):
+        found = [generation.generate(model.decoder, prefix, context=context, use_cache=cached,
+                                     num_beams=beams, max_new_tokens=8, eos_token_id=0)
+                 for cached in (True, False)]  # fmt: skip
+        assert found[0] == found[1] and any(len(c) > 2 for c in found[0])
+
+
 def test_pooling_averages_each_block_of_the_patch_map_and_keeps_the_class_token():
     patches = torch.arange(16.0).reshape(1, 16, 1).repeat(2, 1, 3)  # a 4 x 4 map, row-major
     grid = torch.cat((torch.full((2, 1, 3), -7.0), patches), dim=1)

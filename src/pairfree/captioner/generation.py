@@ -282,7 +282,7 @@ class _Stepper:
     def _run(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.lm(**inputs, **self.context, use_cache=self.use_cache, **self.extra)
         if self.use_cache:
-            self.cache = out[self.cache_name]
+            self.cache = getattr(out, self.cache_name)
         return out.logits[:, -1].float()
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from pairfree.captioner import generation
 from pairfree.captioner.patch_mix import PatchMixConfig, patch_mix
@@ -149,17 +150,60 @@ class PostNormLayer(nn.Module):
         causal: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_padding: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        index: int = 0,
     ) -> torch.Tensor:
-        """``padding`` / ``memory_padding``: [B, L] True where a key is ignored;
-        ``causal``: [T, T] True above the diagonal."""
-        h, _ = self.attention(x, x, x, key_padding_mask=padding, attn_mask=causal,
-                              need_weights=False)  # fmt: skip
+        """``padding`` / ``memory_padding``: [B, L] True where a key is ignored; ``causal``:
+        [T, L] True where a query may not see a key. With ``cache`` (generation; layer
+        ``index`` of it) ``x`` are the newest positions: their keys and values join the cached
+        ones, and the memory's are projected once."""
+        if cache is None:
+            h, _ = self.attention(x, x, x, key_padding_mask=padding, attn_mask=causal,
+                                  need_weights=False)  # fmt: skip
+        else:
+            keys, values = cache.self_attention_cache.update(
+                project(self.attention, x, 1), project(self.attention, x, 2), index
+            )
+            h = attend(self.attention, project(self.attention, x, 0), keys, values, causal)
         x = self.attention_norm(x + self.dropout(h))
         if self.cross is not None:
-            h, _ = self.cross(x, memory, memory, key_padding_mask=memory_padding,
-                              need_weights=False)  # fmt: skip
+            if cache is None:
+                h, _ = self.cross(x, memory, memory, key_padding_mask=memory_padding,
+                                  need_weights=False)  # fmt: skip
+            else:
+                crossed = cache.cross_attention_cache
+                if crossed.get_seq_length(index) == 0:
+                    crossed.update(project(self.cross, memory, 1), project(self.cross, memory, 2),
+                                   index)  # fmt: skip
+                keys, values = crossed.layers[index].keys, crossed.layers[index].values
+                blocked = None if memory_padding is None else memory_padding[:, None, None, :]
+                h = attend(self.cross, project(self.cross, x, 0), keys, values, blocked)
             x = self.cross_norm(x + self.dropout(h))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+def project(attention: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
+    """``attention``'s query (``part`` 0), key (1) or value (2) projection of ``x`` [B, T, w],
+    split into heads: [B, heads, T, w / heads]."""
+    w, n = attention.embed_dim, attention.num_heads
+    rows = slice(part * w, (part + 1) * w)
+    y = F.linear(x, attention.in_proj_weight[rows], attention.in_proj_bias[rows])
+    return y.view(*x.shape[:2], n, w // n).transpose(1, 2)
+
+
+def attend(
+    attention: nn.MultiheadAttention,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    blocked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What ``attention`` (in eval mode) outputs for projected queries, keys and values;
+    ``blocked`` True where a query may not see a key."""
+    mask = None if blocked is None else ~blocked
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    batch, _, t, _ = out.shape
+    return attention.out_proj(out.transpose(1, 2).reshape(batch, t, attention.embed_dim))
 
 
 def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -171,7 +215,10 @@ def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
 
 class WordDecoder(nn.Module):
     """The decoder half, with the keyword interface :func:`generation.generate` drives
-    (``inputs_embeds``, ``position_ids``, ``encoder_hidden_states``, ``.logits``)."""
+    (``inputs_embeds``, ``position_ids``, ``encoder_hidden_states``, ``.logits``, and with
+    ``use_cache`` a ``past_key_values`` cache). The cache holds each layer's self-attention
+    keys and values so far and its cross-attention ones of the memory, so a step runs one
+    position through the layers: the same logits as re-running the whole sequence."""
 
     def __init__(self, cfg: PCMConfig) -> None:
         super().__init__()
@@ -197,19 +244,24 @@ class WordDecoder(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_padding: torch.Tensor | None = None,
         use_cache: bool = False,
+        past_key_values: EncoderDecoderCache | None = None,
         **_: Any,
     ) -> SimpleNamespace:
         x = self.words(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        seen = 0 if cache is None else cache.get_seq_length()
         if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            position_ids = torch.arange(seen, seen + x.shape[1], device=x.device)
+            position_ids = position_ids.expand(x.shape[0], -1)
         x = self.dropout(self.norm(x + sinusoid(position_ids, x.shape[-1]).to(x.dtype)))
         t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        for layer in self.layers:
-            x = layer(
-                x, causal=causal, memory=encoder_hidden_states, memory_padding=encoder_padding
-            )
-        return SimpleNamespace(logits=self.head(x))
+        causal = torch.ones(t, seen + t, dtype=torch.bool, device=x.device).triu(seen + 1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, causal=causal, memory=encoder_hidden_states,
+                      memory_padding=encoder_padding, cache=cache, index=i)  # fmt: skip
+        return SimpleNamespace(logits=self.head(x), past_key_values=cache)
 
 
 class PCMCaptioner(nn.Module):
@@ -333,8 +385,7 @@ class PCMCaptioner(nn.Module):
         context = self.encode(*(x.to(device) for x in inputs))
         start = torch.full((len(grid), 1), self.config.bos_id, dtype=torch.long, device=device)
         prefix = self.decoder.words(start)
-        return generation.generate(self.decoder, prefix, context=context, use_cache=False,
-                                   **options)  # fmt: skip
+        return generation.generate(self.decoder, prefix, context=context, **options)
 
 
 def clip_weighted_loss(
