@@ -113,7 +113,8 @@ VARIES = {
     **{m.name: PCMNET_METHODS[0].name for m in PCMNET_METHODS[1:]},
     **{gan.name: init.name for init, gan in zip(GAN_METHODS[::2], GAN_METHODS[1::2], strict=True)},
 }
-# each recipe as published, compared with the paired upper bound as well
+# each recipe as published (and on SynC's re-assignment), compared with the paired upper
+# bound as well
 BOUND = PAIRED_UPPER_BOUND.name
 FULL_RECIPES = (
     BASELINE,
@@ -123,6 +124,7 @@ FULL_RECIPES = (
     VIECAP_METHODS[0].name,
     IFCAP_METHODS[0].name,
     PCMNET_METHODS[0].name,
+    *(m.name for m in (*SACAP_METHODS, *PCMNET_METHODS) if m.reassigned),
 )
 
 
