@@ -410,9 +410,11 @@ def test_meteor_starts_its_java_process_once_per_process(monkeypatch):
     first = caption_metrics(preds, refs, metrics=("METEOR",))
     second = caption_metrics(preds, refs, metrics=("METEOR",))
     assert first == second and len(started) == 1
-    fresh = real().compute_score({i: [r[0]] for i, r in refs.items()},
+    scorer = coco._METEOR[os.getpid()]
+    alone = scorer.compute_score({i: [r[0]] for i, r in refs.items()},
                                  {i: [p] for i, p in preds.items()})[0]  # fmt: skip
-    assert first["METEOR"] == pytest.approx(100 * fresh)
-    coco._METEOR[os.getpid()].meteor_p.kill()
-    coco._METEOR[os.getpid()].meteor_p.wait()
+    assert first["METEOR"] == pytest.approx(100 * alone)
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    # the replacement is a fresh scorer: the reused one's scores are a fresh one's
     assert caption_metrics(preds, refs, metrics=("METEOR",)) == first and len(started) == 2
