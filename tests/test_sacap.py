@@ -221,6 +221,14 @@ def test_reassign_gives_each_caption_the_image_sync_assigns_it(synthesized, tmp_
     assert all(c[0].parent == tmp_path / "run" / "reassigned" / "images" for c in made.candidates)
     restored = sum(assigned[t] == drawn[t] for t in made.texts)
     assert restored >= 0.8 * len(made.texts), (restored, len(made.texts))
+    # and through the command, which trains on it (the stage made already, reused)
+    stamp = (tmp_path / "run" / "reassigned" / "reassign.json").stat().st_mtime_ns
+    assert main([*sacap_args(root, world, lm, tmp_path / "run", f"synthetic.images={own}",
+                             *reassign, f"features={tmp_path / 'features'}"),
+                 "train.max_steps=2"]) == 0  # fmt: skip
+    assert (tmp_path / "run" / "reassigned" / "reassign.json").stat().st_mtime_ns == stamp
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["synthetic"]
+    assert saved["images"] == str(own) and saved["reassign"]["clip"] == "world:builtin"
 
 
 def test_the_best_epoch_is_chosen_by_val_cider_and_every_epoch_is_kept(

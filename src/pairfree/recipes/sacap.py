@@ -338,7 +338,8 @@ def check_sacap(cfg: SaCapConfig) -> None:
     check_validation(cfg.validation)
     if not cfg.synthetic.images:
         raise PairfreeError("synthetic.images is not set: the captions' synthetic images")
-    for key, folder in asdict(cfg.synthetic).items():
+    for key in ("images", "rephrasings", "supporting"):
+        folder = getattr(cfg.synthetic, key)
         if folder and not Path(folder).is_dir():
             raise PairfreeError(f"synthetic.{key}: {folder} does not exist (see `pairfree "
                                 "synthesize --help`)")  # fmt: skip
