@@ -12,7 +12,7 @@ and color words never occur in it; test on its images, which contain them). Ever
 trained from scratch: the text-only ones on the corpus, the GANs on the corpus plus the
 world's unpaired training images, each beside its own text-only initialization, the paired
 upper bound on captioned training images (not in the sparse novel-object setting), SaCap with its
-three ablations on synthetic images of the corpus, ICSD with its single-context ablation
+three ablations on synthetic images of the corpus and on SynC's re-assignment of them, ICSD with its single-context ablation
 on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
 LLM), and (cluttered world) ViECap with its two ablations and IFCap with its three on the
 corpus, PCM-Net with its two ablations on the synthetic images and on SynC's re-assignment of

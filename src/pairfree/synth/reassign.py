@@ -191,13 +191,14 @@ def training_images(
 
 
 def digest(lines: Sequence[str], size: int = 12) -> str:
+    """A short name for what ``lines`` hold (a cache key)."""
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:size]
 
 
 def source_stamp(dataset: Path) -> dict[str, str]:
     """Which synthetic dataset a re-assignment was made from: its folder and content."""
-    digest = hashlib.sha256(dataset.read_bytes()).hexdigest()[:16]
-    return {"dataset": str(dataset.resolve()), "sha256": digest}
+    content = hashlib.sha256(dataset.read_bytes()).hexdigest()[:16]
+    return {"dataset": str(dataset.resolve()), "sha256": content}
 
 
 def sentence_embeddings(
