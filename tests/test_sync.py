@@ -236,3 +236,10 @@ def test_the_stage_is_made_again_only_when_its_source_or_settings_change(synthes
     lines = (copy / "dataset.jsonl").read_text().splitlines(keepends=True)
     (copy / "dataset.jsonl").write_text("".join(lines[:30]))  # another dataset
     assert made(copy, cfg)["captions"] == 30
+    # its images, not the first source's under the same names; no earlier image is left over
+    listed = [json.loads(x)["image"] for x in (out / "dataset.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        {name.split("/")[-1] for name in listed}
+    )
+    for name in listed:
+        assert (out / name).samefile(copy / "images" / (out / name).name)

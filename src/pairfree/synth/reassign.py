@@ -237,8 +237,9 @@ def write_reassigned(
     for row in sorted({result.assigned[i] for i in kept}):
         path = images[row].path
         names[row] = f"images/{images[row].image_id}{path.suffix}"
-        if not (out / names[row]).exists():
-            link_or_copy(path, out / names[row])
+        target = out / names[row]
+        if not (target.exists() and os.path.samefile(path, target)):  # new, or another source's
+            link_or_copy(path, target)
     records = [{"image_id": f"{i:09d}", "image": names[result.assigned[i]], "caption": c}
                for i, c in enumerate(captions) if i in kept]  # fmt: skip
     every = [{"caption": c, "own": own.get(c), "assigned": images[result.assigned[i]].image_id,
@@ -246,6 +247,10 @@ def write_reassigned(
              for i, c in enumerate(captions)]  # fmt: skip
     for name, rows in (("dataset.jsonl", records), ("reassignment.jsonl", every)):
         atomic_write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows))
+    used = {Path(name).name for name in names.values()}
+    for stale in folder.iterdir():  # an earlier re-assignment's images
+        if stale.name not in used and not stale.name.startswith("."):
+            stale.unlink()
     moved = sum(r["assigned"] != r["own"] for r in every)
     atomic_write_json(out / "reassign.json", {
         "settings": asdict(cfg), "source": source, "captions": len(captions), "images": len(images),
