@@ -429,3 +429,23 @@ def test_paper_configs_resolve_to_the_originals_settings(name):
     if name == "coco":
         assert (cfg.model, cfg.generation) == (defaults.model, defaults.generation)
         assert cfg.train.lr == pytest.approx(defaults.train.lr, rel=1e-6)
+
+
+def test_the_sync_config_is_the_coco_config_on_syncs_defaults():
+    from pathlib import Path
+
+    from pairfree.config import read_yaml
+    from pairfree.recipes import get_recipe
+    from pairfree.synth.reassign import ReassignConfig
+
+    folder = Path(__file__).parents[1] / "configs" / "pcmnet"
+    coco, sync = (read_yaml(folder / f"{name}.yaml") for name in ("coco", "coco_sync"))
+    assert sync.pop("reassign") and sync["train"].pop("output_dir") != coco["train"].pop(
+        "output_dir"
+    )
+    assert sync == coco  # the feature cache too: its stores are named by what they hold
+    data = read_yaml(folder / "coco_sync.yaml")
+    cfg = get_recipe("pcmnet").build_config(
+        {k: v for k, v in data.items() if k not in ("recipe", "evaluation")}
+    )
+    assert cfg.reassign == ReassignConfig()  # SigLIP2, the paraphrase MiniLM, K 15, K_r 2, 90 %
