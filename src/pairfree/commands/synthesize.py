@@ -146,7 +146,9 @@ def register(sub) -> None:
             "(dataset.jsonl, images/ linked from SOURCE) that the recipes read as they read "
             "SOURCE, reassignment.jsonl (every caption: its own image, the assigned one, the "
             "score, whether kept) and reassign.json. Deterministic; the encodings are cached "
-            "in OUT/features."
+            "in OUT/features. The recipes also run this step themselves: `reassign.*` "
+            "(pcmnet), `synthetic.reassign.*` (sacap), `synthesis.reassign.*` (icsd's "
+            "single-context images), with these flags' names."
         ),
     )
     reassign.add_argument("source", type=Path, help="a `pairfree synthesize images` folder")
