@@ -50,7 +50,8 @@ def test_the_scores_are_chunk_independent_and_the_config_is_checked():
     whole = cycle_scores(text, images, sentences, candidates=7, back=3)
     chunked = cycle_scores(text, images, sentences, candidates=7, back=3, chunk=9)
     assert torch.equal(whole[0], chunked[0]) and torch.allclose(whole[1], chunked[1])
-    for bad in ({"keep": 0}, {"keep": 1.5}, {"candidates": 0}, {"index": "annoy"}):
+    for bad in ({"keep": 0}, {"keep": 1.5}, {"candidates": 0}, {"index": "annoy"},
+                {"sentences": "sbert"}, {"sentences": "hf:"}):  # fmt: skip
         with pytest.raises(PairfreeError):
             ReassignConfig(**bad)
 

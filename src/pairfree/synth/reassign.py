@@ -48,7 +48,7 @@ from pairfree.features import FeatureStore
 from pairfree.io import atomic_path, atomic_write_json, atomic_write_text
 from pairfree.job import Job
 from pairfree.retrieval import BACKENDS, nearest_rows
-from pairfree.synth.sentences import SentenceEncoder, load_sentence_encoder
+from pairfree.synth.sentences import SentenceEncoder, load_sentence_encoder, sentence_backend
 
 
 @dataclass
@@ -68,6 +68,7 @@ class ReassignConfig:
             raise PairfreeError(f"keep must be in (0, 1], not {self.keep}")
         if self.index not in BACKENDS:
             raise PairfreeError(f"index must be one of {BACKENDS}, not {self.index!r}")
+        sentence_backend(self.sentences)  # a bad spec fails before any model loads
 
 
 @dataclass

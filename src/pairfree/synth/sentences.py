@@ -63,21 +63,27 @@ class ClipTextEncoder:
         return self.clip.encode_texts(list(texts), normalize=True, batch_size=batch_size)
 
 
+def sentence_backend(spec: str) -> tuple[str, str]:
+    """``spec``'s (backend, model), or the error that names the forms a spec takes."""
+    kind, _, model = spec.partition(":")
+    if kind not in ("clip", "hf") or not model:
+        raise PairfreeError(f"unknown sentence encoder {spec!r}: hf:<hub id or folder> or "
+                            "clip:<CLIP spec>")  # fmt: skip
+    return kind, model
+
+
 def load_sentence_encoder(spec: str, *, device: str | torch.device = "cpu") -> SentenceEncoder:
     """The sentence encoder ``spec`` names (see the module docstring)."""
-    kind, _, model = spec.partition(":")
-    if kind == "clip" and model:
+    kind, model = sentence_backend(spec)
+    if kind == "clip":
         from pairfree.clip import load_clip
 
         return ClipTextEncoder(load_clip(model, device=device), name=spec)
-    if kind == "hf" and model:
-        from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
-        try:
-            encoder = AutoModel.from_pretrained(model).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        except OSError as err:
-            raise load_failure(f"sentence encoder {spec!r}", model, err) from err
-        return MeanPooledEncoder(encoder, tokenizer, name=spec)
-    raise PairfreeError(f"unknown sentence encoder {spec!r}: hf:<hub id or folder> or "
-                        "clip:<CLIP spec>")  # fmt: skip
+    try:
+        encoder = AutoModel.from_pretrained(model).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as err:
+        raise load_failure(f"sentence encoder {spec!r}", model, err) from err
+    return MeanPooledEncoder(encoder, tokenizer, name=spec)
