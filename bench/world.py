@@ -12,9 +12,9 @@ and color words never occur in it; test on its images, which contain them). Ever
 trained from scratch: the text-only ones on the corpus, the GANs on the corpus plus the
 world's unpaired training images, each beside its own text-only initialization, the paired
 upper bound on captioned training images (not in the sparse novel-object setting), SaCap with its
-three ablations on synthetic images of the corpus and on SynC's re-assignment of them, ICSD with its single-context ablation
-on synthetic images of LLM summaries of caption groups (the world's text-to-image model and
-LLM), and (cluttered world) ViECap with its two ablations and IFCap with its three on the
+three ablations on synthetic images of the corpus and on SynC's re-assignment of them, ICSD
+with its single-context ablation (also on SynC's re-assignment) on synthetic images of LLM
+summaries of caption groups (the world's text-to-image model and LLM), and (cluttered world) ViECap with its two ablations and IFCap with its three on the
 corpus, PCM-Net with its two ablations on the synthetic images and on SynC's re-assignment of
 them. Every world is read
 by the shipped world CLIP v2, trained on all four.
@@ -108,6 +108,7 @@ BASELINE = TEXT_METHODS[0].name  # CapDec, noise 0.016: every other method is co
 VARIES = {
     **{m.name: SACAP_METHODS[0].name for m in SACAP_METHODS[1:]},
     **{m.name: ICSD_METHODS[0].name for m in ICSD_METHODS[1:]},
+    **{m.name: ICSD_METHODS[1].name for m in ICSD_METHODS if m.reassigned},  # its images, SynC'd
     **{m.name: VIECAP_METHODS[0].name for m in VIECAP_METHODS[1:]},
     **{m.name: IFCAP_METHODS[0].name for m in IFCAP_METHODS[1:]},
     **{m.name: PCMNET_METHODS[0].name for m in PCMNET_METHODS[1:]},
@@ -124,7 +125,7 @@ FULL_RECIPES = (
     VIECAP_METHODS[0].name,
     IFCAP_METHODS[0].name,
     PCMNET_METHODS[0].name,
-    *(m.name for m in (*SACAP_METHODS, *PCMNET_METHODS) if m.reassigned),
+    *(m.name for m in (*SACAP_METHODS, *ICSD_METHODS, *PCMNET_METHODS) if m.reassigned),
 )
 
 

@@ -11,6 +11,7 @@ from pairfree.cli import main
 from pairfree.demo import (
     FULL_METHODS,
     GAN_METHODS,
+    ICSD_METHODS,
     NOISE_SWEEP,
     PAIRED_UPPER_BOUND,
     PCMNET_METHODS,
@@ -107,11 +108,12 @@ def test_the_sync_methods_train_with_the_recipes_reassign_option(tmp_path):
     """SynC's world rows come from the recipe option (world CLIP, its text tower as the
     sentence encoder, K 15, K_r 2, 90 % kept); every other synthetic-image row has it off."""
     cfg = DemoConfig(out=str(tmp_path), n_corpus=20, n_test=2)
-    methods = (*SACAP_METHODS, *PCMNET_METHODS)
-    assert sum(m.reassigned for m in methods) == 2
+    methods = (*SACAP_METHODS, *ICSD_METHODS, *PCMNET_METHODS)
+    assert sum(m.reassigned for m in methods) == 3
     for method in methods:
         config = method_config(cfg, method)
-        reassign = config.synthetic.reassign if method.recipe == "sacap" else config.reassign
+        section = {"sacap": "synthetic", "icsd": "synthesis"}.get(method.recipe)
+        reassign = (getattr(config, section) if section else config).reassign
         assert (reassign is not None) == method.reassigned, method.name
         if method.reassigned:
             assert (reassign.clip, reassign.sentences) == (cfg.clip, f"clip:{cfg.clip}")

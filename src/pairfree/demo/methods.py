@@ -80,6 +80,13 @@ ICSD_METHODS = (
         recipe="icsd",
         artifact="best",
     ),
+    Method(
+        "ICSD, single-context images + SynC",
+        {"synthesis.multi_context": False, "synthesis.single_context": 1.0},
+        recipe="icsd",
+        artifact="best",
+        reassigned=True,
+    ),
 )
 VIECAP_METHODS = (
     Method("ViECap", recipe="viecap"),
@@ -389,6 +396,7 @@ def icsd_settings(cfg: DemoConfig, method: Method) -> dict[str, Any]:
             "group_clip": None,
             "llm": {"spec": f"world:{cfg.preset}", "seed": cfg.seed},
             "images": {"backend": f"world:{cfg.preset}", "seed": cfg.seed},
+            "reassign": sync_settings(cfg) if method.reassigned else None,
         },
         "features": str(Path(cfg.out) / "features" / f"{cfg.preset}-{cfg.seed}-icsd"),
         "model": {"lm": str(cfg.bert_dir)},
