@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -49,6 +49,12 @@ class StoreInfo:
 class Item(Generic[T]):
     id: str
     value: T  # a caption (text stores) or an image path (image stores)
+
+
+def store_key(lines: Iterable[str], size: int = 12) -> str:
+    """A short name for a store by what it holds (its captions, its files, its settings), so
+    that runs on other data sharing one feature cache get stores of their own."""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:size]
 
 
 def _plan_digest(items: Sequence[Item], info: StoreInfo, shard_size: int) -> str:

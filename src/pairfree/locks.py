@@ -18,6 +18,7 @@ launch and never take or remove it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -232,10 +233,9 @@ def _take_over_if_stale(
 def _release(lock: Path, fd: int) -> None:
     """Remove ``lock`` (if it is still ours) while holding it, then let go."""
     try:
-        if os.path.samestat(os.fstat(fd), os.stat(lock)):
-            os.unlink(lock)
-    except OSError:
-        pass  # deleted by hand meanwhile: nothing to remove
+        with contextlib.suppress(OSError):  # deleted by hand meanwhile: nothing to remove
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                os.unlink(lock)
     finally:
         os.close(fd)
 

@@ -37,9 +37,7 @@ the original keeps finished beams in the beam); see also :mod:`pairfree.captione
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -56,7 +54,7 @@ from pairfree.data import Caption
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import encode_captions, encode_entity_classes, encode_images
 from pairfree.errors import PairfreeError, first_line
-from pairfree.features import FeatureStore
+from pairfree.features import FeatureStore, store_key
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import synthetic_images
@@ -184,14 +182,14 @@ def pcm_data(cfg: PCMNetConfig, clip: ClipEncoder, job: Job) -> PCMData:
                             f"{folder}")  # fmt: skip
     files = [own[t] for t in texts]
     pairs = [(f"{i:09d}", f) for i, f in enumerate(files)]
-    digest = _digest(str(f) for f in files)
-    captions_dir = features / f"captions-{_digest(texts)}"  # its own: SaCap's holds the corpus
+    digest = store_key(str(f) for f in files)
+    captions_dir = features / f"captions-{store_key(texts)}"  # its own: SaCap's holds the corpus
     encode_captions(clip, [Caption(t, None, cfg.corpus.path, None) for t in texts], captions_dir,
                     job=job)  # fmt: skip
     encode_images(clip, pairs, features / f"images-{digest}", job=job)
     encode_images(clip, pairs, features / f"grid-{digest}", grid=True, dtype="float16", job=job)
     concepts = read_entity_list(cfg.concepts.vocabulary)
-    concept_dir = features / f"concepts-{_digest([str(cfg.concepts.ensemble), *concepts])}"
+    concept_dir = features / f"concepts-{store_key([str(cfg.concepts.ensemble), *concepts])}"
     encode_entity_classes(clip, concepts, concept_dir, ensemble=cfg.concepts.ensemble, job=job)
     job.wait_for_everyone()
     images, grids = (
@@ -212,10 +210,6 @@ def pcm_data(cfg: PCMNetConfig, clip: ClipEncoder, job: Job) -> PCMData:
                           [x[:limit] + [end] for x in ids])  # fmt: skip
     return PCMData(kept, [files[i] for i in keep], data, tokenizer,
                    FeatureStore(concept_dir).tensor())  # fmt: skip
-
-
-def _digest(texts: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- objective

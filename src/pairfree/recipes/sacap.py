@@ -59,9 +59,7 @@ Where pairfree differs from the original code, on purpose:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -78,7 +76,7 @@ from pairfree.data.phrases import corpus_phrases, read_phrases
 from pairfree.data.training_corpus import CorpusConfig, check_corpus, prepare_corpus
 from pairfree.encoding import OnlineGrids, encode_captions, encode_images
 from pairfree.errors import PairfreeError, load_failure
-from pairfree.features import FeatureStore
+from pairfree.features import FeatureStore, store_key
 from pairfree.job import Job
 from pairfree.recipes import register_recipe
 from pairfree.synth.images import synthetic_images
@@ -195,10 +193,6 @@ def phrase_vocabulary(cfg: SaCapConfig, texts: list[str]) -> list[str]:
     return phrases
 
 
-def _digest(texts: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------- examples
 @dataclass
 class SaCapData:
@@ -250,7 +244,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     memory_captions = [Caption(t, None, cfg.corpus.path, None) for t in corpus]
     encode_captions(clip, memory_captions, features / "captions", job=job)
     # stores named by what they hold: SaCap on SynC's re-assigned images shares the cache
-    images_dir = features / f"images-{_digest(str(f) for f in files)}"
+    images_dir = features / f"images-{store_key(str(f) for f in files)}"
     encode_images(clip, list(zip(ids, files, strict=True)), images_dir, job=job)
     job.wait_for_everyone()
     memory_store, image_store = (
@@ -276,7 +270,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     if cfg.grids == "online":
         grids: FeatureStore | OnlineGrids = OnlineGrids(clip, to_grid)
     else:
-        grid_dir = features / f"grid-{_digest(f'{i} {f}' for i, f in to_grid)}"  # per pairing
+        grid_dir = features / f"grid-{store_key(f'{i} {f}' for i, f in to_grid)}"  # per pairing
         encode_images(clip, to_grid, grid_dir, grid=True, dtype="float16", job=job)
         job.wait_for_everyone()
         grids = FeatureStore(grid_dir)
@@ -286,7 +280,7 @@ def sacap_data(cfg: SaCapConfig, clip, tokenizer, job: Job) -> SaCapData:
     prompts = [""] * len(keep)
     if cfg.hard_prompt:
         vocabulary = phrase_vocabulary(cfg, [texts[i] for i in keep])
-        phrase_dir = features / f"phrases-{_digest(vocabulary)}"
+        phrase_dir = features / f"phrases-{store_key(vocabulary)}"
         encode_captions(clip, [Caption(p, None, "phrases", None) for p in vocabulary], phrase_dir,
                         job=job)  # fmt: skip
         job.wait_for_everyone()

@@ -44,7 +44,7 @@ from pairfree.clip import ClipEncoder, load_clip
 from pairfree.data import Caption, read_images
 from pairfree.encoding import encode_captions, encode_images
 from pairfree.errors import PairfreeError
-from pairfree.features import FeatureStore
+from pairfree.features import FeatureStore, store_key
 from pairfree.io import atomic_path, atomic_write_json, atomic_write_text
 from pairfree.job import Job
 from pairfree.retrieval import BACKENDS, nearest_rows
@@ -140,8 +140,8 @@ def reassign_dataset(
     # one store per (CLIP, images) and (CLIP, captions): another source gets stores of its own
     features = out / "features"
     pairs = [(it.image_id, it.path) for it in items]
-    images_dir = features / f"images-{digest([clip.name, *(f'{i} {p}' for i, p in pairs)])}"
-    captions_dir = features / f"captions-{digest([clip.name, *captions])}"
+    images_dir = features / f"images-{store_key([clip.name, *(f'{i} {p}' for i, p in pairs)])}"
+    captions_dir = features / f"captions-{store_key([clip.name, *captions])}"
     encode_images(clip, pairs, images_dir, job=job)
     encode_captions(clip, [Caption(t, None, str(dataset), None) for t in captions], captions_dir,
                     job=job)  # fmt: skip
@@ -191,11 +191,6 @@ def training_images(
     return str(out)
 
 
-def digest(lines: Sequence[str], size: int = 12) -> str:
-    """A short name for what ``lines`` hold (a cache key)."""
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:size]
-
-
 def source_stamp(dataset: Path) -> dict[str, str]:
     """Which synthetic dataset a re-assignment was made from: its folder and content."""
     content = hashlib.sha256(dataset.read_bytes()).hexdigest()[:16]
@@ -206,7 +201,7 @@ def sentence_embeddings(
     encoder: SentenceEncoder, captions: Sequence[str], features: Path
 ) -> torch.Tensor:
     """The captions' sentence embeddings, cached by encoder and captions."""
-    path = features / f"sentences-{digest([encoder.name, *captions], 16)}.safetensors"
+    path = features / f"sentences-{store_key([encoder.name, *captions], 16)}.safetensors"
     if path.is_file():
         return load_file(str(path))["sentences"]
     embeds = encoder.encode(list(captions)).float().contiguous()
